@@ -1,0 +1,35 @@
+"""Errors of the prompt domain (format, registry, training).
+
+Each class names one kind of failure; `softprompt.server.errors` maps each to one gRPC status code,
+so the message alone must tell the user what to fix.
+"""
+
+from __future__ import annotations
+
+
+class PromptError(Exception):
+    """Base of every error raised by softprompt.prompts."""
+
+
+class InvalidNameError(PromptError):
+    """A task name, version or alias does not follow the reference syntax."""
+
+
+class InvalidPromptError(PromptError):
+    """Uploaded prompt bytes or config are malformed, or the tensor cannot serve this base model."""
+
+
+class BaseModelMismatchError(PromptError):
+    """The prompt was made for a different base model (refused unless forced)."""
+
+
+class PromptNotFoundError(PromptError):
+    """No task, version or alias matches the reference."""
+
+
+class RegistryConflictError(PromptError):
+    """The store's state forbids the change (e.g. deleting a version an alias points at)."""
+
+
+class CorruptPromptError(PromptError):
+    """A stored version no longer matches its recorded checksum or metadata."""

@@ -1,0 +1,136 @@
+"""Turns a GenerationRequest into an engine row: checks its fields, resolves its prompt, tokenizes.
+
+Everything that can be refused is refused here, in the caller's thread, before the request takes a
+queue slot, so a bad request costs the model nothing and gets a message saying what to fix.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from softprompt.prompts.errors import BaseModelMismatchError
+from softprompt.prompts.registry import Registry
+from softprompt.server.config import ServerConfig
+from softprompt.server.engine import Engine, Sequence
+from softprompt.server.errors import InvalidRequestError, PreconditionError
+from softprompt.server.prompt_cache import PromptCache
+from softprompt.server.sampling import SamplingParams
+from softprompt.server.types import DecodingOptions, GenerationRequest, Tokenization
+
+_MAX_STOP_CHARS = 256
+
+
+@dataclass
+class Admitted:
+    """A request ready for the scheduler: its row plus what its responses report."""
+
+    sequence: Sequence
+    prompt_version: str
+    deadline: float | None
+
+
+class Admission:
+    """Validates requests against the server's limits and the base model."""
+
+    def __init__(self, engine: Engine, registry: Registry, prompts: PromptCache, config: ServerConfig) -> None:
+        self.engine = engine
+        self.registry = registry
+        self.prompts = prompts
+        self.config = config
+        self._ids = itertools.count(1)
+
+    def admit(self, request: GenerationRequest) -> Admitted:
+        """Builds the engine row for a request, or raises a ServingError / PromptError."""
+        params = self.sampling_params(request.options)
+        prompt, version = self.resolve_prompt(request.task)
+        input_ids = list(self.tokenize(request.input, chat=request.options.chat).token_ids)
+        self._check_lengths(input_ids, prompt, params)
+        seq = Sequence(request_id=next(self._ids), input_ids=input_ids, params=params, prompt=prompt)
+        self.engine.start(seq)
+        return Admitted(sequence=seq, prompt_version=version, deadline=request.deadline)
+
+    def sampling_params(self, o: DecodingOptions) -> SamplingParams:
+        """Checks decoding options against the limits and fills in defaults."""
+        cfg = self.config
+        if o.max_new_tokens > cfg.max_new_tokens:
+            raise InvalidRequestError(
+                f"max_new_tokens {o.max_new_tokens} exceeds this server's limit {cfg.max_new_tokens}; ask for fewer"
+            )
+        if not math.isfinite(o.temperature) or o.temperature < 0:
+            raise InvalidRequestError(f"temperature must be a finite number >= 0 (0 = greedy), got {o.temperature}")
+        if o.top_k < 0:
+            raise InvalidRequestError(f"top_k must be >= 0 (0 = off), got {o.top_k}")
+        if not math.isfinite(o.top_p) or not 0.0 <= o.top_p <= 1.0:
+            raise InvalidRequestError(f"top_p must be within [0, 1] (0 or 1 = off), got {o.top_p}")
+        if len(o.stop) > cfg.max_stop_sequences:
+            raise InvalidRequestError(f"{len(o.stop)} stop sequences given; at most {cfg.max_stop_sequences} are allowed")
+        for s in o.stop:
+            if not s or len(s) > _MAX_STOP_CHARS:
+                raise InvalidRequestError(f"each stop sequence must be 1..{_MAX_STOP_CHARS} characters, got {s!r:.40}")
+        return SamplingParams(
+            max_new_tokens=o.max_new_tokens or cfg.default_max_new_tokens,
+            temperature=o.temperature,
+            top_k=o.top_k,
+            top_p=o.top_p,
+            seed=o.seed,
+            stop=tuple(o.stop),
+        )
+
+    def resolve_prompt(self, task: str) -> tuple[torch.Tensor | None, str]:
+        """Resolves a task reference to its prompt tensor on the device ('' is the bare model)."""
+        if not task:
+            return None, ""
+        version = self.registry.resolve(task)
+        spec = self.engine.base.spec
+        if version.hidden_size != spec.hidden_size:
+            raise BaseModelMismatchError(
+                f"{version.ref} has width {version.hidden_size} but this server's base model {spec.model_id} has "
+                f"hidden size {spec.hidden_size}: serve it with the base model it was trained for"
+            )
+        if version.base_model_fingerprint and version.base_model_fingerprint != spec.fingerprint:
+            # Registration records the serving model's fingerprint, so only a store shared with another
+            # base model lands here.
+            raise BaseModelMismatchError(
+                f"{version.ref} was made for base model {version.base_model_id or '?'} (fingerprint "
+                f"{version.base_model_fingerprint}), but this server runs {spec.model_id} (fingerprint "
+                f"{spec.fingerprint}): re-register it here with force, or serve it with its own base model"
+            )
+        key = (version.name, version.version, version.sha256)
+        return self.prompts.get(key, lambda: self.registry.load_embeddings(version)), version.ref
+
+    def tokenize(self, text: str, *, chat: bool = False) -> Tokenization:
+        """Tokenizes like generation does: the chat template if asked, else the tokenizer's defaults."""
+        tokenizer = self.engine.tokenizer
+        if chat:
+            if not getattr(tokenizer, "chat_template", None):
+                raise PreconditionError(
+                    f"the base model {self.engine.base.spec.model_id} has no chat template: send the input without "
+                    "apply_chat_template, formatted as the model expects"
+                )
+            text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                 add_generation_prompt=True)
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+        else:
+            ids = tokenizer(text).input_ids
+        return Tokenization(token_ids=tuple(ids), tokens=tuple(tokenizer.convert_ids_to_tokens(ids)))
+
+    def _check_lengths(self, input_ids: list[int], prompt: torch.Tensor | None, params: SamplingParams) -> None:
+        virtual = 0 if prompt is None else int(prompt.shape[0])
+        if not input_ids and not virtual:
+            raise InvalidRequestError("input is empty: give some text, or a task whose prompt starts the sequence")
+        if len(input_ids) > self.config.max_input_tokens:
+            raise InvalidRequestError(
+                f"input has {len(input_ids)} tokens; this server accepts at most {self.config.max_input_tokens}: "
+                "shorten it"
+            )
+        total = virtual + len(input_ids) + params.max_new_tokens
+        limit = self.engine.base.max_sequence_length
+        if total > limit:
+            raise InvalidRequestError(
+                f"{virtual} virtual + {len(input_ids)} input + {params.max_new_tokens} new tokens = {total} exceeds "
+                f"the model's maximum sequence length {limit}: shorten the input or lower max_new_tokens"
+            )

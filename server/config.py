@@ -1,0 +1,107 @@
+"""Server settings: one frozen dataclass, built once from command-line flags."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+
+def default_store_dir() -> Path:
+    """$XDG_DATA_HOME/softprompt/prompts or ~/.local/share/softprompt/prompts."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "softprompt" / "prompts"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `softprompt serve` can be told. Defaults suit the embedded default model on a laptop."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    device: str | None = None  # None: cuda if available, else cpu
+    dtype: str | None = None  # None: bfloat16 on cuda, float32 on cpu
+    store: Path | None = None  # None: default_store_dir()
+    cache_dir: Path | None = None  # None: ~/.cache/softprompt (converted models)
+    max_batch_size: int = 32
+    max_queued_requests: int = 256
+    max_new_tokens: int = 1024
+    default_max_new_tokens: int = 64
+    max_input_tokens: int = 2048
+    max_virtual_tokens: int = 256
+    max_prefill_tokens: int = 4096
+    batch_wait_ms: float = 2.0
+    prompt_cache_mb: float = 256.0
+    max_upload_mb: float = 64.0
+    max_stop_sequences: int = 16
+    workers: int = 0  # 0: enough for a full batch, a full queue and a few admin calls
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_queued_requests", "max_new_tokens", "default_max_new_tokens",
+                     "max_input_tokens", "max_virtual_tokens", "max_prefill_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.default_max_new_tokens > self.max_new_tokens:
+            raise ValueError("default_max_new_tokens must not exceed max_new_tokens")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be 0..65535 (0 picks a free port), got {self.port}")
+
+    @property
+    def store_dir(self) -> Path:
+        """The prompt store folder in effect."""
+        return self.store or default_store_dir()
+
+    @property
+    def rpc_workers(self) -> int:
+        """gRPC threads: a synchronous server holds one per RPC in flight, queued ones included."""
+        return self.workers or self.max_batch_size + self.max_queued_requests + 8
+
+    @property
+    def max_upload_bytes(self) -> int:
+        """Largest accepted RegisterPrompt message, in bytes."""
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+_HELP = {
+    "host": "address to bind (use 0.0.0.0 to accept remote clients)",
+    "port": "port to listen on; 0 picks a free one and logs it",
+    "model": "Hugging Face model id or local folder; default: the embedded SmolLM2-135M-Instruct",
+    "device": "torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)",
+    "dtype": "float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)",
+    "store": "prompt registry folder (default: ~/.local/share/softprompt/prompts)",
+    "cache_dir": "where the converted default model is kept (default: ~/.cache/softprompt)",
+    "max_batch_size": "most requests decoded together in one step",
+    "max_queued_requests": "requests waiting beyond the running batch before RESOURCE_EXHAUSTED",
+    "max_new_tokens": "largest max_new_tokens a request may ask for",
+    "default_max_new_tokens": "max_new_tokens when a request leaves it at 0",
+    "max_input_tokens": "longest input, in tokens, after the chat template",
+    "max_virtual_tokens": "longest soft prompt accepted at registration",
+    "max_prefill_tokens": "most prompt+input positions prefilled in one step (bounds latency spikes)",
+    "batch_wait_ms": "when idle, how long to gather arriving requests into one prefill",
+    "prompt_cache_mb": "device memory for cached prompt tensors (LRU)",
+    "max_upload_mb": "largest RegisterPrompt upload",
+    "max_stop_sequences": "most stop sequences per request",
+    "workers": "gRPC threads, i.e. RPCs in flight before RESOURCE_EXHAUSTED (0: batch + queue + 8)",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds one flag per ServerConfig field, with its default and help."""
+    defaults = ServerConfig()
+    for f in fields(ServerConfig):
+        default = getattr(defaults, f.name)
+        kind = {int: int, float: float}.get(type(default), str)
+        shown = "" if default is None else f" (default: {default})"
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=default,
+                            help=_HELP[f.name] + shown)
+
+
+def from_args(args: argparse.Namespace) -> ServerConfig:
+    """Builds the config from parsed flags."""
+    values = {f.name: getattr(args, f.name) for f in fields(ServerConfig)}
+    for name in ("store", "cache_dir"):
+        if values[name] is not None:
+            values[name] = Path(values[name]).expanduser()
+    return ServerConfig(**values)

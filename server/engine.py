@@ -1,0 +1,194 @@
+"""The tensor side of serving: prefill and decode steps over a batch of rows with different prompts.
+
+A row's model input is `[prompt ; input]`: the task's soft-prompt vectors followed by the input's
+token embeddings. Rows are left-padded to a common length, and positions count real tokens only
+(`cumsum(mask) - 1`), so a row computes what it would compute alone: the reference is the base
+model's full forward over `[prompt ; input]`, greedy, without a KV cache.
+
+The batch contract follows text-generation-inference: `prefill` builds a batch from new rows,
+`decode` advances every row by one token, `filter` drops finished rows and `concatenate` merges
+batches, which lets the scheduler add and remove rows between any two steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from softprompt.server import kv
+from softprompt.server.model import BaseModel
+from softprompt.server.sampling import SamplingParams, make_generator, next_tokens
+from softprompt.server.text import TextTracker
+
+FINISH_LENGTH = "length"
+FINISH_STOP = "stop"
+FINISH_EOS = "eos"
+
+
+@dataclass
+class Sequence:
+    """One request's row: its inputs, its sampling state and what it has produced."""
+
+    request_id: int
+    input_ids: list[int]
+    params: SamplingParams
+    prompt: torch.Tensor | None = None  # [num_virtual_tokens, hidden] on the model's device and dtype
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    text: TextTracker | None = None
+    generator: torch.Generator | None = None
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        """Soft-prompt positions in front of the input."""
+        return 0 if self.prompt is None else int(self.prompt.shape[0])
+
+    @property
+    def length(self) -> int:
+        """Positions this row occupies before generation."""
+        return self.num_virtual_tokens + len(self.input_ids)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """A row produced a token; `text` is the newly safe-to-show text (may be empty)."""
+
+    request_id: int
+    token_id: int
+    text: str
+    finish_reason: str | None
+
+
+@dataclass
+class Batch:
+    """Rows decoding together, with their left-padded KV cache and attention mask."""
+
+    sequences: list[Sequence]
+    cache: DynamicCache
+    attention_mask: torch.Tensor  # [batch, columns] 1 for real positions
+    positions: torch.Tensor  # [batch] position id of each row's next token
+    last_tokens: torch.Tensor  # [batch] each row's newest token
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+
+class Engine:
+    """Runs prefill and decode steps on the frozen base model."""
+
+    def __init__(self, base: BaseModel) -> None:
+        self.base = base
+        self.model = base.model
+        self.tokenizer = base.tokenizer
+        self.device = base.device
+        self._embed = self.model.get_input_embeddings()
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+
+    def start(self, seq: Sequence) -> None:
+        """Prepares a row's per-request state (text tracking, sampling generator)."""
+        seq.text = TextTracker(self.tokenizer, seq.params.stop)
+        seq.generator = make_generator(seq.params, self.device)
+
+    @torch.inference_mode()
+    def prefill(self, sequences: list[Sequence]) -> tuple[Batch, list[TokenEvent]]:
+        """Runs `[prompt ; input]` for new rows and produces each row's first token."""
+        width = max(s.length for s in sequences)
+        hidden = self.model.config.hidden_size
+        embeds = torch.zeros(len(sequences), width, hidden, device=self.device, dtype=self.base.dtype)
+        mask = torch.zeros(len(sequences), width, device=self.device, dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            start = width - seq.length
+            if seq.prompt is not None:
+                embeds[row, start:start + seq.num_virtual_tokens] = seq.prompt
+            if seq.input_ids:
+                ids = torch.tensor(seq.input_ids, device=self.device)
+                embeds[row, start + seq.num_virtual_tokens:] = self._embed(ids)
+            mask[row, start:] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = kv.forward(self.model, DynamicCache(), inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
+        if not bool(mask.all()):
+            kv.zero_masked(out.cache, mask)
+        batch = Batch(
+            sequences=list(sequences),
+            cache=out.cache,
+            attention_mask=mask,
+            positions=mask.sum(-1),
+            last_tokens=torch.zeros(len(sequences), dtype=torch.long, device=self.device),
+        )
+        return batch, self._emit(batch, out.logits)
+
+    @torch.inference_mode()
+    def decode(self, batch: Batch) -> list[TokenEvent]:
+        """Advances every row of the batch by one token."""
+        mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(len(batch), 1)], dim=1)
+        out = kv.forward(
+            self.model,
+            batch.cache,
+            input_ids=batch.last_tokens[:, None],
+            attention_mask=mask,
+            position_ids=batch.positions[:, None],
+        )
+        batch.cache = out.cache
+        batch.attention_mask = mask
+        batch.positions = batch.positions + 1
+        return self._emit(batch, out.logits)
+
+    def filter(self, batch: Batch, keep: list[int]) -> Batch | None:
+        """Keeps the rows at the given indices; None when none remain."""
+        if not keep:
+            return None
+        if len(keep) == len(batch):
+            return batch
+        rows = torch.tensor(keep, device=self.device)
+        mask = batch.attention_mask[rows]
+        # Columns that are padding in every remaining row are dead weight: drop them.
+        first = int(mask.any(dim=0).nonzero()[0])
+        return Batch(
+            sequences=[batch.sequences[i] for i in keep],
+            cache=kv.select_rows(batch.cache, rows, first),
+            attention_mask=mask[:, first:],
+            positions=batch.positions[rows],
+            last_tokens=batch.last_tokens[rows],
+        )
+
+    def concatenate(self, batches: list[Batch]) -> Batch:
+        """Merges batches into one, left-padding the shorter ones."""
+        if len(batches) == 1:
+            return batches[0]
+        width = max(b.attention_mask.shape[1] for b in batches)
+        masks = [
+            torch.cat([b.attention_mask.new_zeros(len(b), width - b.attention_mask.shape[1]), b.attention_mask], 1)
+            for b in batches
+        ]
+        return Batch(
+            sequences=[s for b in batches for s in b.sequences],
+            cache=kv.concat([b.cache for b in batches], width),
+            attention_mask=torch.cat(masks),
+            positions=torch.cat([b.positions for b in batches]),
+            last_tokens=torch.cat([b.last_tokens for b in batches]),
+        )
+
+    def _emit(self, batch: Batch, logits: torch.Tensor) -> list[TokenEvent]:
+        tokens = next_tokens(logits, [s.params for s in batch.sequences], [s.generator for s in batch.sequences])
+        batch.last_tokens = tokens
+        events = []
+        for seq, token in zip(batch.sequences, tokens.tolist()):
+            seq.generated.append(token)
+            events.append(self._advance(seq, token))
+        return events
+
+    def _advance(self, seq: Sequence, token: int) -> TokenEvent:
+        assert seq.text is not None, "Engine.start() must run before a row is scheduled"
+        if token in self.eos_ids:
+            seq.finish_reason = FINISH_EOS
+        elif len(seq.generated) >= seq.params.max_new_tokens:
+            seq.finish_reason = FINISH_LENGTH
+        text = seq.text.add(token, final=seq.finish_reason is not None)
+        if seq.text.stopped_by is not None:
+            seq.finish_reason = FINISH_STOP
+        return TokenEvent(seq.request_id, token, text, seq.finish_reason)

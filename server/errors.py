@@ -1,0 +1,63 @@
+"""Server-side errors and the one table that maps every known exception to a gRPC status code."""
+
+from __future__ import annotations
+
+import grpc
+
+from softprompt.prompts import errors as prompt_errors
+
+
+class ServingError(Exception):
+    """Base of errors raised while admitting or running a request."""
+
+
+class InvalidRequestError(ServingError):
+    """A request field is out of range or inconsistent."""
+
+
+class PreconditionError(ServingError):
+    """The request is well-formed but the server's state cannot serve it (e.g. no chat template)."""
+
+
+class OverloadedError(ServingError):
+    """The request queue is full; the client should retry later."""
+
+
+class DeadlineError(ServingError):
+    """The request's deadline passed before it finished."""
+
+
+class CancelledError(ServingError):
+    """The client went away."""
+
+
+class ShuttingDownError(ServingError):
+    """The server is draining and takes no new requests."""
+
+
+# The most specific class must come first: lookup walks this in order with isinstance.
+STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (prompt_errors.InvalidNameError, grpc.StatusCode.INVALID_ARGUMENT),
+    (prompt_errors.InvalidPromptError, grpc.StatusCode.INVALID_ARGUMENT),
+    (prompt_errors.BaseModelMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
+    (prompt_errors.PromptNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (prompt_errors.RegistryConflictError, grpc.StatusCode.FAILED_PRECONDITION),
+    (prompt_errors.CorruptPromptError, grpc.StatusCode.DATA_LOSS),
+    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (PreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
+    (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DeadlineError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (CancelledError, grpc.StatusCode.CANCELLED),
+    (ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
+    (MemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+)
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    """The status code for an exception; INTERNAL for anything unexpected."""
+    for cls, code in STATUS_TABLE:
+        if isinstance(exc, cls):
+            return code
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    return grpc.StatusCode.INTERNAL

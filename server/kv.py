@@ -1,0 +1,99 @@
+"""The few touches of transformers' KV cache the engine needs, across transformers 5 releases.
+
+transformers 5.17 takes and returns the cache as `past_key_values`; 5.24 renamed both to `cache`.
+Everything here works on `DynamicCache` layers of shape [batch, kv_heads, seq, head_dim].
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+
+@lru_cache(maxsize=None)
+def _cache_kwarg(forward_cls: type) -> str:
+    params = inspect.signature(forward_cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@dataclass
+class ForwardOutput:
+    """Last-position logits (float32) and the grown cache."""
+
+    logits: torch.Tensor
+    cache: DynamicCache
+
+
+def forward(
+    model: PreTrainedModel,
+    cache: DynamicCache,
+    *,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    input_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+) -> ForwardOutput:
+    """Runs the model over new positions, appending their keys/values to `cache`."""
+    out = model(
+        input_ids=input_ids,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=True,
+        logits_to_keep=1,
+        **{_cache_kwarg(type(model)): cache},
+    )
+    grown = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    return ForwardOutput(logits=out.logits[:, -1, :].float(), cache=grown)
+
+
+def layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The per-layer (keys, values) tensors."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def from_layers(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A DynamicCache holding exactly these per-layer tensors."""
+    return DynamicCache(ddp_cache_data=pairs)
+
+
+def select_rows(cache: DynamicCache, rows: torch.Tensor, first_column: int = 0) -> DynamicCache:
+    """Keeps the given batch rows and drops the columns before `first_column`."""
+    return from_layers([(k[rows, :, first_column:], v[rows, :, first_column:]) for k, v in layers(cache)])
+
+
+def left_pad(cache: DynamicCache, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The cache's tensors with zero columns added on the left up to `length` positions."""
+    padded = []
+    for k, v in layers(cache):
+        extra = length - k.shape[2]
+        if extra:
+            k = torch.cat([k.new_zeros(k.shape[0], k.shape[1], extra, k.shape[3]), k], dim=2)
+            v = torch.cat([v.new_zeros(v.shape[0], v.shape[1], extra, v.shape[3]), v], dim=2)
+        padded.append((k, v))
+    return padded
+
+
+def concat(caches: list[DynamicCache], length: int) -> DynamicCache:
+    """Stacks caches along the batch, left-padding each to `length` positions."""
+    padded = [left_pad(c, length) for c in caches]
+    return from_layers([
+        (torch.cat([p[i][0] for p in padded]), torch.cat([p[i][1] for p in padded]))
+        for i in range(len(padded[0]))
+    ])
+
+
+def zero_masked(cache: DynamicCache, attention_mask: torch.Tensor) -> None:
+    """Zeroes keys/values at padded positions.
+
+    A padded query position attends to nothing, and some attention kernels return NaN there; a
+    masked-out NaN value still poisons later steps (0 * NaN = NaN), so padding must hold zeros.
+    """
+    keep = attention_mask[:, None, :, None].to(torch.bool)
+    for layer in cache.layers:
+        layer.keys = layer.keys.masked_fill(~keep, 0)
+        layer.values = layer.values.masked_fill(~keep, 0)

@@ -1,0 +1,237 @@
+"""Queues admitted requests and runs them in one continuously batched loop on a single worker thread.
+
+The worker owns the model. Each iteration it drops rows whose client left or whose deadline
+passed, prefills newly arrived requests (of any tasks) and merges them into the running batch,
+then decodes one token for every row. A request joins at the next step and leaves the moment it
+finishes; nothing waits for a whole batch to drain.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from softprompt.server.admission import Admitted
+from softprompt.server.engine import Batch, Engine, TokenEvent
+from softprompt.server.errors import CancelledError, DeadlineError, OverloadedError, ShuttingDownError
+from softprompt.server.types import GenerationResult, StreamChunk, Usage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Failed:
+    error: BaseException
+
+
+class Handle:
+    """The caller's side of a queued request: read its chunks, or cancel it."""
+
+    def __init__(self, admitted: Admitted) -> None:
+        self.admitted = admitted
+        self._events: queue.SimpleQueue[StreamChunk | _Failed] = queue.SimpleQueue()
+        self.cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Asks the worker to drop the request at its next step (the client went away)."""
+        self.cancelled.set()
+
+    def chunks(self) -> Iterator[StreamChunk]:
+        """Yields chunks as tokens are produced; the last has finish_reason. Raises the request's error."""
+        while True:
+            event = self._events.get()
+            if isinstance(event, _Failed):
+                raise event.error
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    def result(self) -> GenerationResult:
+        """Waits for the whole generation."""
+        text, ids, last = [], [], None
+        for last in self.chunks():
+            text.append(last.text)
+            ids.extend(last.token_ids)
+        assert last is not None and last.usage is not None and last.finish_reason is not None
+        return GenerationResult("".join(text), tuple(ids), last.finish_reason, last.usage, last.prompt_version)
+
+    def _put(self, event: StreamChunk | _Failed) -> None:
+        self._events.put(event)
+
+
+@dataclass
+class SchedulerStats:
+    """Counters for logs and benchmarks."""
+
+    steps: int = 0
+    prefills: int = 0
+    rows_decoded: int = 0
+    finished: int = 0
+    failed: int = 0
+    max_batch: int = 0
+
+
+@dataclass
+class _State:
+    waiting: deque[Handle] = field(default_factory=deque)
+    running: dict[int, Handle] = field(default_factory=dict)
+
+
+class Scheduler:
+    """Admission queue plus the worker loop; thread-safe `submit`."""
+
+    def __init__(self, engine: Engine, *, max_batch_size: int, max_queued: int, max_prefill_tokens: int,
+                 batch_wait_s: float = 0.0) -> None:
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.max_queued = max_queued
+        self.max_prefill_tokens = max_prefill_tokens
+        self.batch_wait_s = batch_wait_s
+        self.stats = SchedulerStats()
+        self._state = _State()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="softprompt-worker", daemon=True)
+
+    def start(self) -> None:
+        """Starts the worker thread."""
+        self._thread.start()
+
+    def submit(self, admitted: Admitted) -> Handle:
+        """Queues a request; raises OverloadedError when the queue is full."""
+        handle = Handle(admitted)
+        with self._cond:
+            if self._closed:
+                raise ShuttingDownError("the server is shutting down and takes no new requests: retry on another replica")
+            if len(self._state.waiting) >= self.max_queued:
+                raise OverloadedError(
+                    f"the server is at capacity ({len(self._state.waiting)} requests queued): retry with backoff"
+                )
+            self._state.waiting.append(handle)
+            self._cond.notify()
+        return handle
+
+    def queue_depth(self) -> int:
+        """Requests waiting to join the batch."""
+        return len(self._state.waiting)
+
+    def close(self, grace_s: float = 0.0) -> None:
+        """Stops taking requests, lets running ones finish for up to `grace_s`, then fails the rest."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and (self._state.waiting or self._state.running):
+            time.sleep(0.01)
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(timeout=10)
+
+    # ------------------------------------------------------------------ worker
+
+    def _run(self) -> None:
+        batch: Batch | None = None
+        while True:
+            new = self._take_new(batch)
+            if new is None:
+                break
+            try:
+                batch = self._step(batch, new)
+            except Exception as exc:  # noqa: BLE001 - one bad step must not kill the server
+                victims = {id(h): h for h in [*self._state.running.values(), *new]}
+                log.exception("engine step failed; failing %d requests", len(victims))
+                for handle in victims.values():
+                    self._fail(handle, exc)
+                batch = None
+        for handle in list(self._state.running.values()) + list(self._state.waiting):
+            self._fail(handle, ShuttingDownError("the server shut down before this request finished: retry"))
+
+    def _take_new(self, batch: Batch | None) -> list[Handle] | None:
+        """Waits for work, then takes the arrivals that fit; None means stop."""
+        with self._cond:
+            while not self._stop and batch is None and not self._state.waiting:
+                self._cond.wait()
+            if self._stop:
+                return None
+            if batch is None and self.batch_wait_s > 0:
+                # Idle server: gather a burst of arrivals into one prefill.
+                until = time.monotonic() + self.batch_wait_s
+                while len(self._state.waiting) < self.max_batch_size and (left := until - time.monotonic()) > 0:
+                    self._cond.wait(left)
+            room = self.max_batch_size - (0 if batch is None else len(batch))
+            taken: list[Handle] = []
+            budget = self.max_prefill_tokens
+            while self._state.waiting and len(taken) < room:
+                length = self._state.waiting[0].admitted.sequence.length
+                if taken and length > budget:
+                    break
+                budget -= length
+                taken.append(self._state.waiting.popleft())
+            return taken
+
+    def _step(self, batch: Batch | None, new: list[Handle]) -> Batch | None:
+        now = time.monotonic()
+        new = [h for h in new if self._still_wanted(h, now)]
+        if batch is not None:
+            batch = self._drop_unwanted(batch, now)
+        if new:
+            for h in new:
+                self._state.running[h.admitted.sequence.request_id] = h
+            fresh, events = self.engine.prefill([h.admitted.sequence for h in new])
+            self.stats.prefills += 1
+            self._dispatch(events)
+            fresh = self._keep_unfinished(fresh)
+            parts = [b for b in (batch, fresh) if b is not None]
+            batch = self.engine.concatenate(parts) if parts else None
+        if batch is not None:
+            self.stats.max_batch = max(self.stats.max_batch, len(batch))
+            events = self.engine.decode(batch)
+            self.stats.steps += 1
+            self.stats.rows_decoded += len(batch)
+            self._dispatch(events)
+            batch = self._keep_unfinished(batch)
+        return batch
+
+    def _still_wanted(self, handle: Handle, now: float) -> bool:
+        if handle.cancelled.is_set():
+            self._fail(handle, CancelledError("the client cancelled the request"))
+            return False
+        deadline = handle.admitted.deadline
+        if deadline is not None and now >= deadline:
+            generated = len(handle.admitted.sequence.generated)
+            self._fail(handle, DeadlineError(
+                f"deadline exceeded after {generated} generated tokens: raise the deadline or lower max_new_tokens"
+            ))
+            return False
+        return True
+
+    def _drop_unwanted(self, batch: Batch, now: float) -> Batch | None:
+        keep = [i for i, s in enumerate(batch.sequences) if self._still_wanted(self._state.running[s.request_id], now)]
+        return self.engine.filter(batch, keep)
+
+    def _keep_unfinished(self, batch: Batch) -> Batch | None:
+        return self.engine.filter(batch, [i for i, s in enumerate(batch.sequences) if s.finish_reason is None])
+
+    def _dispatch(self, events: list[TokenEvent]) -> None:
+        for event in events:
+            handle = self._state.running[event.request_id]
+            seq = handle.admitted.sequence
+            usage = None
+            if event.finish_reason is not None:
+                del self._state.running[event.request_id]
+                self.stats.finished += 1
+                usage = Usage(len(seq.input_ids), seq.num_virtual_tokens, len(seq.generated))
+            handle._put(StreamChunk(event.text, (event.token_id,), handle.admitted.prompt_version,
+                                    event.finish_reason, usage))
+
+    def _fail(self, handle: Handle, error: BaseException) -> None:
+        self._state.running.pop(handle.admitted.sequence.request_id, None)
+        self.stats.failed += 1
+        handle._put(_Failed(error))

@@ -1,0 +1,258 @@
+"""gRPC servicers: protobuf in, dataclasses to the scheduler and registry, protobuf out.
+
+Servicers stay thin: they convert messages, call one domain method, and leave status codes to the
+one table in `errors.py`. No tensors are touched here.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+
+from softprompt.prompts import format as prompt_format
+from softprompt.prompts.errors import InvalidNameError
+from softprompt.prompts.registry import PromptRef, PromptVersion, Registry
+from softprompt.protos import softprompt_pb2 as pb
+from softprompt.protos import softprompt_pb2_grpc as pb_grpc
+from softprompt.server.admission import Admission
+from softprompt.server.config import ServerConfig
+from softprompt.server.errors import InvalidRequestError, status_for
+from softprompt.server.prompt_cache import PromptCache
+from softprompt.server.scheduler import Scheduler
+from softprompt.server.types import DecodingOptions, GenerationRequest, StreamChunk, Usage
+
+log = logging.getLogger(__name__)
+
+_FINISH = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP, "eos": pb.FINISH_REASON_EOS}
+_MAX_DESCRIPTION = 4096
+_MAX_TAGS = 64
+_MAX_TAG_CHARS = 256
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+    code = status_for(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        incident = uuid.uuid4().hex[:12]
+        log.exception("internal error %s", incident, exc_info=exc)
+        context.abort(code, f"internal error {incident}: the server log has the details; please report it")
+    context.abort(code, str(exc))
+
+
+def unary(fn: F) -> F:
+    """Maps any exception of a unary RPC to its status code."""
+    @functools.wraps(fn)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return fn(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - every error leaves as a status
+            _abort(context, exc)
+    return wrapper  # type: ignore[return-value]
+
+
+def streaming(fn: F) -> F:
+    """Maps any exception of a server-streaming RPC to its status code."""
+    @functools.wraps(fn)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from fn(self, request, context)
+        except Exception as exc:  # noqa: BLE001
+            _abort(context, exc)
+    return wrapper  # type: ignore[return-value]
+
+
+def _request(msg: pb.GenerateRequest, context: grpc.ServicerContext) -> GenerationRequest:
+    p = msg.params
+    remaining = context.time_remaining()
+    return GenerationRequest(
+        task=msg.task,
+        input=msg.input,
+        options=DecodingOptions(
+            max_new_tokens=p.max_new_tokens,
+            temperature=p.temperature,
+            top_k=p.top_k,
+            top_p=p.top_p,
+            seed=p.seed if p.HasField("seed") else None,
+            stop=tuple(p.stop),
+            chat=p.apply_chat_template,
+        ),
+        deadline=None if remaining is None else time.monotonic() + remaining,
+    )
+
+
+def _usage(u: Usage) -> pb.Usage:
+    return pb.Usage(input_tokens=u.input_tokens, virtual_tokens=u.virtual_tokens, generated_tokens=u.generated_tokens)
+
+
+def _stream_message(chunk: StreamChunk) -> pb.GenerateStreamResponse:
+    msg = pb.GenerateStreamResponse(text=chunk.text, token_ids=chunk.token_ids, prompt_version=chunk.prompt_version)
+    if chunk.finish_reason is not None:
+        msg.finish_reason = _FINISH[chunk.finish_reason]
+    if chunk.usage is not None:
+        msg.usage.CopyFrom(_usage(chunk.usage))
+    return msg
+
+
+class InferenceService(pb_grpc.InferenceServicer):
+    """Generate, GenerateStream, Tokenize and ModelInfo."""
+
+    def __init__(self, admission: Admission, scheduler: Scheduler, config: ServerConfig) -> None:
+        self.admission = admission
+        self.scheduler = scheduler
+        self.config = config
+
+    def _start(self, msg: pb.GenerateRequest, context: grpc.ServicerContext):
+        handle = self.scheduler.submit(self.admission.admit(_request(msg, context)))
+        # Runs on every end of the RPC; after a normal finish cancelling is a no-op.
+        context.add_callback(handle.cancel)
+        return handle
+
+    @unary
+    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
+        result = self._start(request, context).result()
+        return pb.GenerateResponse(
+            text=result.text,
+            token_ids=result.token_ids,
+            finish_reason=_FINISH[result.finish_reason],
+            usage=_usage(result.usage),
+            prompt_version=result.prompt_version,
+        )
+
+    @streaming
+    def GenerateStream(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateStreamResponse]:
+        for chunk in self._start(request, context).chunks():
+            yield _stream_message(chunk)
+
+    @unary
+    def Tokenize(self, request: pb.TokenizeRequest, context: grpc.ServicerContext) -> pb.TokenizeResponse:
+        t = self.admission.tokenize(request.text, chat=request.apply_chat_template)
+        return pb.TokenizeResponse(token_ids=t.token_ids, tokens=t.tokens)
+
+    @unary
+    def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfoResponse:
+        base = self.admission.engine.base
+        cfg = self.config
+        return pb.ModelInfoResponse(
+            model_id=base.spec.model_id,
+            hidden_size=base.spec.hidden_size,
+            dtype=str(base.dtype).removeprefix("torch."),
+            device=str(base.device),
+            max_sequence_length=base.max_sequence_length,
+            vocab_size=base.spec.vocab_size,
+            fingerprint=base.spec.fingerprint,
+            has_chat_template=bool(getattr(base.tokenizer, "chat_template", None)),
+            limits=pb.Limits(
+                max_new_tokens=cfg.max_new_tokens,
+                default_max_new_tokens=cfg.default_max_new_tokens,
+                max_input_tokens=cfg.max_input_tokens,
+                max_virtual_tokens=cfg.max_virtual_tokens,
+                max_batch_size=cfg.max_batch_size,
+                max_queued_requests=cfg.max_queued_requests,
+                max_upload_bytes=cfg.max_upload_bytes,
+            ),
+        )
+
+
+def prompt_info(v: PromptVersion) -> pb.PromptInfo:
+    """The wire form of a stored version."""
+    return pb.PromptInfo(
+        name=v.name,
+        version=v.version,
+        ref=v.ref,
+        num_virtual_tokens=v.num_virtual_tokens,
+        hidden_size=v.hidden_size,
+        sha256=v.sha256,
+        base_model_fingerprint=v.base_model_fingerprint,
+        created_at=v.created_at,
+        description=v.description,
+        tags=dict(v.tags),
+        aliases=list(v.aliases),
+        peft_type=v.source_type,
+    )
+
+
+class RegistryService(pb_grpc.RegistryServicer):
+    """Register, inspect, list, delete and alias prompt versions."""
+
+    def __init__(self, registry: Registry, admission: Admission, prompts: PromptCache, config: ServerConfig) -> None:
+        self.registry = registry
+        self.base = admission.engine.base.spec
+        self.prompts = prompts
+        self.config = config
+
+    @unary
+    def RegisterPrompt(self, request: pb.RegisterPromptRequest, context: grpc.ServicerContext) -> pb.PromptInfo:
+        ref = PromptRef.parse(request.name)
+        if ref.version is not None or ref.alias is not None:
+            raise InvalidNameError(f"register under a bare task name, not {request.name!r}; versions are numbered by the server")
+        _check_description(request.description, request.tags)
+        limit = self.config.max_virtual_tokens
+        source = request.WhichOneof("source")
+        if source == "peft":
+            prompt = prompt_format.parse_peft_adapter(
+                request.peft.adapter_config_json, request.peft.adapter_model_safetensors, self.base,
+                max_virtual_tokens=limit, force=request.force,
+            )
+        elif source == "tensor":
+            t = request.tensor
+            prompt = prompt_format.parse_raw_tensor(list(t.shape), t.dtype, t.data, self.base, max_virtual_tokens=limit)
+        else:
+            raise InvalidRequestError("RegisterPromptRequest needs a source: set `peft` (a PEFT adapter) or `tensor`")
+        prompt_format.check_base_model(request.base_model_fingerprint, self.base, force=request.force)
+        version = self.registry.register(
+            ref.name, prompt, self.base, description=request.description, tags=dict(request.tags)
+        )
+        log.info("registered %s (%d virtual tokens, sha256 %s)", version.ref, version.num_virtual_tokens, version.sha256[:12])
+        return prompt_info(version)
+
+    @unary
+    def GetPrompt(self, request: pb.GetPromptRequest, context: grpc.ServicerContext) -> pb.PromptInfo:
+        return prompt_info(self.registry.resolve(request.ref))
+
+    @unary
+    def ListPrompts(self, request: pb.ListPromptsRequest, context: grpc.ServicerContext) -> pb.ListPromptsResponse:
+        page_size = min(request.page_size or 100, 1000)
+        versions, token = self.registry.list_page(request.name or None, page_size, request.page_token)
+        return pb.ListPromptsResponse(prompts=[prompt_info(v) for v in versions], next_page_token=token)
+
+    @unary
+    def DeletePrompt(self, request: pb.DeletePromptRequest, context: grpc.ServicerContext) -> pb.DeletePromptResponse:
+        deleted = self.registry.delete(request.ref, all_versions=request.all_versions, force=request.force)
+        for ref in deleted:
+            name, _, version = ref.partition("@")
+            self.prompts.evict(name, int(version) if version.isdigit() else None)
+        log.info("deleted %s", ", ".join(deleted))
+        return pb.DeletePromptResponse(deleted=deleted)
+
+    @unary
+    def SetAlias(self, request: pb.SetAliasRequest, context: grpc.ServicerContext) -> pb.PromptInfo:
+        version = self.registry.set_alias(request.name, request.alias, request.version)
+        log.info("alias %s@%s -> %s", request.name, request.alias, version.ref)
+        return prompt_info(version)
+
+
+class TrainingService(pb_grpc.TrainingServicer):
+    """Declared in the API; server-side training is not available in this release."""
+
+    def _unavailable(self, request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                      "server-side training is not available in this release: register a prompt trained with PEFT")
+
+    TrainPrompt = GetTrainingJob = CancelTrainingJob = _unavailable
+
+
+def _check_description(description: str, tags: Any) -> None:
+    if len(description) > _MAX_DESCRIPTION:
+        raise InvalidRequestError(f"description has {len(description)} characters; keep it under {_MAX_DESCRIPTION}")
+    if len(tags) > _MAX_TAGS:
+        raise InvalidRequestError(f"{len(tags)} tags given; at most {_MAX_TAGS} are allowed")
+    for k, v in tags.items():
+        if not k or len(k) > _MAX_TAG_CHARS or len(v) > _MAX_TAG_CHARS:
+            raise InvalidRequestError(f"tag keys must be 1..{_MAX_TAG_CHARS} characters and values at most {_MAX_TAG_CHARS}: {k!r:.40}")

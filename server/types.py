@@ -1,0 +1,67 @@
+"""Requests and results as they cross between the gRPC edge and the scheduler (no protobuf, no torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    """A request's decoding parameters as the client sent them (0 means 'server default' / 'off')."""
+
+    max_new_tokens: int = 0
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    chat: bool = False
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation: which prompt, which input, how to decode, and until when (time.monotonic())."""
+
+    task: str
+    input: str
+    options: DecodingOptions = DecodingOptions()
+    deadline: float | None = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of a request; virtual (soft-prompt) tokens are counted apart from the input."""
+
+    input_tokens: int
+    virtual_tokens: int
+    generated_tokens: int
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """What one decoding step produced for a request; the last chunk has finish_reason and usage."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    prompt_version: str
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """A finished generation."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str
+    usage: Usage
+    prompt_version: str
+
+
+@dataclass(frozen=True)
+class Tokenization:
+    """Token ids and their string pieces."""
+
+    token_ids: tuple[int, ...]
+    tokens: tuple[str, ...]

@@ -25,7 +25,7 @@ from softprompt.server.service import InferenceService, RegistryService, Trainin
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services.values())
+SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
 # gRPC's own framing on top of the upload; keeps a max-size upload from being refused by a few bytes.
 _MESSAGE_SLACK = 1 << 20
 

@@ -1,0 +1,474 @@
+"""Synchronous and asyncio clients for the softprompt gRPC server.
+
+Both clients build requests with `softprompt.client.requests`, convert responses with
+`softprompt.client.convert`, and raise every gRPC failure as a typed `SoftpromptError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+
+from softprompt.client import convert, requests
+from softprompt.client.errors import from_rpc_error
+from softprompt.client.sources import PromptSource
+from softprompt.client.types import (
+    GenerateResult,
+    ModelInfo,
+    PromptInfo,
+    StreamChunk,
+    TokenizeResult,
+)
+from softprompt.protos import softprompt_pb2_grpc as pb_grpc
+
+__all__ = ["Client", "AsyncClient", "DEFAULT_TARGET"]
+
+DEFAULT_TARGET = "localhost:50051"
+
+ChannelOptions = Sequence[tuple[str, Any]]
+_Response = TypeVar("_Response")
+
+
+class _BaseClient:
+    """What both clients share: the target and the default deadline."""
+
+    def __init__(self, target: str, timeout: float | None) -> None:
+        self.target = target
+        self.timeout = timeout
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        """The per-call timeout if given, else the client's default (None: no deadline)."""
+        return self.timeout if timeout is None else timeout
+
+
+class Client(_BaseClient):
+    """A blocking client for the Inference and Registry services.
+
+    Example:
+        >>> with Client("localhost:50051", timeout=30) as client:
+        ...     print(client.generate("sentiment@prod", "I loved it").text)
+
+    Args:
+        target: the server's "host:port".
+        timeout: default deadline of every call, in seconds (None: no deadline). Each method's
+            `timeout` overrides it.
+        options: gRPC channel options, e.g. [("grpc.max_receive_message_length", 64 << 20)].
+        credentials: TLS channel credentials; None connects without TLS.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = None,
+        options: ChannelOptions | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        super().__init__(target, timeout)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        self._inference = pb_grpc.InferenceStub(self._channel)
+        self._registry = pb_grpc.RegistryStub(self._channel)
+
+    def close(self) -> None:
+        """Closes the channel; in-flight calls are cancelled."""
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _call(
+        self, method: Callable[..., _Response], request: Any, timeout: float | None
+    ) -> _Response:
+        try:
+            return method(request, timeout=self._deadline(timeout))
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    # ------------------------------------------------------------------ Inference
+
+    def generate(
+        self,
+        task: str,
+        input: str,
+        *,
+        max_new_tokens: int = 0,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        seed: int | None = None,
+        stop: Iterable[str] = (),
+        chat: bool = False,
+        timeout: float | None = None,
+    ) -> GenerateResult:
+        """Generates a completion of `input` under the prompt `task` ("" for the bare model).
+
+        `task` is "name" (newest version), "name@3" or "name@alias". Decoding is greedy unless
+        `temperature` > 0; 0 values mean the server's defaults. `stop` sequences end generation
+        and are not returned. `chat` wraps the input with the model's chat template.
+        """
+        request = requests.generate_request(
+            task,
+            input,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            chat=chat,
+        )
+        return convert.generate_result(self._call(self._inference.Generate, request, timeout))
+
+    def stream(
+        self,
+        task: str,
+        input: str,
+        *,
+        max_new_tokens: int = 0,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        seed: int | None = None,
+        stop: Iterable[str] = (),
+        chat: bool = False,
+        timeout: float | None = None,
+    ) -> Iterator[StreamChunk]:
+        """Like `generate`, yielding text deltas as they are produced.
+
+        The last chunk carries `finish_reason` and `usage`. The call starts on the first `next()`;
+        closing the iterator early (break, `.close()`) cancels it on the server.
+        """
+        request = requests.generate_request(
+            task,
+            input,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            chat=chat,
+        )
+        return self._stream(request, timeout)
+
+    def _stream(self, request: Any, timeout: float | None) -> Iterator[StreamChunk]:
+        call = self._inference.GenerateStream(request, timeout=self._deadline(timeout))
+        try:
+            for message in call:
+                yield convert.stream_chunk(message)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()  # frees the server's slot when the caller stops early; no-op when done
+
+    def tokenize(
+        self, text: str, chat: bool = False, *, timeout: float | None = None
+    ) -> TokenizeResult:
+        """Tokenizes `text` with the base model's tokenizer (through its chat template if `chat`)."""
+        request = requests.tokenize_request(text, chat)
+        return convert.tokenize_result(self._call(self._inference.Tokenize, request, timeout))
+
+    def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        """Describes the base model and the server's limits."""
+        request = requests.model_info_request()
+        return convert.model_info(self._call(self._inference.ModelInfo, request, timeout))
+
+    # ------------------------------------------------------------------ Registry
+
+    def register(
+        self,
+        task: str,
+        source: PromptSource,
+        *,
+        description: str = "",
+        tags: Mapping[str, str] | None = None,
+        base_model_fingerprint: str = "",
+        force: bool = False,
+        timeout: float | None = None,
+    ) -> PromptInfo:
+        """Stores `source` as the next version of `task` and returns it.
+
+        `source` is a PEFT `save_pretrained` directory, a .safetensors file holding one
+        [num_virtual_tokens, hidden_size] tensor, or such a tensor in memory (torch or numpy).
+        Registration fails with FailedPreconditionError if `base_model_fingerprint` (or the one
+        recorded in the directory's softprompt.json) differs from the server's, unless `force`.
+
+        Raises:
+            FileNotFoundError, ValueError, TypeError: `source` cannot be read as a prompt.
+            SoftpromptError: the server refused it.
+        """
+        request = requests.register_request(
+            task,
+            source,
+            description=description,
+            tags=tags,
+            base_model_fingerprint=base_model_fingerprint,
+            force=force,
+        )
+        return convert.prompt_info(self._call(self._registry.RegisterPrompt, request, timeout))
+
+    def get_prompt(self, ref: str, *, timeout: float | None = None) -> PromptInfo:
+        """Describes one version: `ref` is "name" (newest), "name@3" or "name@alias"."""
+        request = requests.get_prompt_request(ref)
+        return convert.prompt_info(self._call(self._registry.GetPrompt, request, timeout))
+
+    def iter_prompts(
+        self, task: str | None = None, page_size: int = 0, *, timeout: float | None = None
+    ) -> Iterator[PromptInfo]:
+        """Yields every version (of `task`, or of all tasks), fetching pages as needed.
+
+        `timeout` applies to each page's call.
+        """
+        token = ""
+        while True:
+            request = requests.list_prompts_request(task, page_size, token)
+            page = self._call(self._registry.ListPrompts, request, timeout)
+            for prompt in page.prompts:
+                yield convert.prompt_info(prompt)
+            token = page.next_page_token
+            if not token:
+                return
+
+    def list_prompts(
+        self, task: str | None = None, page_size: int = 0, *, timeout: float | None = None
+    ) -> list[PromptInfo]:
+        """Returns every version (of `task`, or of all tasks), following all pages."""
+        return list(self.iter_prompts(task, page_size, timeout=timeout))
+
+    def delete_prompt(
+        self,
+        ref: str,
+        *,
+        all_versions: bool = False,
+        force: bool = False,
+        timeout: float | None = None,
+    ) -> list[str]:
+        """Deletes "name@N" (or, with `all_versions`, the whole task "name"); returns the refs deleted.
+
+        A version an alias points at is kept unless `force` (which removes those aliases too).
+        """
+        request = requests.delete_prompt_request(ref, all_versions=all_versions, force=force)
+        return convert.deleted_refs(self._call(self._registry.DeletePrompt, request, timeout))
+
+    def set_alias(
+        self, task: str, alias: str, version: int, *, timeout: float | None = None
+    ) -> PromptInfo:
+        """Points "task@alias" at `version`; returns that version."""
+        request = requests.set_alias_request(task, alias, version)
+        return convert.prompt_info(self._call(self._registry.SetAlias, request, timeout))
+
+
+class AsyncClient(_BaseClient):
+    """The asyncio twin of `Client` (over grpc.aio): same methods, awaited.
+
+    Create it inside a running event loop.
+
+    Example:
+        >>> async with AsyncClient("localhost:50051") as client:
+        ...     async for chunk in client.stream("sentiment", "I loved it"):
+        ...         print(chunk.text, end="")
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = None,
+        options: ChannelOptions | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        super().__init__(target, timeout)
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
+        self._inference = pb_grpc.InferenceStub(self._channel)
+        self._registry = pb_grpc.RegistryStub(self._channel)
+
+    async def close(self) -> None:
+        """Closes the channel; in-flight calls are cancelled."""
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _call(
+        self, method: Callable[..., Awaitable[_Response]], request: Any, timeout: float | None
+    ) -> _Response:
+        try:
+            return await method(request, timeout=self._deadline(timeout))
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    # ------------------------------------------------------------------ Inference
+
+    async def generate(
+        self,
+        task: str,
+        input: str,
+        *,
+        max_new_tokens: int = 0,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        seed: int | None = None,
+        stop: Iterable[str] = (),
+        chat: bool = False,
+        timeout: float | None = None,
+    ) -> GenerateResult:
+        """See `Client.generate`."""
+        request = requests.generate_request(
+            task,
+            input,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            chat=chat,
+        )
+        response = await self._call(self._inference.Generate, request, timeout)
+        return convert.generate_result(response)
+
+    def stream(
+        self,
+        task: str,
+        input: str,
+        *,
+        max_new_tokens: int = 0,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        seed: int | None = None,
+        stop: Iterable[str] = (),
+        chat: bool = False,
+        timeout: float | None = None,
+    ) -> AsyncIterator[StreamChunk]:
+        """See `Client.stream`; use with `async for`. Closing it early (`aclose()`) cancels the call."""
+        request = requests.generate_request(
+            task,
+            input,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            chat=chat,
+        )
+        return self._stream(request, timeout)
+
+    async def _stream(self, request: Any, timeout: float | None) -> AsyncIterator[StreamChunk]:
+        call = self._inference.GenerateStream(request, timeout=self._deadline(timeout))
+        try:
+            async for message in call:
+                yield convert.stream_chunk(message)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()  # frees the server's slot when the caller stops early; no-op when done
+
+    async def tokenize(
+        self, text: str, chat: bool = False, *, timeout: float | None = None
+    ) -> TokenizeResult:
+        """See `Client.tokenize`."""
+        request = requests.tokenize_request(text, chat)
+        return convert.tokenize_result(await self._call(self._inference.Tokenize, request, timeout))
+
+    async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        """See `Client.model_info`."""
+        request = requests.model_info_request()
+        return convert.model_info(await self._call(self._inference.ModelInfo, request, timeout))
+
+    # ------------------------------------------------------------------ Registry
+
+    async def register(
+        self,
+        task: str,
+        source: PromptSource,
+        *,
+        description: str = "",
+        tags: Mapping[str, str] | None = None,
+        base_model_fingerprint: str = "",
+        force: bool = False,
+        timeout: float | None = None,
+    ) -> PromptInfo:
+        """See `Client.register` (the source is read synchronously, before the call)."""
+        request = requests.register_request(
+            task,
+            source,
+            description=description,
+            tags=tags,
+            base_model_fingerprint=base_model_fingerprint,
+            force=force,
+        )
+        response = await self._call(self._registry.RegisterPrompt, request, timeout)
+        return convert.prompt_info(response)
+
+    async def get_prompt(self, ref: str, *, timeout: float | None = None) -> PromptInfo:
+        """See `Client.get_prompt`."""
+        request = requests.get_prompt_request(ref)
+        return convert.prompt_info(await self._call(self._registry.GetPrompt, request, timeout))
+
+    async def iter_prompts(
+        self, task: str | None = None, page_size: int = 0, *, timeout: float | None = None
+    ) -> AsyncIterator[PromptInfo]:
+        """See `Client.iter_prompts`; use with `async for`."""
+        token = ""
+        while True:
+            request = requests.list_prompts_request(task, page_size, token)
+            page = await self._call(self._registry.ListPrompts, request, timeout)
+            for prompt in page.prompts:
+                yield convert.prompt_info(prompt)
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def list_prompts(
+        self, task: str | None = None, page_size: int = 0, *, timeout: float | None = None
+    ) -> list[PromptInfo]:
+        """See `Client.list_prompts`."""
+        return [p async for p in self.iter_prompts(task, page_size, timeout=timeout)]
+
+    async def delete_prompt(
+        self,
+        ref: str,
+        *,
+        all_versions: bool = False,
+        force: bool = False,
+        timeout: float | None = None,
+    ) -> list[str]:
+        """See `Client.delete_prompt`."""
+        request = requests.delete_prompt_request(ref, all_versions=all_versions, force=force)
+        return convert.deleted_refs(await self._call(self._registry.DeletePrompt, request, timeout))
+
+    async def set_alias(
+        self, task: str, alias: str, version: int, *, timeout: float | None = None
+    ) -> PromptInfo:
+        """See `Client.set_alias`."""
+        request = requests.set_alias_request(task, alias, version)
+        return convert.prompt_info(await self._call(self._registry.SetAlias, request, timeout))

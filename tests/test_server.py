@@ -1,0 +1,290 @@
+"""End to end over a real port: PEFT adapters registered, mixed-task batches, streams, every bad input.
+
+The server is the real one (`build_app` + `start`) on a tiny model; clients talk to it through the
+Python client library over loopback gRPC.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import make_peft_adapter, reference_greedy
+from softprompt.client import Client
+from softprompt.client import errors as client_errors
+from softprompt.server.app import build_app, shutdown, start
+from softprompt.server.config import ServerConfig
+
+INPUTS = ["the quick brown fox", "hello", "a soft prompt is a small matrix of", "one frozen model serves many"]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_base, tmp_path_factory):
+    config = ServerConfig(port=0, store=tmp_path_factory.mktemp("store"), max_batch_size=8, max_new_tokens=64,
+                          default_max_new_tokens=12, max_virtual_tokens=32, batch_wait_ms=5)
+    app = build_app(config, base=tiny_base)
+    grpc_server, port, health = start(app)
+    yield app, f"127.0.0.1:{port}"
+    shutdown(app, grpc_server, health, grace_s=1.0)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with Client(server[1], timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, tmp_path_factory):
+    """Two real PEFT prompt-tuning adapters of different lengths, saved by PEFT itself."""
+    from transformers import AutoModelForCausalLM
+
+    out = {}
+    for name, tokens, seed in (("sentiment", 4, 11), ("summarize", 7, 22)):
+        copy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # PEFT wraps it; the served model stays clean
+        out[name] = make_peft_adapter(copy, tmp_path_factory.mktemp(name), num_virtual_tokens=tokens, seed=seed)
+    return out
+
+
+@pytest.fixture(scope="module")
+def registered(client, adapters):
+    return {name: client.register(name, str(path)) for name, path in adapters.items()}
+
+
+def _prompt(adapter_dir: Path) -> torch.Tensor:
+    return load_file(str(adapter_dir / "adapter_model.safetensors"))["prompt_embeddings"]
+
+
+def _expected(tiny_base, prompt, text, max_new_tokens):
+    eos = {tiny_base.tokenizer.eos_token_id}
+    return reference_greedy(tiny_base.model, prompt, tiny_base.tokenizer(text).input_ids, max_new_tokens, eos)
+
+
+def test_health_and_reflection(server):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(server[1]) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="softprompt.v1.Inference"))
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+        responses = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
+        names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {"softprompt.v1.Inference", "softprompt.v1.Registry", "grpc.health.v1.Health"} <= names
+
+
+def test_model_info(client, tiny_base):
+    info = client.model_info()
+    assert info.hidden_size == tiny_base.spec.hidden_size
+    assert info.fingerprint == tiny_base.spec.fingerprint
+    assert info.device == "cpu" and info.dtype == "float32"
+    assert info.limits.max_batch_size == 8
+
+
+def test_register_records_peft_metadata(registered, adapters, tiny_base):
+    info = registered["sentiment"]
+    assert info.ref == f"sentiment@{info.version}"
+    assert info.num_virtual_tokens == 4
+    assert info.base_model_fingerprint == tiny_base.spec.fingerprint
+    assert info.peft_type == "PROMPT_TUNING"
+
+
+def test_mixed_tasks_concurrently_match_reference_and_solo_runs(client, registered, adapters, tiny_base):
+    prompts = {"": None, **{name: _prompt(path) for name, path in adapters.items()}}
+    jobs = [(task, INPUTS[i % len(INPUTS)], 8 + i) for i, task in enumerate(["sentiment", "summarize", ""] * 4)]
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        batched = list(pool.map(lambda j: client.generate(j[0], j[1], max_new_tokens=j[2]), jobs))
+    solo = [client.generate(task, text, max_new_tokens=n) for task, text, n in jobs]
+
+    for (task, text, n), together, alone in zip(jobs, batched, solo):
+        expected = _expected(tiny_base, prompts[task], text, n)
+        assert list(together.token_ids) == expected, f"{task!r} in a mixed batch differs from the reference"
+        assert together.token_ids == alone.token_ids
+        assert together.text == alone.text
+        assert together.usage.virtual_tokens == (0 if not task else registered[task].num_virtual_tokens)
+        assert together.usage.generated_tokens == len(expected)
+        assert together.prompt_version == (registered[task].ref if task else "")
+    assert any(a.token_ids != b.token_ids for a, b in zip(batched, batched[1:])), "tasks should differ"
+
+
+def test_stream_equals_generate(client, registered):
+    full = client.generate("summarize", INPUTS[2], max_new_tokens=16)
+    chunks = list(client.stream("summarize", INPUTS[2], max_new_tokens=16))
+    assert "".join(c.text for c in chunks) == full.text
+    assert [t for c in chunks for t in c.token_ids] == list(full.token_ids)
+    assert all(c.finish_reason is None for c in chunks[:-1])
+    assert chunks[-1].finish_reason == full.finish_reason
+    assert chunks[-1].usage == full.usage
+
+
+def test_stop_sequence(client):
+    full = client.generate("", INPUTS[0], max_new_tokens=24)
+    stop = next(ch for ch in full.text if not ch.isspace())
+    cut = client.generate("", INPUTS[0], max_new_tokens=24, stop=[stop])
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index(stop)]
+    streamed = "".join(c.text for c in client.stream("", INPUTS[0], max_new_tokens=24, stop=[stop]))
+    assert streamed == cut.text
+
+
+def test_chat_template_and_tokenize(client, tiny_base):
+    tokens = client.tokenize("hello", chat=True)
+    rendered = tiny_base.tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False,
+                                                         add_generation_prompt=True)
+    assert list(tokens.token_ids) == tiny_base.tokenizer(rendered, add_special_tokens=False).input_ids
+    result = client.generate("", "hello", chat=True, max_new_tokens=5)
+    assert result.usage.input_tokens == len(tokens.token_ids)
+
+
+def test_new_version_and_alias(client, adapters, tiny_base):
+    v1 = client.register("versioned", str(adapters["sentiment"]))
+    first = client.generate("versioned", INPUTS[1], max_new_tokens=10)
+    v2 = client.register("versioned", str(adapters["summarize"]))
+    assert v2.version == v1.version + 1
+    latest = client.generate("versioned", INPUTS[1], max_new_tokens=10)
+    assert latest.prompt_version == v2.ref
+    assert list(latest.token_ids) == _expected(tiny_base, _prompt(adapters["summarize"]), INPUTS[1], 10)
+
+    client.set_alias("versioned", "prod", v1.version)
+    pinned = client.generate("versioned@prod", INPUTS[1], max_new_tokens=10)
+    assert pinned.prompt_version == v1.ref and pinned.token_ids == first.token_ids
+    assert "prod" in client.get_prompt("versioned@prod").aliases
+
+    with pytest.raises(client_errors.FailedPreconditionError, match="alias"):
+        client.delete_prompt(v1.ref)
+    assert client.delete_prompt(v2.ref) == [v2.ref]
+    assert client.generate("versioned", INPUTS[1], max_new_tokens=10).prompt_version == v1.ref
+    with pytest.raises(client_errors.NotFoundError):
+        client.generate(v2.ref, INPUTS[1])
+
+
+def test_raw_tensor_registration(client, tiny_base, tmp_path):
+    tensor = torch.randn(3, tiny_base.spec.hidden_size) * 0.1
+    info = client.register("rawtask", tensor)
+    assert info.num_virtual_tokens == 3
+    result = client.generate("rawtask", INPUTS[0], max_new_tokens=6)
+    assert list(result.token_ids) == _expected(tiny_base, tensor, INPUTS[0], 6)
+    path = tmp_path / "prompt.safetensors"
+    save_file({"prompt_embeddings": tensor}, str(path))
+    assert client.register("rawtask", str(path)).sha256 == info.sha256
+
+
+def test_list_paging(client, registered):
+    names = {p.name for p in client.list_prompts(page_size=1)}
+    assert {"sentiment", "summarize"} <= names
+
+
+def _bad_adapter(adapters, tmp_path, *, config=None, tensor=None) -> Path:
+    src = adapters["sentiment"]
+    out = tmp_path / "bad"
+    out.mkdir(exist_ok=True)
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    cfg.update(config or {})
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    if tensor is None:
+        (out / "adapter_model.safetensors").write_bytes((src / "adapter_model.safetensors").read_bytes())
+    elif isinstance(tensor, bytes):
+        (out / "adapter_model.safetensors").write_bytes(tensor)
+    else:
+        cfg["num_virtual_tokens"], cfg["token_dim"] = tensor.shape
+        (out / "adapter_config.json").write_text(json.dumps(cfg))
+        save_file({"prompt_embeddings": tensor}, str(out / "adapter_model.safetensors"))
+    return out
+
+
+def test_bad_inputs_get_precise_statuses_and_the_server_keeps_serving(client, registered, adapters, tiny_base, tmp_path):
+    hidden = tiny_base.spec.hidden_size
+    cases = [
+        (client_errors.NotFoundError, "no-such-task", lambda: client.generate("no-such-task", "hi")),
+        (client_errors.NotFoundError, "", lambda: client.generate("sentiment@99", "hi")),
+        (client_errors.NotFoundError, "", lambda: client.generate("sentiment@canary", "hi")),
+        (client_errors.InvalidArgumentError, "", lambda: client.generate("../etc/passwd", "hi")),
+        (client_errors.InvalidArgumentError, "max_new_tokens", lambda: client.generate("", "hi", max_new_tokens=10_000)),
+        (client_errors.InvalidArgumentError, "temperature", lambda: client.generate("", "hi", temperature=-1)),
+        (client_errors.InvalidArgumentError, "top_p", lambda: client.generate("", "hi", temperature=1, top_p=1.5)),
+        (client_errors.InvalidArgumentError, "empty", lambda: client.generate("", "")),
+        (client_errors.InvalidArgumentError, "sequence length",
+         lambda: client.generate("", "the quick brown fox " * 60, max_new_tokens=64)),
+        (client_errors.InvalidArgumentError, "", lambda: client.register("bad name!", str(adapters["sentiment"]))),
+        (client_errors.InvalidArgumentError, "hidden size",
+         lambda: client.register("bad", str(_bad_adapter(adapters, tmp_path, tensor=torch.randn(4, hidden + 1))))),
+        (client_errors.InvalidArgumentError, "",
+         lambda: client.register("bad", str(_bad_adapter(adapters, tmp_path, tensor=torch.full((4, hidden), float("nan")))))),
+        (client_errors.InvalidArgumentError, "",
+         lambda: client.register("bad", str(_bad_adapter(adapters, tmp_path, tensor=b"\x00garbage")))),
+        (client_errors.InvalidArgumentError, "prefix",
+         lambda: client.register("bad", str(_bad_adapter(adapters, tmp_path, config={"peft_type": "PREFIX_TUNING"})))),
+        (client_errors.FailedPreconditionError, "force",
+         lambda: client.register("bad", str(adapters["sentiment"]), base_model_fingerprint="0123456789abcdef")),
+        (client_errors.InvalidArgumentError, "",
+         lambda: client.register("bad", torch.randn(64, hidden))),  # over max_virtual_tokens=32
+    ]
+    for error, fragment, call in cases:
+        with pytest.raises(error) as info:
+            call()
+        assert fragment.lower() in str(info.value).lower()
+    with pytest.raises(client_errors.NotFoundError):
+        client.get_prompt("bad")  # nothing half-registered
+
+    forced = client.register("forced", str(adapters["sentiment"]), base_model_fingerprint="0123456789abcdef", force=True)
+    assert forced.base_model_fingerprint == tiny_base.spec.fingerprint
+
+    result = client.generate("sentiment", INPUTS[0], max_new_tokens=8)
+    assert list(result.token_ids) == _expected(tiny_base, _prompt(adapters["sentiment"]), INPUTS[0], 8)
+
+
+def test_deadline_exceeded_and_recovery(client, server):
+    with pytest.raises(client_errors.DeadlineExceededError):
+        client.generate("", INPUTS[0], max_new_tokens=64, timeout=0.001)
+    assert client.generate("", INPUTS[0], max_new_tokens=4).usage.generated_tokens == 4
+    _wait_idle(server[0])
+
+
+def test_cancelled_stream_frees_its_row(client, server):
+    stream = client.stream("", INPUTS[0], max_new_tokens=64)
+    next(iter(stream))
+    stream.close()
+    _wait_idle(server[0])
+    assert client.generate("", INPUTS[1], max_new_tokens=3).usage.generated_tokens == 3
+
+
+def _wait_idle(app, timeout: float = 10.0) -> None:
+    """Waits until the scheduler holds no request (a bounded poll; correctness, not timing, is tested)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if not app.scheduler._state.running and not app.scheduler._state.waiting:
+            return
+        time.sleep(0.01)
+    raise AssertionError("requests are still held by the scheduler")
+
+
+def test_training_service_says_unimplemented(server):
+    from softprompt.protos import softprompt_pb2 as pb
+    from softprompt.protos import softprompt_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(server[1]) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.TrainingStub(channel).TrainPrompt(pb.TrainPromptRequest(task="x"))
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_threads_do_not_leak(client):
+    def round_of_requests() -> None:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda i: client.generate("", INPUTS[i % 4], max_new_tokens=4), range(16)))
+
+    round_of_requests()  # warms the server's thread pool
+    before = threading.active_count()
+    for _ in range(3):
+        round_of_requests()
+    assert threading.active_count() <= before

@@ -24,7 +24,7 @@ from softprompt.server.admission import Admission
 from softprompt.server.config import ServerConfig
 from softprompt.server.errors import InvalidRequestError, status_for
 from softprompt.server.prompt_cache import PromptCache
-from softprompt.server.scheduler import Scheduler
+from softprompt.server.scheduler import Handle, Scheduler
 from softprompt.server.types import DecodingOptions, GenerationRequest, StreamChunk, Usage
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,12 @@ def _stream_message(chunk: StreamChunk) -> pb.GenerateStreamResponse:
     return msg
 
 
+def _log_done(rpc: str, version: str, usage: Usage, finish: str, started: float) -> None:
+    log.info("%s %s: %d input + %d virtual tokens, %d generated (%s) in %.0f ms", rpc, version or "base",
+             usage.input_tokens, usage.virtual_tokens, usage.generated_tokens, finish,
+             (time.monotonic() - started) * 1000)
+
+
 class InferenceService(pb_grpc.InferenceServicer):
     """Generate, GenerateStream, Tokenize and ModelInfo."""
 
@@ -108,7 +114,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.scheduler = scheduler
         self.config = config
 
-    def _start(self, msg: pb.GenerateRequest, context: grpc.ServicerContext):
+    def _start(self, msg: pb.GenerateRequest, context: grpc.ServicerContext) -> Handle:
         handle = self.scheduler.submit(self.admission.admit(_request(msg, context)))
         # Runs on every end of the RPC; after a normal finish cancelling is a no-op.
         context.add_callback(handle.cancel)
@@ -116,7 +122,9 @@ class InferenceService(pb_grpc.InferenceServicer):
 
     @unary
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
+        started = time.monotonic()
         result = self._start(request, context).result()
+        _log_done("Generate", result.prompt_version, result.usage, result.finish_reason, started)
         return pb.GenerateResponse(
             text=result.text,
             token_ids=result.token_ids,
@@ -127,8 +135,11 @@ class InferenceService(pb_grpc.InferenceServicer):
 
     @streaming
     def GenerateStream(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateStreamResponse]:
+        started = time.monotonic()
         for chunk in self._start(request, context).chunks():
             yield _stream_message(chunk)
+            if chunk.usage is not None and chunk.finish_reason is not None:
+                _log_done("GenerateStream", chunk.prompt_version, chunk.usage, chunk.finish_reason, started)
 
     @unary
     def Tokenize(self, request: pb.TokenizeRequest, context: grpc.ServicerContext) -> pb.TokenizeResponse:

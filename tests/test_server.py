@@ -288,3 +288,28 @@ def test_threads_do_not_leak(client):
     for _ in range(3):
         round_of_requests()
     assert threading.active_count() <= before
+
+
+def test_cli_against_the_real_server(server, adapters, capsys, tiny_base):
+    from softprompt.client.cli import main
+
+    addr = ["--server", server[1]]
+    assert main([*addr, "register", "clitask", str(adapters["summarize"]), "--tag", "team=nlp"]) == 0
+    capsys.readouterr()
+    assert main([*addr, "--json", "show", "clitask"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["tags"] == {"team": "nlp"} and shown["num_virtual_tokens"] == 7
+
+    assert main([*addr, "generate", "clitask", INPUTS[0], "--max-new-tokens", "9"]) == 0
+    out = capsys.readouterr()
+    expected = _expected(tiny_base, _prompt(adapters["summarize"]), INPUTS[0], 9)
+    assert out.out.rstrip("\n") == tiny_base.tokenizer.decode(expected, skip_special_tokens=True)
+    assert "clitask@" in out.err
+
+    assert main([*addr, "generate", "clitask", INPUTS[0], "--max-new-tokens", "9", "--stream"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == out.out.rstrip("\n")
+
+    assert main([*addr, "list"]) == 0
+    assert "clitask@" in capsys.readouterr().out
+    assert main([*addr, "generate", "nope", "x"]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err

@@ -1,0 +1,84 @@
+"""End to end on the real default model, SmolLM2-135M-Instruct from the embedded GGUF.
+
+The first run converts the GGUF into a cached safetensors folder (about 30 s on two cores); later
+runs load the cache.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from conftest import reference_greedy
+from softprompt.client import Client
+from softprompt.server.app import build_app, shutdown, start
+from softprompt.server.config import ServerConfig
+from softprompt.server.model import load_base_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def default_base():
+    return load_base_model(None, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def address(default_base, tmp_path_factory):
+    app = build_app(ServerConfig(port=0, store=tmp_path_factory.mktemp("store"), batch_wait_ms=5), base=default_base)
+    server, port, health = start(app)
+    yield f"127.0.0.1:{port}"
+    shutdown(app, server, health, grace_s=1.0)
+
+
+def _text_prompt(base, text: str) -> torch.Tensor:
+    """PEFT's TEXT initialisation: the instruction's token embeddings."""
+    ids = torch.tensor(base.tokenizer(text).input_ids)
+    return base.model.get_input_embeddings()(ids).detach().clone()
+
+
+def test_default_model_identity(default_base):
+    spec = default_base.spec
+    assert spec.model_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert (spec.hidden_size, spec.num_layers, spec.vocab_size) == (576, 30, 49152)
+    assert default_base.tokenizer.chat_template
+
+
+def test_mixed_batch_on_default_model_matches_reference(default_base, address):
+    prompts = {
+        "pirate": _text_prompt(default_base, "Answer like a pirate:"),
+        "french": _text_prompt(default_base, "Translate to French:"),
+    }
+    inputs = ["The weather today is", "My favourite food is", "Large language models are"]
+    with Client(address, timeout=300) as client:
+        for name, tensor in prompts.items():
+            info = client.register(name, tensor, description=f"text init for {name}")
+            assert info.num_virtual_tokens == tensor.shape[0]
+            assert info.base_model_fingerprint == default_base.spec.fingerprint
+
+        jobs = [(task, text) for task in ("pirate", "french", "") for text in inputs]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            together = list(pool.map(lambda j: client.generate(j[0], j[1], max_new_tokens=10), jobs))
+        alone = [client.generate(task, text, max_new_tokens=10) for task, text in jobs]
+
+    eos = {default_base.tokenizer.eos_token_id}
+    for (task, text), a, b in zip(jobs, together, alone):
+        ids = default_base.tokenizer(text).input_ids
+        expected = reference_greedy(default_base.model, prompts.get(task), ids, 10, eos)
+        assert list(a.token_ids) == expected, f"{task!r}/{text!r}: batched output differs from the reference"
+        assert a.token_ids == b.token_ids
+    assert together[0].text != together[len(inputs) * 2].text, "the prompt should change the output"
+
+
+def test_chat_generation_on_default_model(default_base, address):
+    with Client(address, timeout=300) as client:
+        result = client.generate("", "What is the capital of France?", chat=True, max_new_tokens=24)
+    tokenizer = default_base.tokenizer
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                             tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(rendered, add_special_tokens=False).input_ids
+    expected = reference_greedy(default_base.model, None, ids, 24, {tokenizer.eos_token_id})
+    assert list(result.token_ids) == expected
+    assert "Paris" in result.text

@@ -1,0 +1,544 @@
+"""Tests of softprompt.prompts.registry on real folders, with real PEFT loading and real processes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from softprompt.prompts import format as fmt
+from softprompt.prompts.base import BaseModelSpec, spec_of
+from softprompt.prompts.errors import (
+    CorruptPromptError,
+    InvalidNameError,
+    InvalidPromptError,
+    PromptNotFoundError,
+    RegistryConflictError,
+)
+from softprompt.prompts.registry import LocalStore, PromptRef, PromptVersion, Registry
+
+HIDDEN = 32
+# The base model facts without building a model: enough for everything but PEFT loading.
+SPEC = BaseModelSpec(
+    model_id="tiny-llama", hidden_size=HIDDEN, num_layers=2, num_attention_heads=4, vocab_size=128, fingerprint="f" * 16
+)
+
+
+def tiny_llama(seed: int = 0):
+    """A fresh tiny LlamaForCausalLM; the same seed gives the same weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def make_prompt(seed: int, rows: int = 4, source_type: str = "PROMPT_TUNING") -> fmt.PromptTensor:
+    g = torch.Generator().manual_seed(seed)
+    return fmt.PromptTensor(torch.randn(rows, HIDDEN, generator=g), source_type)
+
+
+@pytest.fixture
+def reg(tmp_path) -> Registry:
+    return Registry(tmp_path / "store")
+
+
+def refs(versions: list[PromptVersion]) -> list[str]:
+    return [v.ref for v in versions]
+
+
+# ---------------------------------------------------------------- register and resolve
+
+
+def test_register_and_resolve(reg):
+    p1, p2 = make_prompt(1), make_prompt(2, rows=6)
+    v1 = reg.register("sentiment", p1, SPEC, description="first", tags={"lr": "0.03"})
+    v2 = reg.register("sentiment", p2, SPEC)
+    assert (v1.version, v2.version) == (1, 2)
+    assert v1.ref == "sentiment@1" and v2.ref == "sentiment@2"
+    assert reg.resolve("sentiment") == v2
+    assert reg.resolve("sentiment@latest") == v2
+    assert reg.resolve("sentiment@1") == v1
+    assert reg.resolve(PromptRef("sentiment", version=1)) == v1
+    assert v1.description == "first" and v1.tags == {"lr": "0.03"}
+    assert (v1.num_virtual_tokens, v1.hidden_size, v2.num_virtual_tokens) == (4, HIDDEN, 6)
+    assert v1.base_model_fingerprint == SPEC.fingerprint and v1.base_model_id == "tiny-llama"
+    assert v1.source_type == "PROMPT_TUNING" and v1.aliases == ()
+    assert datetime.fromisoformat(v1.created_at.replace("Z", "+00:00")).utcoffset().total_seconds() == 0
+    assert v1.created_at.endswith("Z")
+    assert torch.equal(reg.load_embeddings(v1), p1.embeddings)
+    assert torch.equal(reg.load_embeddings(reg.resolve("sentiment")), p2.embeddings)
+    # The checksum is the weights file's, so clients can verify downloads.
+    weights = reg.version_dir(v1) / fmt.PEFT_WEIGHTS
+    assert v1.sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert reg.tasks() == ["sentiment"]
+
+
+def test_metadata_survives_reopening(tmp_path):
+    root = tmp_path / "store"
+    v = Registry(root).register("t", make_prompt(0), SPEC, tags={"a": "b"}, base_model_fingerprint="abc")
+    again = Registry(root).resolve("t@1")
+    assert again == v
+    assert again.base_model_fingerprint == "abc"
+    on_disk = json.loads((root / "t" / "1" / fmt.METADATA).read_text())
+    assert on_disk["name"] == "t" and on_disk["version"] == 1 and on_disk["sha256"] == v.sha256
+
+
+def test_register_revalidates_the_tensor(reg):
+    bad = fmt.PromptTensor(torch.full((2, HIDDEN), float("nan")), "RAW")
+    with pytest.raises(InvalidPromptError):
+        reg.register("t", bad, SPEC)
+    with pytest.raises(InvalidPromptError):
+        reg.register("t", fmt.PromptTensor(torch.randn(2, 7), "RAW"), SPEC)
+    assert reg.tasks() == []
+    # Nothing half-written is left behind.
+    assert list((reg.store.root / ".tmp").iterdir()) == []
+
+
+def test_not_found_messages_list_what_exists(reg):
+    with pytest.raises(PromptNotFoundError) as e:
+        reg.resolve("x")
+    assert "registry is empty" in str(e.value)
+    reg.register("x", make_prompt(1), SPEC)
+    reg.register("x", make_prompt(2), SPEC)
+    reg.set_alias("x", "prod", 1)
+    with pytest.raises(PromptNotFoundError) as e:
+        reg.resolve("x@7")
+    assert "task 'x' has versions 1 and 2 and alias prod" in str(e.value)
+    with pytest.raises(PromptNotFoundError) as e:
+        reg.resolve("x@staging")
+    assert "no alias 'staging'" in str(e.value) and "alias prod" in str(e.value)
+    with pytest.raises(PromptNotFoundError) as e:
+        reg.resolve("y")
+    assert "no task named 'y'" in str(e.value) and "registered tasks: x" in str(e.value)
+
+
+# ---------------------------------------------------------------- names
+
+
+BAD_NAMES = ["../x", "a/b", "", " x", "x ", "x@", "ünïcode", "..", ".", ".tmp", ".hidden", "a\\b", "x" * 65, "a\nb", "x\n", "-x", "_x", "a b", "a:b"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_bad_names_are_refused(reg, name):
+    with pytest.raises(InvalidNameError):
+        reg.register(name, make_prompt(0), SPEC)
+    with pytest.raises(InvalidNameError):
+        reg.set_alias(name, "prod", 1)
+    # Nothing was created anywhere, inside or outside the store.
+    assert sorted(p.name for p in reg.store.root.iterdir()) == [".tmp"]
+    assert sorted(p.name for p in reg.store.root.parent.iterdir()) == ["store"]
+
+
+@pytest.mark.parametrize(
+    "ref, fragment",
+    [
+        ("", "empty"),
+        ("x@", "nothing after '@'"),
+        ("x@@1", "more than one '@'"),
+        ("x@1@2", "more than one '@'"),
+        ("x@0", "starting at 1"),
+        ("x@01", "leading zeros"),
+        ("x@-1", "invalid alias"),
+        ("x@1.5", "invalid version"),
+        ("x@1a", "invalid version"),
+        ("x@pr od", "invalid alias"),
+        ("x@" + "a" * 33, "invalid alias"),
+        ("../x@1", "invalid task name"),
+        ("@prod", "empty"),
+    ],
+)
+def test_bad_refs(ref, fragment):
+    with pytest.raises(InvalidNameError) as e:
+        PromptRef.parse(ref)
+    assert fragment in str(e.value)
+
+
+def test_ref_parsing():
+    assert PromptRef.parse("a") == PromptRef("a")
+    assert PromptRef.parse("a@3") == PromptRef("a", version=3)
+    assert PromptRef.parse("a@prod") == PromptRef("a", alias="prod")
+    assert PromptRef.parse("a@latest") == PromptRef("a")
+    assert PromptRef.parse("123@4") == PromptRef("123", version=4)  # all-digit names are allowed
+    assert PromptRef.parse("v1.2_x-y@P-1_a") == PromptRef("v1.2_x-y", alias="P-1_a")
+    assert str(PromptRef("a", version=3)) == "a@3" and str(PromptRef("a", alias="prod")) == "a@prod"
+    with pytest.raises(InvalidNameError):
+        PromptRef("a", version=1, alias="prod")
+    with pytest.raises(InvalidNameError):
+        PromptRef("a", alias="latest")
+
+
+_names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", fullmatch=True)
+_suffixes = st.one_of(
+    st.none(),
+    st.integers(min_value=1, max_value=10**9).map(str),
+    st.from_regex(r"[A-Za-z][A-Za-z0-9_-]{0,31}", fullmatch=True).filter(lambda a: a != "latest"),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_names, _suffixes)
+def test_ref_round_trip(name, suffix):
+    text = name if suffix is None else f"{name}@{suffix}"
+    ref = PromptRef.parse(text)
+    assert str(ref) == text and PromptRef.parse(str(ref)) == ref
+    assert ref.name == name
+
+
+# ---------------------------------------------------------------- aliases
+
+
+def test_aliases(tmp_path):
+    reg = Registry(tmp_path / "s")
+    for seed in range(3):
+        reg.register("t", make_prompt(seed), SPEC)
+    v = reg.set_alias("t", "prod", 2)
+    assert v.version == 2 and v.aliases == ("prod",)
+    reg.set_alias("t", "canary", 2)
+    assert reg.resolve("t@prod").aliases == ("canary", "prod")
+    assert reg.resolve("t@2").aliases == ("canary", "prod")
+    assert reg.resolve("t").aliases == ()  # newest is 3
+    # Moving an alias.
+    reg.set_alias("t", "canary", 3)
+    assert reg.resolve("t@canary").version == 3
+    assert reg.resolve("t@2").aliases == ("prod",)
+    # Aliases survive new versions and reopening.
+    reg.register("t", make_prompt(9), SPEC)
+    reopened = Registry(tmp_path / "s")
+    assert reopened.resolve("t@prod").version == 2
+    assert reopened.resolve("t@canary").version == 3
+    assert reopened.resolve("t").version == 4
+    assert torch.equal(reopened.load_embeddings(reopened.resolve("t@prod")), make_prompt(1).embeddings)
+
+
+def test_alias_errors(reg):
+    reg.register("t", make_prompt(0), SPEC)
+    with pytest.raises(PromptNotFoundError) as e:
+        reg.set_alias("t", "prod", 5)
+    assert "task 't' has version 1" in str(e.value)
+    with pytest.raises(PromptNotFoundError):
+        reg.set_alias("nosuch", "prod", 1)
+    assert reg.tasks() == ["t"] and not (reg.store.root / "nosuch").exists()
+    with pytest.raises(InvalidNameError) as e:
+        reg.set_alias("t", "latest", 1)
+    assert "reserved" in str(e.value)
+    for bad in ("3", "1abc", "", "a@b", "a/b", "-a"):
+        with pytest.raises(InvalidNameError):
+            reg.set_alias("t", bad, 1)
+    with pytest.raises(InvalidNameError):
+        reg.set_alias("t", "prod", 0)
+
+
+# ---------------------------------------------------------------- delete
+
+
+def test_delete_version_and_numbers_never_reused(reg):
+    for seed in range(3):
+        reg.register("t", make_prompt(seed), SPEC)
+    assert reg.delete("t@3") == ["t@3"]
+    assert reg.resolve("t").version == 2
+    with pytest.raises(PromptNotFoundError):
+        reg.resolve("t@3")
+    assert reg.register("t", make_prompt(5), SPEC).version == 4
+    assert reg.delete("t@4") == ["t@4"]
+    assert reg.delete("t@2") == ["t@2"]
+    assert reg.resolve("t").version == 1
+    assert reg.register("t", make_prompt(6), SPEC).version == 5
+    with pytest.raises(PromptNotFoundError) as e:
+        reg.delete("t@2")
+    assert "versions 1 and 5" in str(e.value)
+
+
+def test_delete_aliased_version_needs_force(reg):
+    reg.register("t", make_prompt(0), SPEC)
+    reg.register("t", make_prompt(1), SPEC)
+    reg.set_alias("t", "prod", 1)
+    reg.set_alias("t", "stable", 1)
+    reg.set_alias("t", "canary", 2)
+    with pytest.raises(RegistryConflictError) as e:
+        reg.delete("t@1")
+    assert "prod and stable" in str(e.value) and "force=True" in str(e.value)
+    assert reg.resolve("t@prod").version == 1  # untouched
+    assert reg.delete("t@1", force=True) == ["t@1"]
+    with pytest.raises(PromptNotFoundError):
+        reg.resolve("t@prod")
+    assert reg.resolve("t@canary").version == 2
+    assert reg.resolve("t@2").aliases == ("canary",)
+
+
+def test_delete_whole_task(reg):
+    reg.register("t", make_prompt(0), SPEC)
+    reg.register("t", make_prompt(1), SPEC)
+    reg.register("u", make_prompt(2), SPEC)
+    reg.set_alias("t", "prod", 2)
+    with pytest.raises(InvalidNameError) as e:
+        reg.delete("t")
+    assert "all_versions" in str(e.value)
+    with pytest.raises(InvalidNameError) as e:
+        reg.delete("t@2", all_versions=True)
+    assert "bare task name" in str(e.value)
+    with pytest.raises(InvalidNameError):
+        reg.delete("t@prod")
+    assert reg.delete("t", all_versions=True) == ["t@1", "t@2"]
+    assert reg.tasks() == ["u"]
+    with pytest.raises(PromptNotFoundError) as e:
+        reg.resolve("t")
+    assert "registered tasks: u" in str(e.value)
+    with pytest.raises(PromptNotFoundError):
+        reg.delete("t", all_versions=True)
+    with pytest.raises(PromptNotFoundError):
+        reg.delete("nosuch@1")
+    assert not (reg.store.root / "nosuch").exists()
+    # Re-creating the task continues the numbering; the old alias is gone.
+    v = reg.register("t", make_prompt(3), SPEC)
+    assert v.version == 3 and v.aliases == ()
+    assert reg.list_page("t")[0] == [v]
+
+
+def test_numbering_survives_a_lost_counter(reg):
+    for seed in range(3):
+        reg.register("t", make_prompt(seed), SPEC)
+    (reg.store.root / "t" / "counter").unlink()
+    assert reg.register("t", make_prompt(7), SPEC).version == 4
+
+
+# ---------------------------------------------------------------- listing
+
+
+def _fill(reg: Registry) -> None:
+    for name, count in (("b", 2), ("a", 3), ("c", 1)):
+        for i in range(count):
+            reg.register(name, make_prompt(i), SPEC)
+
+
+def test_list_pages(reg):
+    _fill(reg)
+    everything, token = reg.list_page()
+    assert refs(everything) == ["a@3", "a@2", "a@1", "b@2", "b@1", "c@1"] and token == ""
+    for size in (1, 2, 4, 5, 6):
+        seen, token = [], ""
+        while True:
+            page, token = reg.list_page(page_size=size, page_token=token)
+            assert len(page) <= size
+            seen += refs(page)
+            if not token:
+                break
+        assert seen == refs(everything), size
+    page, token = reg.list_page("a", page_size=2)
+    assert refs(page) == ["a@3", "a@2"] and token
+    page, token = reg.list_page("a", page_size=2, page_token=token)
+    assert refs(page) == ["a@1"] and token == ""
+    assert reg.list_page("nosuch") == ([], "")
+    assert refs(reg.list_page(page_size=0)[0]) == refs(everything)
+
+
+def test_list_shows_aliases(reg):
+    _fill(reg)
+    reg.set_alias("a", "prod", 2)
+    listed = {v.ref: v for v in reg.list_page()[0]}
+    assert listed["a@2"].aliases == ("prod",) and listed["a@3"].aliases == ()
+
+
+def test_list_tokens_are_stable_under_changes(reg):
+    _fill(reg)
+    page, token = reg.list_page(page_size=2)
+    assert refs(page) == ["a@3", "a@2"]
+    reg.delete("a@2")  # the token's own key disappears
+    reg.delete("b@2")  # an unseen item disappears
+    reg.register("a", make_prompt(9), SPEC)  # a@4 sorts before the token: not in later pages
+    reg.register("aa", make_prompt(9), SPEC)  # sorts after the token: appears
+    rest = []
+    while token:
+        page, token = reg.list_page(page_size=2, page_token=token)
+        rest += refs(page)
+    assert rest == ["a@1", "aa@1", "b@1", "c@1"]
+
+
+@pytest.mark.parametrize("token", ["garbage!", "eyJ4IjoxfQ", "bm90IGpzb24", "e30"])
+def test_bad_page_token(reg, token):
+    _fill(reg)
+    with pytest.raises(InvalidNameError) as e:
+        reg.list_page(page_token=token)
+    assert "next_page_token" in str(e.value)
+
+
+def test_page_token_from_another_listing(reg):
+    _fill(reg)
+    _, token = reg.list_page("a", page_size=1)
+    with pytest.raises(InvalidNameError) as e:
+        reg.list_page("b", page_token=token)
+    assert "same name" in str(e.value)
+    with pytest.raises(InvalidNameError):
+        reg.list_page(page_token=token)
+    with pytest.raises(InvalidNameError):
+        reg.list_page(page_size=-1)
+
+
+# ---------------------------------------------------------------- PEFT loading and integrity
+
+
+@pytest.mark.parametrize("source_type", ["PROMPT_TUNING", "P_TUNING", "RAW"])
+def test_version_dir_loads_with_peft(tmp_path, source_type):
+    from peft import PeftModel
+
+    model = tiny_llama(0)
+    base = spec_of(model, "tiny-llama")
+    reg = Registry(tmp_path / "s")
+    prompt = make_prompt(3, rows=5, source_type=source_type)
+    v = reg.register("t", prompt, base)
+    assert v.source_type == source_type
+    peft_model = PeftModel.from_pretrained(model, reg.version_dir(v))
+    assert torch.equal(peft_model.get_prompt_embedding_to_save("default"), prompt.embeddings)
+    assert torch.equal(peft_model.prompt_encoder["default"].embedding.weight, prompt.embeddings)
+    # The loaded adapter prepends exactly our tensor.
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        x = torch.cat([prompt.embeddings[None], model.get_input_embeddings()(ids)], dim=1)
+        expected = model(inputs_embeds=x).logits[:, prompt.embeddings.shape[0]:]
+        got = peft_model(input_ids=ids).logits[:, prompt.embeddings.shape[0]:]
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_corrupt_weights_detected_on_load(reg):
+    v = reg.register("t", make_prompt(0), SPEC)
+    weights = reg.version_dir(v) / fmt.PEFT_WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x40
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CorruptPromptError) as e:
+        reg.load_embeddings(v)
+    assert "sha256" in str(e.value) and "register the prompt again" in str(e.value)
+    weights.unlink()
+    with pytest.raises(CorruptPromptError):
+        reg.load_embeddings(v)
+
+
+def test_corrupt_metadata_detected_on_resolve_and_skipped_in_listing(reg):
+    reg.register("t", make_prompt(0), SPEC)
+    reg.register("t", make_prompt(1), SPEC)
+    (reg.store.root / "t" / "2" / fmt.METADATA).write_text('{"name": "t"}')
+    with pytest.raises(CorruptPromptError):
+        reg.resolve("t@2")
+    assert refs(reg.list_page()[0]) == ["t@1"]
+
+
+def test_copied_version_folder_is_detected(reg):
+    import shutil
+
+    reg.register("t", make_prompt(0), SPEC)
+    shutil.copytree(reg.store.root / "t" / "1", reg.store.root / "t" / "7")
+    with pytest.raises(CorruptPromptError) as e:
+        reg.resolve("t@7")
+    assert "moved or copied" in str(e.value)
+
+
+def test_deleted_version_cannot_be_loaded(reg):
+    v = reg.register("t", make_prompt(0), SPEC)
+    reg.register("t", make_prompt(1), SPEC)
+    reg.delete("t@1")
+    with pytest.raises(PromptNotFoundError):
+        reg.version_dir(v)
+    with pytest.raises(PromptNotFoundError):
+        reg.load_embeddings(v)
+
+
+def test_leftover_temp_dirs_are_ignored_and_old_ones_cleaned(tmp_path):
+    root = tmp_path / "s"
+    reg = Registry(root)
+    reg.register("t", make_prompt(0), SPEC)
+    # A writer that crashed mid-write left a half-written staging folder, a fresh and an old one.
+    fresh = root / ".tmp" / "stage-crashed"
+    fresh.mkdir()
+    (fresh / fmt.PEFT_WEIGHTS).write_bytes(b"partial")
+    old = root / ".tmp" / "stage-ancient"
+    old.mkdir()
+    (old / fmt.PEFT_CONFIG).write_text("{")
+    an_hour_ago = time.time() - 2 * 3600
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    assert reg.tasks() == ["t"]
+    assert refs(reg.list_page()[0]) == ["t@1"]
+    reopened = Registry(root)
+    assert not old.exists() and fresh.exists()
+    assert reopened.register("t", make_prompt(1), SPEC).version == 2
+    assert reopened.tasks() == ["t"] and refs(reopened.list_page()[0]) == ["t@2", "t@1"]
+
+
+def test_failed_publish_leaves_no_version(reg, monkeypatch):
+    reg.register("t", make_prompt(0), SPEC)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(LocalStore, "publish", crash)
+    with pytest.raises(OSError):
+        reg.register("t", make_prompt(1), SPEC)
+    monkeypatch.undo()
+    assert refs(reg.list_page()[0]) == ["t@1"]
+    assert list((reg.store.root / ".tmp").iterdir()) == []
+    # The number given to the failed write is not handed out again.
+    assert reg.register("t", make_prompt(2), SPEC).version == 3
+
+
+# ---------------------------------------------------------------- concurrency
+
+
+def _register_many(root: str, worker: int, count: int, barrier, results) -> None:
+    """Runs in a spawned process: registers `count` versions of the same task as fast as it can."""
+    reg = Registry(root)
+    barrier.wait(timeout=60)
+    made = []
+    for i in range(count):
+        seed = worker * 1000 + i
+        v = reg.register("shared", make_prompt(seed), SPEC, tags={"seed": str(seed)})
+        made.append(v.version)
+    results.put((worker, made))
+
+
+def test_two_processes_get_distinct_consecutive_versions(tmp_path):
+    root = tmp_path / "s"
+    Registry(root)
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_register_many, args=(str(root), w, 10, barrier, results)) for w in (1, 2)]
+    for p in procs:
+        p.start()
+    got = dict(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    all_versions = got[1] + got[2]
+    assert sorted(all_versions) == list(range(1, 21))
+    # Each process saw its own versions in increasing order.
+    assert got[1] == sorted(got[1]) and got[2] == sorted(got[2])
+    reg = Registry(root)
+    listed = reg.list_page("shared")[0]
+    assert [v.version for v in listed] == list(range(20, 0, -1))
+    for v in listed:
+        assert torch.equal(reg.load_embeddings(v), make_prompt(int(v.tags["seed"])).embeddings)
+
+
+def test_threads_share_a_registry(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    reg = Registry(tmp_path / "s")
+    with ThreadPoolExecutor(8) as pool:
+        versions = list(pool.map(lambda i: reg.register("t", make_prompt(i), SPEC).version, range(24)))
+    assert sorted(versions) == list(range(1, 25))

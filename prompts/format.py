@@ -365,7 +365,8 @@ def parse_raw_tensor(
     if sys.byteorder != "little":
         buf = _byteswap(buf, itemsize)
     tensor = torch.frombuffer(buf, dtype=torch_dtype).reshape(rows, width)
-    return PromptTensor(embeddings=validate_embeddings(tensor, base, max_virtual_tokens=max_virtual_tokens), source_type="RAW")
+    embeddings = validate_embeddings(tensor, base, max_virtual_tokens=max_virtual_tokens)
+    return PromptTensor(embeddings=embeddings, source_type="RAW")
 
 
 def _byteswap(buf: bytearray, itemsize: int) -> bytearray:

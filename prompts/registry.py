@@ -215,7 +215,9 @@ class PromptVersion:
         """Builds a version from ``softprompt.json``; `CorruptPromptError` if fields are missing or mistyped."""
         try:
             tags = metadata["tags"]
-            if not isinstance(tags, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
+            if not isinstance(tags, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in tags.items()
+            ):
                 raise TypeError("tags")
             version = cls(
                 name=_typed(metadata, "name", str),
@@ -387,7 +389,7 @@ class LocalStore(PromptStore):
         # open the file themselves. Task folders are never removed, so the lock file stays the same inode.
         fd = os.open(task_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            pass
+            fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)  # closing releases the lock

@@ -8,7 +8,6 @@ import multiprocessing
 import os
 import time
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 import torch
@@ -133,7 +132,10 @@ def test_not_found_messages_list_what_exists(reg):
 # ---------------------------------------------------------------- names
 
 
-BAD_NAMES = ["../x", "a/b", "", " x", "x ", "x@", "ünïcode", "..", ".", ".tmp", ".hidden", "a\\b", "x" * 65, "a\nb", "x\n", "-x", "_x", "a b", "a:b"]
+BAD_NAMES = [
+    "../x", "a/b", "", " x", "x ", "x@", "ünïcode", "..", ".", ".tmp", ".hidden", "a\\b", "x" * 65,
+    "a\nb", "x\n", "-x", "_x", "a b", "a:b", "/abs",
+]
 
 
 @pytest.mark.parametrize("name", BAD_NAMES)
@@ -501,17 +503,22 @@ def test_failed_publish_leaves_no_version(reg, monkeypatch):
 
 def _register_many(root: str, worker: int, count: int, barrier, results) -> None:
     """Runs in a spawned process: registers `count` versions of the same task as fast as it can."""
-    reg = Registry(root)
-    barrier.wait(timeout=60)
-    made = []
-    for i in range(count):
-        seed = worker * 1000 + i
-        v = reg.register("shared", make_prompt(seed), SPEC, tags={"seed": str(seed)})
-        made.append(v.version)
-    results.put((worker, made))
+    made: list[int] = []
+    try:
+        reg = Registry(root)
+        barrier.wait(timeout=60)
+        for i in range(count):
+            seed = worker * 1000 + i
+            made.append(reg.register("shared", make_prompt(seed), SPEC, tags={"seed": str(seed)}).version)
+    except BaseException as e:  # reported to the parent, so the test fails fast with the cause
+        results.put((worker, made, repr(e)))
+        raise
+    results.put((worker, made, None))
 
 
 def test_two_processes_get_distinct_consecutive_versions(tmp_path):
+    import queue
+
     root = tmp_path / "s"
     Registry(root)
     ctx = multiprocessing.get_context("spawn")
@@ -520,12 +527,26 @@ def test_two_processes_get_distinct_consecutive_versions(tmp_path):
     procs = [ctx.Process(target=_register_many, args=(str(root), w, 10, barrier, results)) for w in (1, 2)]
     for p in procs:
         p.start()
-    got = dict(results.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    all_versions = got[1] + got[2]
-    assert sorted(all_versions) == list(range(1, 21))
+    got: dict[int, list[int]] = {}
+    deadline = time.monotonic() + 120
+    try:
+        while len(got) < len(procs):
+            try:
+                worker, made, error = results.get(timeout=1)
+            except queue.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                assert not dead, f"a worker died with exit code {dead}"
+                assert time.monotonic() < deadline, "workers did not finish"
+                continue
+            assert error is None, f"worker {worker} failed after {made}: {error}"
+            got[worker] = made
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert sorted(got[1] + got[2]) == list(range(1, 21))
     # Each process saw its own versions in increasing order.
     assert got[1] == sorted(got[1]) and got[2] == sorted(got[2])
     reg = Registry(root)

@@ -26,8 +26,9 @@ from softprompt.server.service import InferenceService, RegistryService, Trainin
 log = logging.getLogger(__name__)
 
 SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
-# gRPC's own framing on top of the upload; keeps a max-size upload from being refused by a few bytes.
-_MESSAGE_SLACK = 1 << 20
+# gRPC itself refuses messages past twice the upload limit (at least its 4 MiB default); between the two
+# RegisterPrompt answers with a message naming the flag to raise.
+_HARD_MESSAGE_FACTOR = 2
 
 
 @dataclass
@@ -61,7 +62,7 @@ def build_app(config: ServerConfig, base: BaseModel | None = None) -> App:
 def create_server(app: App) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Creates a started-ready gRPC server with every service, health and reflection; returns the bound port."""
     cfg = app.config
-    limit = cfg.max_upload_bytes + _MESSAGE_SLACK
+    limit = max(4 << 20, cfg.max_upload_bytes * _HARD_MESSAGE_FACTOR)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=cfg.rpc_workers, thread_name_prefix="softprompt-rpc"),
         # Past this many RPCs in flight gRPC answers RESOURCE_EXHAUSTED itself, before any thread blocks.

@@ -23,6 +23,10 @@ class OverloadedError(ServingError):
     """The request queue is full; the client should retry later."""
 
 
+class UploadTooLargeError(ServingError):
+    """A registration upload is larger than the server accepts."""
+
+
 class DeadlineError(ServingError):
     """The request's deadline passed before it finished."""
 
@@ -46,6 +50,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (PreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (UploadTooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DeadlineError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (CancelledError, grpc.StatusCode.CANCELLED),
     (ShuttingDownError, grpc.StatusCode.UNAVAILABLE),

@@ -132,7 +132,10 @@ class Scheduler:
         with self._cond:
             self._stop = True
             self._cond.notify()
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        else:
+            self._fail_remaining()
 
     # ------------------------------------------------------------------ worker
 
@@ -150,7 +153,13 @@ class Scheduler:
                 for handle in victims.values():
                     self._fail(handle, exc)
                 batch = None
-        for handle in list(self._state.running.values()) + list(self._state.waiting):
+        self._fail_remaining()
+
+    def _fail_remaining(self) -> None:
+        with self._cond:
+            left = [*self._state.running.values(), *self._state.waiting]
+            self._state.waiting.clear()
+        for handle in left:
             self._fail(handle, ShuttingDownError("the server shut down before this request finished: retry"))
 
     def _take_new(self, batch: Batch | None) -> list[Handle] | None:

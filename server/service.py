@@ -22,7 +22,7 @@ from softprompt.protos import softprompt_pb2 as pb
 from softprompt.protos import softprompt_pb2_grpc as pb_grpc
 from softprompt.server.admission import Admission
 from softprompt.server.config import ServerConfig
-from softprompt.server.errors import InvalidRequestError, status_for
+from softprompt.server.errors import InvalidRequestError, UploadTooLargeError, status_for
 from softprompt.server.prompt_cache import PromptCache
 from softprompt.server.scheduler import Handle, Scheduler
 from softprompt.server.types import DecodingOptions, GenerationRequest, StreamChunk, Usage
@@ -200,6 +200,12 @@ class RegistryService(pb_grpc.RegistryServicer):
 
     @unary
     def RegisterPrompt(self, request: pb.RegisterPromptRequest, context: grpc.ServicerContext) -> pb.PromptInfo:
+        size = request.ByteSize()
+        if size > self.config.max_upload_bytes:
+            raise UploadTooLargeError(
+                f"the upload is {size} bytes; this server accepts at most {self.config.max_upload_bytes} "
+                "(serve with a larger --max-upload-mb, or register a shorter prompt)"
+            )
         ref = PromptRef.parse(request.name)
         if ref.version is not None or ref.alias is not None:
             raise InvalidNameError(f"register under a bare task name, not {request.name!r}; versions are numbered by the server")

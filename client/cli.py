@@ -1,7 +1,7 @@
 """The `softprompt` command: start the server, manage prompts, and generate from the shell.
 
-Every command except `serve` talks to a running server through `softprompt.client.Client` and
-imports only the standard library, grpcio and protobuf, so it starts fast and installs light.
+Every command except `serve` and `bench` talks to a running server through `softprompt.client.Client`
+and imports only the standard library, grpcio and protobuf, so it starts fast and installs light.
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ _SERVER_EXTRAS = frozenset(
      "grpc_health", "grpc_reflection"}
 )
 
-# Global options that take a value; the `serve` pre-scan must skip their values.
+# Global options that take a value; the `serve`/`bench` pre-scan must skip their values.
 _VALUED_GLOBALS = ("--server", "--timeout")
+# Commands that run server-side code with their own parser; main() hands them their argv untouched.
+_HANDED_OFF = ("serve", "bench")
 
 _MAIN_DESCRIPTION = """\
 Run one frozen base language model with many soft prompts (prompt-tuning adapters).
@@ -65,10 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     0 on success, 1 when the command fails (server error, unreadable file), 2 on usage errors.
     """
     args_list = list(sys.argv[1:] if argv is None else argv)
-    serve_argv = _serve_argv(args_list)
+    handed_off = _handed_off_argv(args_list)
     try:
-        if serve_argv is not None:
-            return _serve(serve_argv)
+        if handed_off is not None:
+            return _server_side(*handed_off)
         args = build_parser().parse_args(args_list)
         return _run(args)
     except SystemExit as e:  # argparse's --help and usage errors: report, don't exit the caller
@@ -130,14 +132,14 @@ def _exit_code(e: SystemExit) -> int:
     return 1
 
 
-# ---------------------------------------------------------------------- serve
+# ---------------------------------------------------------------------- serve and bench
 
 
-def _serve_argv(argv: list[str]) -> list[str] | None:
-    """Returns the arguments after `serve` if that is the command, else None.
+def _handed_off_argv(argv: list[str]) -> tuple[str, list[str]] | None:
+    """Returns (command, the arguments after it) if the command is `serve` or `bench`, else None.
 
-    `serve` is dispatched before argparse so that every server flag, --help included, reaches the
-    server's own parser untouched.
+    These are dispatched before argparse so that every flag, --help included, reaches the
+    command's own parser (on the server side) untouched.
     """
     i = 0
     while i < len(argv):
@@ -147,23 +149,26 @@ def _serve_argv(argv: list[str]) -> list[str] | None:
         elif token == "--json" or token.startswith(tuple(f"{g}=" for g in _VALUED_GLOBALS)):
             i += 1
         else:
-            return argv[i + 1 :] if token == "serve" else None
+            return (token, argv[i + 1 :]) if token in _HANDED_OFF else None
     return None
 
 
-def _serve(argv: list[str]) -> int:
+def _server_side(command: str, argv: list[str]) -> int:
     try:
         # Imported only here: the server pulls in torch and transformers.
-        from softprompt.server.cli import main as serve_main
+        if command == "bench":
+            from softprompt.server.bench import main as command_main
+        else:
+            from softprompt.server.cli import main as command_main
 
-        status = serve_main(argv)
+        status = command_main(argv)
     except ModuleNotFoundError as e:
         # Only a missing optional dependency gets advice; any other import failure is a bug
         # whose traceback should stay visible.
         if (e.name or "").split(".")[0] not in _SERVER_EXTRAS:
             raise
         print(
-            f"error: cannot start the server ({e}); install the server extras: "
+            f"error: cannot run `softprompt {command}` ({e}); install the server extras: "
             "pip install 'softprompt[server]'",
             file=sys.stderr,
         )
@@ -175,7 +180,7 @@ def _serve(argv: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Builds the argparse parser of every command except `serve`'s own flags."""
+    """Builds the argparse parser of every command except `serve`'s and `bench`'s own flags."""
     common = _common_options()
     parser = argparse.ArgumentParser(
         prog="softprompt",
@@ -186,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_serve(commands)
+    _add_bench(commands)
     _add_register(commands, common)
     _add_list(commands, common)
     _add_show(commands, common)
@@ -251,7 +257,18 @@ def _add_serve(commands: Any) -> None:
         add_help=False,
     )
     parser.add_argument("server_argv", nargs=argparse.REMAINDER)
-    parser.set_defaults(handler=lambda client, args: _serve(args.server_argv))
+    parser.set_defaults(handler=lambda client, args: _server_side("serve", args.server_argv))
+
+
+def _add_bench(commands: Any) -> None:
+    # Documentation only, like `serve`: main() hands `bench ...` to softprompt.server.bench.
+    parser = commands.add_parser(
+        "bench",
+        help="measure our engine and server against HF generate and PEFT (see `softprompt bench --help`)",
+        add_help=False,
+    )
+    parser.add_argument("bench_argv", nargs=argparse.REMAINDER)
+    parser.set_defaults(handler=lambda client, args: _server_side("bench", args.bench_argv))
 
 
 def _add_register(commands: Any, common: argparse.ArgumentParser) -> None:

@@ -108,10 +108,13 @@ def build_texts(tokenizer: Any, count: int, input_tokens: int, data: Path | None
         if not lines:
             raise ValueError(f"{data} holds no {{\"input\": ...}} lines")
         return [lines[i % len(lines)] for i in range(count)]
+    words = " ".join(SENTENCES).split()
     texts = []
     for i in range(count):
-        # Each request starts at another sentence, so inputs differ in content and slightly in length.
-        long = " ".join(SENTENCES[(i + k) % len(SENTENCES)] for k in range(input_tokens // 8 + 2))
+        # Each request starts at another word (7 is coprime with the word count), so no two of the
+        # first len(words) requests share a text; a word is at least one token, hence 2x words.
+        start = i * 7
+        long = " ".join(words[(start + k) % len(words)] for k in range(2 * input_tokens + 8))
         ids = tokenizer(long, add_special_tokens=False).input_ids[:input_tokens]
         texts.append(tokenizer.decode(ids).strip())
     return texts
@@ -218,6 +221,7 @@ class MethodResult:
     ttft_p99_s: float | None
     peak_memory_bytes: int
     memory_kind: str
+    other_load_cores: float | None  # CPU cores other processes used during the run
     outputs: list[list[int]]
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -244,6 +248,30 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
         return torch.cuda.max_memory_allocated(device), "cuda max allocated"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss * (1 if sys.platform == "darwin" else 1024), "process peak RSS"
+
+
+def cpu_seconds() -> tuple[float, float] | None:
+    """(busy CPU seconds of the whole machine, of this process) so far; None off Linux.
+
+    Their difference over a run is what other processes took, which tells a clean figure from one
+    measured on a busy (shared) machine.
+    """
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    # user..steal; guest time is already counted in user. Steal (other VMs) counts as contention too.
+    busy = (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    own = os.times()
+    return busy, own.user + own.system
+
+
+def other_load(before: tuple[float, float] | None, after: tuple[float, float] | None, wall: float) -> float | None:
+    """CPU cores other processes kept busy on average between two `cpu_seconds` readings."""
+    if before is None or after is None or wall <= 0:
+        return None
+    return max(0.0, ((after[0] - before[0]) - (after[1] - before[1])) / wall)
 
 
 def sync(device: torch.device) -> None:
@@ -399,18 +427,20 @@ class EngineTimers:
 
     PARTS = ("prefill", "decode", "_emit", "filter", "concatenate")
 
-    def __init__(self, engine: Any, device: torch.device) -> None:
+    def __init__(self, engine: Any) -> None:
         self.totals = {p: [0, 0.0] for p in self.PARTS}
         for part in self.PARTS:
-            setattr(engine, part, self._timed(part, getattr(engine, part), device))
+            setattr(engine, part, self._timed(part, getattr(engine, part)))
 
-    def _timed(self, part: str, fn: Callable[..., Any], device: torch.device) -> Callable[..., Any]:
+    def _timed(self, part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        # No device sync here: it would stall the engine's GPU pipelining. Prefill and decode end in
+        # `.tolist()` of the sampled ids, which waits for the GPU anyway; filter/concatenate are
+        # launch-only on a GPU and their device time shows up in the next decode.
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                sync(device)
                 self.totals[part][0] += 1
                 self.totals[part][1] += time.perf_counter() - start
         return wrapper
@@ -445,7 +475,7 @@ def build_bench_app(s: Settings, base: BaseModel, work: Workload, store: Path) -
             # The dtype-cast values, widened losslessly: the engine serves exactly what HF gets.
             app.registry.register(task_name(task), PromptTensor(embeddings=prompt.float().cpu(), source_type="RAW"),
                                   base.spec)
-    return app, EngineTimers(app.admission.engine, base.device)
+    return app, EngineTimers(app.admission.engine)
 
 
 def engine_extra(app: Any, timers: EngineTimers, before: dict[str, tuple[int, float]], stats0: Any,
@@ -483,7 +513,8 @@ class EngineOffline:
         futures = []
         for text, task in zip(self.work.texts, self.work.task_of):
             sent = time.perf_counter()
-            handle = self.app.scheduler.submit(self.app.admission.admit(GenerationRequest(task_name(task), text, options)))
+            admitted = self.app.admission.admit(GenerationRequest(task_name(task), text, options))
+            handle = self.app.scheduler.submit(admitted)
             futures.append(self.readers.submit(_read_handle, handle, sent))
         results = [f.result() for f in futures]
         wall = time.perf_counter() - t0
@@ -530,7 +561,8 @@ class GrpcServer:
         def client_loop(c: int) -> None:
             go.wait()
             for i in range(c, n, len(self.clients)):
-                results[i] = _stream_one(self.clients[c], task_name(self.work.task_of[i]), self.work.texts[i], new_tokens)
+                task = task_name(self.work.task_of[i])
+                results[i] = _stream_one(self.clients[c], task, self.work.texts[i], new_tokens)
 
         futures = [self.pool.submit(client_loop, c) for c in range(len(self.clients))]
         t0 = time.perf_counter()
@@ -594,10 +626,11 @@ def measure(key: str, s: Settings, base: BaseModel, work: Workload, store: Path)
             runner.run(min(WARMUP_TOKENS, s.new_tokens))
         progress(f"({key}) timed run")
         reset_peak_memory(base.device)
-        t0 = time.perf_counter()
+        cpu0, t0 = cpu_seconds(), time.perf_counter()
         outcome = runner.run(s.new_tokens)
         sync(base.device)
         wall = time.perf_counter() - t0
+        others = other_load(cpu0, cpu_seconds(), wall)
         memory, kind = peak_memory(base.device)
     finally:
         runner.close()
@@ -610,7 +643,8 @@ def measure(key: str, s: Settings, base: BaseModel, work: Workload, store: Path)
         key=key, name=name, label=label, wall_s=wall, generated_tokens=generated, tokens_per_s=generated / wall,
         latency_p50_s=percentile(outcome.latencies, 50), latency_p99_s=percentile(outcome.latencies, 99),
         ttft_p50_s=percentile(ttfts, 50) if ttfts else None, ttft_p99_s=percentile(ttfts, 99) if ttfts else None,
-        peak_memory_bytes=memory, memory_kind=kind, outputs=outcome.outputs, extra=outcome.extra,
+        peak_memory_bytes=memory, memory_kind=kind, other_load_cores=others, outputs=outcome.outputs,
+        extra=outcome.extra,
     )
     progress(f"({key}) {result.tokens_per_s:.1f} generated tokens/s in {wall:.2f} s")
     return result
@@ -668,21 +702,32 @@ def _mib(value: int) -> str:
     return f"{value / 2**20:,.0f} MiB"
 
 
-def table(results: list[MethodResult]) -> list[str]:
+def agrees(ids: list[int], reference: list[int], eos_ids: frozenset[int]) -> bool:
+    """Whether `ids` equals `reference` up to the reference's first EOS.
+
+    Past that point the methods part ways by design: HF's min_new_tokens masks EOS and takes the
+    runner-up, while our engine, its EOS check turned off here, emits EOS and goes on.
+    """
+    cut = next((k for k, token in enumerate(reference) if token in eos_ids), len(reference))
+    return ids[:cut] == reference[:cut]
+
+
+def table(results: list[MethodResult], eos_ids: frozenset[int]) -> list[str]:
     """The results table: throughput, ratio vs (a), latency, TTFT, memory, agreement with (d)."""
     baseline = next((r for r in results if r.key == "a"), None)
     reference = next((r for r in results if r.key == "d"), None)
     header = ("method", "tok/s", "wall s", "vs (a)", "lat p50", "lat p99", "TTFT p50", "TTFT p99", "peak mem",
-              "ids = (d)")
+              "ids = (d)", "others' CPU")
     rows = [header]
     for r in results:
         ratio = f"{r.tokens_per_s / baseline.tokens_per_s:.2f}x" if baseline else "n/a"
         same = "n/a"
         if reference is not None:
-            same = f"{sum(a == b for a, b in zip(r.outputs, reference.outputs))}/{len(r.outputs)}"
+            same = f"{sum(agrees(a, b, eos_ids) for a, b in zip(r.outputs, reference.outputs))}/{len(r.outputs)}"
         rows.append((f"({r.key}) {r.label}", f"{r.tokens_per_s:,.1f}", f"{r.wall_s:.2f}", ratio,
                      _seconds(r.latency_p50_s), _seconds(r.latency_p99_s), _seconds(r.ttft_p50_s),
-                     _seconds(r.ttft_p99_s), _mib(r.peak_memory_bytes), same))
+                     _seconds(r.ttft_p99_s), _mib(r.peak_memory_bytes), same,
+                     "n/a" if r.other_load_cores is None else f"{r.other_load_cores:.2f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = []
     for n, row in enumerate(rows):
@@ -708,6 +753,13 @@ def engine_lines(results: list[MethodResult]) -> list[str]:
             f"{r.extra['prefills']} prefills, max batch {r.extra['max_batch']}"
         )
     return lines
+
+
+def eos_ids(base: BaseModel) -> frozenset[int]:
+    """The ids our engine ends a request on (before this bench turns that off)."""
+    from softprompt.server.engine import Engine
+
+    return Engine(base).eos_ids
 
 
 def identical(results: list[MethodResult]) -> bool | None:
@@ -737,8 +789,10 @@ def report(s: Settings, base: BaseModel, work: Workload, results: list[MethodRes
         "TTFT = submit to first streamed token.",
         "peak mem: " + ("torch.cuda.max_memory_allocated, reset before each timed run." if base.device.type == "cuda"
                         else "process-wide peak RSS so far (never resets: later methods include earlier ones)."),
-        "ids = (d): requests whose greedy ids equal our engine's (informative; padding and kernel choice can flip "
-        "near-ties).",
+        "ids = (d): requests whose greedy ids equal our engine's up to its first EOS (after it HF, which masks EOS "
+        "for min_new_tokens, takes another token); informative: padding and kernels can flip near-ties.",
+        "others' CPU: cores other processes kept busy during the timed run (/proc/stat); well above 0 means a "
+        "shared, busy machine and slower, noisier figures.",
     ]
     if "c" in {r.key for r in results} and (note := peft_note()):
         notes.append(note)
@@ -751,7 +805,7 @@ def report(s: Settings, base: BaseModel, work: Workload, results: list[MethodRes
           f"(mean {settings['input_tokens']['mean']:.1f}, {settings['input_source']}), {s.new_tokens} new tokens; "
           f"{settings['clients']} gRPC clients; engine max batch {s.batch_size}; {s.warmup} warm-up run(s)", file=out)
     print(file=out)
-    for line in table(results) + [""] + engine_lines(results):
+    for line in table(results, eos_ids(base)) + [""] + engine_lines(results):
         print(line, file=out)
     print(f"outputs identical ((d) vs (e)): {'n/a' if same is None else 'yes' if same else 'no'}", file=out)
     print(file=out)
@@ -772,7 +826,8 @@ def _skip_keys(value: str) -> frozenset[str]:
     keys = set()
     for item in filter(None, (v.strip().lower() for v in value.split(","))):
         if item not in aliases:
-            raise argparse.ArgumentTypeError(f"unknown method {item!r}: use letters a-e or {', '.join(sorted(aliases))}")
+            known = ", ".join(sorted(aliases))
+            raise argparse.ArgumentTypeError(f"unknown method {item!r}: use letters a-e or {known}")
         keys.add(aliases[item])
     return frozenset(keys)
 
@@ -799,7 +854,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w = parser.add_argument_group("workload")
     w.add_argument("--requests", type=_positive, default=16, help="requests in the run (default: 16)")
-    w.add_argument("--tasks", type=_positive, default=8, help="distinct prompts, round-robin over requests (default: 8)")
+    w.add_argument("--tasks", type=_positive, default=8,
+                   help="distinct prompts, round-robin over requests (default: 8)")
     w.add_argument("--virtual-tokens", type=_positive, default=20, help="soft-prompt length (default: 20)")
     w.add_argument("--new-tokens", type=_positive, default=32, help="tokens generated per request (default: 32)")
     w.add_argument("--input-tokens", type=_positive, default=32,

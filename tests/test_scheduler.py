@@ -62,7 +62,10 @@ def test_closed_scheduler_refuses_and_fails_waiting_requests(app):
         waiting.result()
 
 
-def test_more_requests_than_the_batch_all_finish(app):
+def test_more_requests_than_the_batch_all_finish(tiny_base, tmp_path):
+    # A queue deep enough for every request: what is tested is the batch bound, not admission.
+    app = build_app(ServerConfig(port=0, store=tmp_path / "store", max_batch_size=2, max_queued_requests=8),
+                    base=tiny_base)
     app.scheduler.start()
     handles = [app.scheduler.submit(_admit(app, text, max_new_tokens=4)) for text in ("a", "bb")]
     more = [app.scheduler.submit(_admit(app, "ccc", max_new_tokens=4)) for _ in range(2)]

@@ -21,17 +21,13 @@ class PromptCache:
         self._items: OrderedDict[Key, torch.Tensor] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
 
     def get(self, key: Key, load: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Returns the cached tensor for `key`, loading and inserting it on a miss."""
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
-                self.hits += 1
                 return self._items[key]
-            self.misses += 1
         # Load outside the lock: disk reads must not block other requests' hits.
         tensor = load().to(device=self.device, dtype=self.dtype).contiguous()
         size = tensor.numel() * tensor.element_size()
@@ -51,11 +47,3 @@ class PromptCache:
             for key in [k for k in self._items if k[0] == task and (version is None or k[1] == version)]:
                 old = self._items.pop(key)
                 self._bytes -= old.numel() * old.element_size()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    @property
-    def bytes_used(self) -> int:
-        """Bytes of tensors held now."""
-        return self._bytes

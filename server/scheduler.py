@@ -70,9 +70,6 @@ class SchedulerStats:
 
     steps: int = 0
     prefills: int = 0
-    rows_decoded: int = 0
-    finished: int = 0
-    failed: int = 0
     max_batch: int = 0
 
 
@@ -203,7 +200,6 @@ class Scheduler:
             self.stats.max_batch = max(self.stats.max_batch, len(batch))
             events = self.engine.decode(batch)
             self.stats.steps += 1
-            self.stats.rows_decoded += len(batch)
             self._dispatch(events)
             batch = self._keep_unfinished(batch)
         return batch
@@ -235,12 +231,10 @@ class Scheduler:
             usage = None
             if event.finish_reason is not None:
                 del self._state.running[event.request_id]
-                self.stats.finished += 1
                 usage = Usage(len(seq.input_ids), seq.num_virtual_tokens, len(seq.generated))
             handle._put(StreamChunk(event.text, (event.token_id,), handle.admitted.prompt_version,
                                     event.finish_reason, usage))
 
     def _fail(self, handle: Handle, error: BaseException) -> None:
         self._state.running.pop(handle.admitted.sequence.request_id, None)
-        self.stats.failed += 1
         handle._put(_Failed(error))

@@ -3,10 +3,13 @@
 Importing this package needs only grpcio and protobuf (never torch or numpy).
 
 Example:
-    >>> from softprompt.client import Client
+    >>> from softprompt.client import Client, TrainingOptions
     >>> with Client("localhost:50051", timeout=30) as client:
     ...     client.register("sentiment", "out/sentiment-adapter")
     ...     print(client.generate("sentiment", "I loved this film").text)
+    ...     job = client.train("sentiment", "train.jsonl", options=TrainingOptions(epochs=5))
+    ...     print(client.wait_for_training_job(job.job_id).version)
+    ...     print(client.classify("sentiment", "Dull.", ["positive", "negative"]).label)
 """
 
 from softprompt.client.client import DEFAULT_TARGET, AsyncClient, Client
@@ -26,14 +29,20 @@ from softprompt.client.errors import (
     from_rpc_error,
 )
 from softprompt.client.types import (
+    ClassifyResult,
+    EvalMetrics,
     GenerateResult,
+    LabelScore,
     Limits,
     ModelInfo,
     PromptInfo,
     StreamChunk,
     TokenizeResult,
+    TrainingJob,
+    TrainingProgress,
     Usage,
 )
+from softprompt.prompts.options import TrainingOptions
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -46,6 +55,12 @@ __all__ = [
     "ModelInfo",
     "Limits",
     "TokenizeResult",
+    "ClassifyResult",
+    "LabelScore",
+    "TrainingOptions",
+    "TrainingJob",
+    "TrainingProgress",
+    "EvalMetrics",
     "SoftpromptError",
     "NotFoundError",
     "InvalidArgumentError",

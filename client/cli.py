@@ -1,7 +1,8 @@
-"""The `softprompt` command: start the server, manage prompts, and generate from the shell.
+"""The `softprompt` command: start the server, manage and train prompts, and run them from the shell.
 
-Every command except `serve` and `bench` talks to a running server through `softprompt.client.Client`
-and imports only the standard library, grpcio and protobuf, so it starts fast and installs light.
+Every command except `serve`, `bench` and `train --store` talks to a running server through
+`softprompt.client.Client` and imports only the standard library, grpcio, protobuf and the torch-free
+`softprompt.prompts.options`, so it starts fast and installs light.
 """
 
 from __future__ import annotations
@@ -11,14 +12,25 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
 
 import grpc
 
 from softprompt.client.client import DEFAULT_TARGET, Client
 from softprompt.client.errors import SoftpromptError
-from softprompt.client.types import ModelInfo, PromptInfo, StreamChunk, Usage
+from softprompt.client.types import (
+    ClassifyResult,
+    EvalMetrics,
+    ModelInfo,
+    PromptInfo,
+    StreamChunk,
+    TrainingJob,
+    Usage,
+)
+from softprompt.prompts.options import TrainingOptions
 
 __all__ = ["main", "build_parser"]
 
@@ -31,7 +43,7 @@ Handler = Callable[[Client, argparse.Namespace], int]
 # Top-level modules of the `server` extra (pyproject.toml) that a client-only install lacks.
 _SERVER_EXTRAS = frozenset(
     {"torch", "numpy", "transformers", "peft", "safetensors", "gguf", "accelerate", "tqdm",
-     "grpc_health", "grpc_reflection"}
+     "matplotlib", "grpc_health", "grpc_reflection"}
 )
 
 # Global options that take a value; the `serve`/`bench` pre-scan must skip their values.
@@ -42,16 +54,20 @@ _HANDED_OFF = ("serve", "bench")
 _MAIN_DESCRIPTION = """\
 Run one frozen base language model with many soft prompts (prompt-tuning adapters).
 
-Start a server with `softprompt serve`, register prompts (PEFT adapters or raw tensors) under
-task names, then generate with them. Prompts are referenced as NAME (newest version), NAME@3
-(a version) or NAME@ALIAS (e.g. NAME@prod)."""
+Start a server with `softprompt serve`, train prompts on it (`softprompt train`) or register
+ready-made ones (PEFT adapters or raw tensors) under task names, then generate or classify with
+them. Prompts are referenced as NAME (newest version), NAME@3 (a version) or NAME@ALIAS
+(e.g. NAME@prod)."""
 
 _MAIN_EPILOG = f"""\
 examples:
   softprompt serve --help
+  softprompt train --task sentiment --data train.jsonl --promote prod
   softprompt register sentiment ./sentiment-adapter --tag lang=en
   softprompt alias sentiment prod 1
   softprompt generate sentiment@prod "I loved this film"
+  softprompt classify sentiment@prod "I loved this film" --labels positive,negative
+  softprompt jobs list
   softprompt list --json
 
 The server address comes from --server, else ${SERVER_ENV}, else {DEFAULT_TARGET}.
@@ -110,6 +126,9 @@ def _print_server_error(e: SoftpromptError, server: str) -> None:
         )
     elif e.code == grpc.StatusCode.DEADLINE_EXCEEDED:
         print("the call ran out of time; raise --timeout or omit it", file=sys.stderr)
+    elif e.code == grpc.StatusCode.UNIMPLEMENTED:
+        print(f"the server at {server} does not offer this call; is it older than this client?",
+              file=sys.stderr)
 
 
 def _quiet_broken_pipe() -> int:
@@ -163,17 +182,22 @@ def _server_side(command: str, argv: list[str]) -> int:
 
         status = command_main(argv)
     except ModuleNotFoundError as e:
-        # Only a missing optional dependency gets advice; any other import failure is a bug
-        # whose traceback should stay visible.
-        if (e.name or "").split(".")[0] not in _SERVER_EXTRAS:
-            raise
-        print(
-            f"error: cannot run `softprompt {command}` ({e}); install the server extras: "
-            "pip install 'softprompt[server]'",
-            file=sys.stderr,
-        )
-        return 1
+        return _missing_server_extra(e, command)
     return status if isinstance(status, int) else 0
+
+
+def _missing_server_extra(e: ModuleNotFoundError, command: str) -> int:
+    """Advises installing the server extras if `e` is about one of them; re-raises anything else."""
+    # Only a missing optional dependency gets advice; any other import failure is a bug
+    # whose traceback should stay visible.
+    if (e.name or "").split(".")[0] not in _SERVER_EXTRAS:
+        raise e
+    print(
+        f"error: cannot run `softprompt {command}` ({e}); install the server extras: "
+        "pip install 'softprompt[server]'",
+        file=sys.stderr,
+    )
+    return 1
 
 
 # ---------------------------------------------------------------------- parser
@@ -198,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_delete(commands, common)
     _add_alias(commands, common)
     _add_generate(commands, common)
+    _add_classify(commands, common)
+    _add_train(commands, common)
+    _add_jobs(commands, common)
     _add_tokenize(commands, common)
     _add_info(commands, common)
     return parser
@@ -217,7 +244,7 @@ def _common_options() -> argparse.ArgumentParser:
         type=_positive_float,
         metavar="SECONDS",
         default=argparse.SUPPRESS,
-        help="deadline of each server call (default: none)",
+        help="deadline of each server call, except watching training jobs (default: none)",
     )
     group.add_argument(
         "--json",
@@ -420,6 +447,208 @@ def _add_generate(commands: Any, common: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_classify(commands: Any, common: argparse.ArgumentParser) -> None:
+    parser = _command(
+        commands,
+        "classify",
+        common,
+        _cmd_classify,
+        "score candidate labels for an input under a prompt",
+        f"Score each of --labels as the complete output for INPUT under prompt REF (NAME, NAME@N\n"
+        f"or NAME@ALIAS; '{BARE_MODEL_REF}' means the bare base model). INPUT '{STDIN_TEXT}' reads "
+        f"stdin. A label's\nlog-probability covers its tokens and the end-of-sequence token; its "
+        f"probability is\nnormalized over the labels. Labels are listed most likely first, the best "
+        f"marked '*';\na summary (version used, token counts) goes to stderr.",
+        "  softprompt classify sentiment@prod 'I loved this film' --labels positive,negative\n"
+        "  softprompt classify topic - --labels sports,politics,science < article.txt\n"
+        "  softprompt classify sentiment 'Meh.' --labels positive,negative,neutral --chat --json\n",
+    )
+    parser.add_argument("ref", metavar="REF", help=f"prompt reference, or '{BARE_MODEL_REF}'")
+    parser.add_argument("input", metavar="INPUT", help=f"the input, or '{STDIN_TEXT}' for stdin")
+    parser.add_argument(
+        "--labels",
+        type=_labels,
+        required=True,
+        metavar="A,B,...",
+        help="two or more distinct candidate labels, comma-separated (spaces around them are dropped)",
+    )
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap INPUT as a user turn with the chat template (if the prompt was trained with --chat)",
+    )
+
+
+# TrainingOptions field -> (flag, metavar, help); `softprompt train` has one flag per field, typed
+# and defaulted like the field, and TrainingOptions itself checks the values.
+_TRAINING_FLAGS: dict[str, tuple[str, str, str]] = {
+    "num_virtual_tokens": (
+        "--num-virtual-tokens", "N", "virtual tokens of the learned prompt, i.e. rows of its matrix"
+    ),
+    "init": (
+        "--init",
+        "SPEC",
+        "initial prompt: 'vocab' (embeddings of sampled vocabulary tokens), 'random', "
+        "'text:SOME WORDS' (those words' embeddings, repeated) or 'from:TASK[@VERSION]' "
+        "(warm start from a registered prompt of the same length)",
+    ),
+    "learning_rate": ("--lr", "LR", "AdamW learning rate"),
+    "epochs": ("--epochs", "N", "passes over the training data"),
+    "max_steps": ("--max-steps", "N", "cap on optimizer steps; 0: no cap"),
+    "batch_size": ("--batch-size", "N", "examples per forward pass"),
+    "grad_accum": (
+        "--grad-accum", "N", "forward passes per optimizer step; examples per step: batch size x this"
+    ),
+    "max_length": (
+        "--max-length", "N", "tokens per example, input + target; longer inputs are cut at the end"
+    ),
+    "seed": ("--seed", "N", "makes initialisation, shuffling and the held-out split reproducible"),
+    "eval_fraction": (
+        "--eval-fraction", "F", "share of --data held out for evaluation when --eval is not given"
+    ),
+    "eval_every": (
+        "--eval-every", "N", "optimizer steps between held-out evaluations; 0: once per epoch"
+    ),
+    "patience": (
+        "--patience", "N", "evaluations without a better held-out loss before stopping early; 0: never"
+    ),
+    "apply_chat_template": (
+        "--chat", "", "wrap each input as a user turn with the chat template (then run it with --chat)"
+    ),
+    "warmup_steps": ("--warmup-steps", "N", "optimizer steps of linear learning-rate warm-up"),
+}
+
+# `train` flags that only the local trainer (--store) uses, by dest.
+_LOCAL_ONLY_FLAGS = {"model": "--model", "device": "--device", "dtype": "--dtype",
+                     "output_dir": "--output-dir"}
+
+
+def _add_train(commands: Any, common: argparse.ArgumentParser) -> None:
+    parser = _command(
+        commands,
+        "train",
+        common,
+        _cmd_train,
+        "train a soft prompt and register it as a new version",
+        "Learn a soft prompt for TASK from examples and register it as TASK's next version.\n"
+        "--data (and --eval) are JSONL files with one {\"input\": ..., \"target\": ...} object a "
+        "line.\nThe base model stays frozen; only the prompt's virtual tokens are trained. Without "
+        "--eval,\n--eval-fraction of --data is held out; held-out loss drives early stopping, and "
+        "the\nheld-out metrics before and after training are reported and stored with the version.\n"
+        "\n"
+        "By default the server trains on its own model (no second copy) and this command watches\n"
+        "the job until it ends: progress goes to stderr, the result (held-out metrics before and\n"
+        "after, the registered version, the promotion) to stdout, as JSON with --json; the exit\n"
+        "status is 0 if the job succeeded. Ctrl-C stops watching, not the job (see `softprompt\n"
+        "jobs`). With --store DIR the prompt is trained here, in this process, and registered into\n"
+        "the prompt store at DIR (needs the server extras: pip install 'softprompt[server]').\n"
+        "\n"
+        "--promote ALIAS moves TASK@ALIAS to the new version only if it beats the version the\n"
+        "alias points at on the held-out data (accuracy for classification data, else exact\n"
+        "match; then loss).",
+        "  softprompt train --task sentiment --data train.jsonl --eval dev.jsonl\n"
+        "  softprompt train --task sentiment --data train.jsonl --epochs 5 --lr 0.1 --promote prod\n"
+        "  softprompt train --task qa --data qa.jsonl --chat --init 'text:Answer the question' "
+        "--no-wait\n"
+        "  softprompt train --task sentiment --data train.jsonl --store ./prompts --device cuda\n"
+        "  softprompt classify sentiment@prod 'Great service' --labels positive,negative\n",
+    )
+    parser.set_defaults(command_parser=parser)  # for usage errors found after parsing
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--task", required=True, metavar="NAME", help="register the prompt as a new version of NAME"
+    )
+    data.add_argument("--data", required=True, type=Path, metavar="FILE", help="training examples (JSONL)")
+    data.add_argument(
+        "--eval", type=Path, metavar="FILE", help="held-out examples (JSONL; default: part of --data)"
+    )
+
+    defaults = TrainingOptions()
+    options = parser.add_argument_group("training options")
+    for name, (flag, metavar, help_text) in _TRAINING_FLAGS.items():
+        default = getattr(defaults, name)
+        if isinstance(default, bool):
+            options.add_argument(flag, dest=name, action="store_true", help=help_text)
+        else:
+            options.add_argument(
+                flag, dest=name, type=type(default), default=default, metavar=metavar,
+                help=f"{help_text} (default: {default})",
+            )
+
+    registration = parser.add_argument_group("registration")
+    registration.add_argument("--description", default="", help="free text stored with the version")
+    registration.add_argument(
+        "--tag", dest="tags", action="append", type=_tag, default=[], metavar="KEY=VALUE",
+        help="a label stored with the version (repeatable)",
+    )
+    registration.add_argument(
+        "--promote", default="", metavar="ALIAS",
+        help="move TASK@ALIAS to the new version if it beats the alias's current version",
+    )
+
+    where = parser.add_argument_group("where to train")
+    where.add_argument(
+        "--store", type=Path, metavar="DIR",
+        help="train locally and register into the prompt store DIR, as `softprompt serve --store` "
+        "uses it (default: train on the server)",
+    )
+    where.add_argument(
+        "--no-wait", action="store_true",
+        help="on the server: print the job id and return instead of watching the job",
+    )
+    where.add_argument(
+        "--model", metavar="ID",
+        help="with --store: Hugging Face model id or local folder (default: as `softprompt serve`)",
+    )
+    where.add_argument(
+        "--device", help="with --store: torch device, e.g. cpu, cuda, cuda:1 (default: as `softprompt serve`)"
+    )
+    where.add_argument(
+        "--dtype", help="with --store: float32, bfloat16 or float16 (default: as `softprompt serve`)"
+    )
+    where.add_argument(
+        "--output-dir", type=Path, metavar="DIR",
+        help="with --store: where the loss plot and report go (default: chosen by the trainer)",
+    )
+
+
+def _add_jobs(commands: Any, common: argparse.ArgumentParser) -> None:
+    parser = commands.add_parser(
+        "jobs",
+        help="list, show, watch or cancel server-side training jobs",
+        description="Follow the training jobs that `softprompt train` started on the server. The "
+        "server runs\none job at a time and forgets its jobs when it restarts.",
+        epilog="examples:\n"
+        "  softprompt jobs list\n"
+        "  softprompt jobs watch 3f2a9c\n"
+        "  softprompt jobs show 3f2a9c --json\n"
+        "  softprompt jobs cancel 3f2a9c\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+    actions = parser.add_subparsers(dest="jobs_action", metavar="ACTION", required=True)
+    _command(
+        actions, "list", common, _cmd_jobs_list, "list training jobs, newest first",
+        "List the server's training jobs, newest first.",
+        "  softprompt jobs list\n  softprompt jobs list --json\n",
+    )
+    for name, handler, summary, description in (
+        ("show", _cmd_jobs_show, "describe a training job",
+         "Describe training job ID: state, progress, held-out metrics, registered version."),
+        ("watch", _cmd_jobs_watch, "follow a training job until it ends",
+         "Show training job ID's progress until it ends, then its result (exit status 0 if it\n"
+         "succeeded). Ctrl-C stops watching, not the job. --json prints the job as one JSON\n"
+         "line per change."),
+        ("cancel", _cmd_jobs_cancel, "stop a queued or running training job",
+         "Stop training job ID; nothing is registered."),
+    ):
+        action = _command(
+            actions, name, common, handler, summary, description,
+            f"  softprompt jobs {name} 3f2a9c\n",
+        )
+        action.add_argument("job_id", metavar="ID", help="the job id `softprompt train` printed")
+
+
 def _add_tokenize(commands: Any, common: argparse.ArgumentParser) -> None:
     parser = _command(
         commands,
@@ -454,6 +683,15 @@ def _tag(value: str) -> tuple[str, str]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {value!r}")
     return key, val
+
+
+def _labels(value: str) -> list[str]:
+    labels = [label.strip() for label in value.split(",")]
+    if len(labels) < 2 or "" in labels or len(set(labels)) != len(labels):
+        raise argparse.ArgumentTypeError(
+            f"expected two or more distinct, non-empty labels separated by commas, got {value!r}"
+        )
+    return labels
 
 
 def _number(kind: type, minimum: float, inclusive: bool, what: str) -> Callable[[str], Any]:
@@ -573,6 +811,176 @@ def _stream_generate(chunks: Iterable[StreamChunk], as_json: bool) -> int:
     return 0
 
 
+def _cmd_classify(client: Client, args: argparse.Namespace) -> int:
+    task = "" if args.ref == BARE_MODEL_REF else args.ref
+    result = client.classify(task, _read_text(args.input), args.labels, chat=args.chat)
+    if _wants_json(args):
+        _print_json(result)
+    else:
+        _print_scores(result)
+    return 0
+
+
+def _cmd_train(client: Client, args: argparse.Namespace) -> int:
+    options = _training_options(args)
+    _check_train_mode(args)
+    if args.store is not None:
+        return _train_locally(args, options)
+    job = client.train(
+        args.task,
+        args.data,
+        args.eval,
+        options=options,
+        description=args.description,
+        tags=dict(args.tags),
+        promote_alias=args.promote,
+    )
+    if args.no_wait:
+        if _wants_json(args):
+            _print_json(job)
+        else:
+            print(f"started training job {job.job_id} ({job.state})")
+            print(f"follow it with `{_command_line(args)} jobs watch {job.job_id}`")
+        return 0
+    print(f"started training job {job.job_id}", file=sys.stderr)
+    return _follow_job(client, job.job_id, args, json_lines=False)
+
+
+def _training_options(args: argparse.Namespace) -> TrainingOptions:
+    """Builds TrainingOptions from the flags; a value it refuses is a usage error naming the flag."""
+    try:
+        return TrainingOptions(**{name: getattr(args, name) for name in _TRAINING_FLAGS})
+    except ValueError as e:
+        message = str(e)
+        # TrainingOptions' messages start with the field's name; name the flag the user typed.
+        flags = [flag for name, (flag, _, _) in _TRAINING_FLAGS.items() if message.startswith(f"{name} ")]
+        _usage_error(args, f"argument {flags[0]}: {message}" if flags else message)
+
+
+def _check_train_mode(args: argparse.Namespace) -> None:
+    if args.store is None:
+        local = [flag for dest, flag in _LOCAL_ONLY_FLAGS.items() if getattr(args, dest) is not None]
+        if local:
+            _usage_error(args, f"{', '.join(local)} only apply to local training (--store DIR)")
+    elif args.no_wait:
+        _usage_error(args, "--no-wait only applies to training on the server (without --store)")
+
+
+def _usage_error(args: argparse.Namespace, message: str) -> NoReturn:
+    """Exits with status 2 after printing the command's usage and `message`, as argparse does."""
+    parser: argparse.ArgumentParser = args.command_parser
+    parser.error(message)
+
+
+def _train_locally(args: argparse.Namespace, options: TrainingOptions) -> int:
+    try:
+        # Imported only here: local training pulls in torch and transformers.
+        from softprompt.server.train_local import run_local_training
+
+        return run_local_training(
+            task=args.task,
+            train_path=args.data,
+            eval_path=args.eval,
+            options=options,
+            store=args.store,
+            description=args.description,
+            tags=dict(args.tags),
+            promote_alias=args.promote,
+            output_dir=args.output_dir,
+            model=args.model,
+            device=args.device,
+            dtype=args.dtype,
+            json_output=_wants_json(args),
+        )
+    except ModuleNotFoundError as e:
+        return _missing_server_extra(e, "train --store")
+
+
+def _cmd_jobs_list(client: Client, args: argparse.Namespace) -> int:
+    jobs = client.list_training_jobs()
+    if _wants_json(args):
+        _print_json(jobs)
+    elif not jobs:
+        print("no training jobs")
+    else:
+        _print_table(_JOB_COLUMNS, [_job_row(job) for job in jobs])
+    return 0
+
+
+def _cmd_jobs_show(client: Client, args: argparse.Namespace) -> int:
+    job = client.get_training_job(args.job_id)
+    if _wants_json(args):
+        _print_json(job)
+    else:
+        _print_job(job)
+    return 0
+
+
+def _cmd_jobs_watch(client: Client, args: argparse.Namespace) -> int:
+    return _follow_job(client, args.job_id, args, json_lines=_wants_json(args))
+
+
+def _cmd_jobs_cancel(client: Client, args: argparse.Namespace) -> int:
+    job = client.cancel_training_job(args.job_id)
+    if _wants_json(args):
+        _print_json(job)
+    else:
+        print(f"training job {job.job_id}: {job.state}")
+    return 0
+
+
+def _follow_job(client: Client, job_id: str, args: argparse.Namespace, *, json_lines: bool) -> int:
+    """Watches a job until it ends, then prints it; 0 if it succeeded, 1 otherwise, 130 on Ctrl-C.
+
+    Progress goes to stderr and the final job to stdout (as JSON with --json); with `json_lines`,
+    every change of the job goes to stdout as one JSON line instead.
+    """
+    try:
+        if json_lines:
+            job = _watch_to_end(client, job_id, _print_json_line)
+        else:
+            with _ProgressLine(sys.stderr) as progress:
+                job = _watch_to_end(client, job_id, progress.update)
+    except KeyboardInterrupt:
+        command = _command_line(args)
+        print(
+            f"stopped watching; training job {job_id} goes on on the server.\n"
+            f"follow it with `{command} jobs watch {job_id}`, "
+            f"stop it with `{command} jobs cancel {job_id}`",
+            file=sys.stderr,
+        )
+        return 130
+    if _wants_json(args) and not json_lines:
+        _print_json(job)
+    elif not json_lines:  # with JSON lines, the final job was the last line
+        _print_job(job)
+    if job.state == "succeeded":
+        return 0
+    print(
+        f"error: training job {job_id} {job.state or 'ended'}" + (f": {job.error}" if job.error else ""),
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _watch_to_end(client: Client, job_id: str, show: Callable[[TrainingJob], None]) -> TrainingJob:
+    """Calls `show` with the job each time it changes until it ends; returns the final job."""
+    job = None
+    # No deadline: --timeout bounds each call, and a watch lasts as long as the job.
+    for job in client.watch_training_job(job_id):
+        show(job)
+    if job is None or not job.done:  # the watch began just as the job ended: ask for its state
+        job = client.get_training_job(job_id)
+        show(job)
+    return job
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """`softprompt`, plus --server if one was given, to suggest follow-up commands."""
+    server = _option(args, "server", None)
+    return f"softprompt --server {server}" if server else "softprompt"
+
+
 def _cmd_tokenize(client: Client, args: argparse.Namespace) -> int:
     result = client.tokenize(_read_text(args.text), chat=args.chat)
     if _wants_json(args):
@@ -605,6 +1013,10 @@ def _read_text(text: str) -> str:
 
 def _print_json(value: Any) -> None:
     print(json.dumps(_jsonable(value), indent=2, ensure_ascii=False))
+
+
+def _print_json_line(value: Any) -> None:
+    print(json.dumps(_jsonable(value), ensure_ascii=False), flush=True)
 
 
 def _jsonable(value: Any) -> Any:
@@ -667,8 +1079,153 @@ def _print_prompt(p: PromptInfo) -> None:
             ("tags", ", ".join(f"{k}={v}" for k, v in sorted(p.tags.items())) or "-"),
             ("base model", p.base_model_fingerprint or "-"),
             ("sha256", p.sha256),
+            *([("metrics", _metrics_text(p.metrics))] if p.metrics else []),
         ]
     )
+
+
+def _metrics_text(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{name}={value:.4g}" for name, value in sorted(metrics.items()))
+
+
+def _print_scores(result: ClassifyResult) -> None:
+    ranked = sorted(result.scores, key=lambda s: s.probability, reverse=True)
+    rows = [
+        ("*" if s.label == result.label else "", s.label, f"{s.probability:.4f}", f"{s.logprob:.4f}",
+         str(s.num_tokens))
+        for s in ranked
+    ]
+    _print_table(("", "LABEL", "PROBABILITY", "LOGPROB", "TOKENS"), rows)
+    print(
+        f"[{result.prompt_version or 'base model'}; tokens: {result.input_tokens} input + "
+        f"{result.virtual_tokens} virtual]",
+        file=sys.stderr,
+    )
+
+
+_JOB_COLUMNS = ("JOB", "TASK", "STATE", "STEP", "EVAL LOSS", "VERSION", "CREATED")
+
+
+def _job_row(job: TrainingJob) -> tuple[str, ...]:
+    p = job.progress
+    return (
+        job.job_id,
+        job.task,
+        job.state,
+        f"{p.step}/{p.total_steps}",
+        "-" if p.eval_loss is None else f"{p.eval_loss:.4f}",
+        job.version.ref if job.version else "-",
+        job.created_at,
+    )
+
+
+def _print_job(job: TrainingJob) -> None:
+    p = job.progress
+    fields: list[tuple[str, Any]] = [
+        ("job", job.job_id),
+        ("task", job.task),
+        ("state", job.state if job.done or not job.phase else f"{job.state} ({job.phase})"),
+        ("created", job.created_at),
+        ("finished", job.finished_at or "-"),
+        ("examples", f"{job.train_examples} training, {job.eval_examples} held-out"),
+        ("progress", f"step {p.step}/{p.total_steps}, epoch {p.epoch:.2f}, "
+                     f"{_duration(p.elapsed_seconds)}"),
+        ("train loss", f"{p.train_loss:.4f}"),
+        ("eval loss", "-" if p.eval_loss is None else
+                      f"{p.eval_loss:.4f} (best {p.best_eval_loss:.4f})"),
+        ("version", job.version.ref if job.version else "-"),
+    ]
+    if job.promoted or job.promotion:
+        fields.append(("promotion", f"{'promoted' if job.promoted else 'not promoted'}: {job.promotion}"))
+    if job.error:
+        fields.append(("error", job.error))
+    _print_fields(fields)
+    measured = [(name, m) for name, m in (("before", job.before), ("after", job.after)) if m]
+    if measured:
+        print()
+        _print_table(_METRIC_COLUMNS, [_metrics_row(name, m) for name, m in measured])
+
+
+_METRIC_COLUMNS = ("HELD-OUT", "EXAMPLES", "LOSS", "EXACT MATCH", "ACCURACY")
+
+
+def _metrics_row(name: str, m: EvalMetrics) -> tuple[str, ...]:
+    accuracy = "-" if m.accuracy is None else f"{m.accuracy:.4f}"
+    return (name, str(m.examples), f"{m.loss:.4f}", f"{m.exact_match:.4f}", accuracy)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _progress_text(job: TrainingJob) -> str:
+    p = job.progress
+    parts = [job.phase or job.state]
+    if p.total_steps:
+        parts.append(f"step {p.step}/{p.total_steps}")
+    if p.step:
+        parts.append(f"loss {p.train_loss:.4f}")
+    if p.eval_loss is not None:
+        parts.append(f"eval loss {p.eval_loss:.4f}")
+    if p.steps_per_second:
+        parts.append(f"{p.steps_per_second:.2f} steps/s")
+    if p.elapsed_seconds:
+        parts.append(_duration(p.elapsed_seconds))
+    return "  ".join(parts)
+
+
+# Without a terminal, a progress line is printed at most this often (seconds), or on a phase change.
+_PROGRESS_INTERVAL = 2.0
+
+
+class _ProgressLine:
+    """Shows a training job's progress: one line rewritten in place on a terminal, else plain lines.
+
+    Use it as a context manager: leaving it ends the terminal line, so that what follows (a result,
+    an error, the Ctrl-C notice) starts on a fresh one.
+    """
+
+    def __init__(
+        self,
+        stream: TextIO,
+        interval: float = _PROGRESS_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._stream = stream
+        self._tty = stream.isatty()
+        self._interval = interval
+        self._clock = clock
+        self._width = 0  # length of the line on screen (terminal only)
+        self._last: tuple[str, str, float] | None = None  # (stage, text, time) printed last
+
+    def update(self, job: TrainingJob) -> None:
+        """Shows `job`'s progress (throttled unless on a terminal or the phase changed)."""
+        text = _progress_text(job)
+        if self._tty:
+            # Pad to the previous line's length so that no characters of it remain.
+            self._stream.write("\r" + text.ljust(self._width))
+            self._stream.flush()
+            self._width = len(text)
+            return
+        stage, now = f"{job.state}/{job.phase}", self._clock()
+        if self._last is not None:
+            last_stage, last_text, last_time = self._last
+            if text == last_text or (stage == last_stage and now - last_time < self._interval):
+                return
+        print(text, file=self._stream, flush=True)
+        self._last = (stage, text, now)
+
+    def __enter__(self) -> _ProgressLine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._tty and self._width:
+            self._stream.write("\n")
+            self._stream.flush()
 
 
 def _model_fields(m: ModelInfo) -> list[tuple[str, Any]]:

@@ -6,7 +6,18 @@ Both clients build requests with `softprompt.client.requests`, convert responses
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from contextlib import aclosing, closing
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -15,14 +26,18 @@ import grpc.aio
 
 from softprompt.client import convert, requests
 from softprompt.client.errors import from_rpc_error
+from softprompt.client.requests import TrainingData
 from softprompt.client.sources import PromptSource
 from softprompt.client.types import (
+    ClassifyResult,
     GenerateResult,
     ModelInfo,
     PromptInfo,
     StreamChunk,
     TokenizeResult,
+    TrainingJob,
 )
+from softprompt.prompts.options import TrainingOptions
 from softprompt.protos import softprompt_pb2_grpc as pb_grpc
 
 __all__ = ["Client", "AsyncClient", "DEFAULT_TARGET"]
@@ -46,7 +61,7 @@ class _BaseClient:
 
 
 class Client(_BaseClient):
-    """A blocking client for the Inference and Registry services.
+    """A blocking client for the Inference, Registry and Training services.
 
     Example:
         >>> with Client("localhost:50051", timeout=30) as client:
@@ -75,6 +90,7 @@ class Client(_BaseClient):
             self._channel = grpc.secure_channel(target, credentials, options=options)
         self._inference = pb_grpc.InferenceStub(self._channel)
         self._registry = pb_grpc.RegistryStub(self._channel)
+        self._training = pb_grpc.TrainingStub(self._channel)
 
     def close(self) -> None:
         """Closes the channel; in-flight calls are cancelled."""
@@ -183,6 +199,25 @@ class Client(_BaseClient):
         request = requests.tokenize_request(text, chat)
         return convert.tokenize_result(self._call(self._inference.Tokenize, request, timeout))
 
+    def classify(
+        self,
+        task: str,
+        input: str,
+        labels: Iterable[str],
+        *,
+        chat: bool = False,
+        timeout: float | None = None,
+    ) -> ClassifyResult:
+        """Scores each of `labels` as the complete output for `input` under the prompt `task`.
+
+        `task` is a prompt reference as in `generate` ("" for the bare model); `labels` are two or
+        more distinct, non-empty strings. Each label's log-probability covers its tokens and the
+        end-of-sequence token; probabilities are normalized over the labels. `chat` wraps the input
+        with the model's chat template (do so if the prompt was trained that way).
+        """
+        request = requests.classify_request(task, input, labels, chat=chat)
+        return convert.classify_result(self._call(self._inference.Classify, request, timeout))
+
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """Describes the base model and the server's limits."""
         request = requests.model_info_request()
@@ -272,6 +307,96 @@ class Client(_BaseClient):
         request = requests.set_alias_request(task, alias, version)
         return convert.prompt_info(self._call(self._registry.SetAlias, request, timeout))
 
+    # ------------------------------------------------------------------ Training
+
+    def train(
+        self,
+        task: str,
+        train_data: TrainingData,
+        eval_data: TrainingData | None = None,
+        *,
+        options: TrainingOptions | None = None,
+        description: str = "",
+        tags: Mapping[str, str] | None = None,
+        promote_alias: str = "",
+        timeout: float | None = None,
+    ) -> TrainingJob:
+        """Starts training a new version of `task` on the server's base model; returns the queued job.
+
+        `train_data` and `eval_data` are each a JSONL file path, its bytes, or an iterable of
+        {"input": ..., "target": ...} dicts. Without `eval_data` the server holds out
+        `options.eval_fraction` of the training data. With `promote_alias`, "task@alias" moves to
+        the new version only if it beats the alias's current version on the held-out data.
+        Follow the job with `watch_training_job` or `wait_for_training_job`.
+
+        The data travels inline in one request: the server refuses requests larger than its upload
+        limit (`model_info().limits.max_upload_bytes`) with ResourceExhaustedError.
+
+        Raises:
+            OSError, TypeError: the data cannot be read.
+            InvalidArgumentError: the server refused the data or options.
+        """
+        request = requests.train_request(
+            task,
+            train_data,
+            eval_data,
+            options=options,
+            description=description,
+            tags=tags,
+            promote_alias=promote_alias,
+        )
+        return convert.training_job(self._call(self._training.TrainPrompt, request, timeout))
+
+    def get_training_job(self, job_id: str, *, timeout: float | None = None) -> TrainingJob:
+        """Returns the job `job_id` as it stands now."""
+        request = requests.training_job_request(job_id)
+        return convert.training_job(self._call(self._training.GetTrainingJob, request, timeout))
+
+    def watch_training_job(
+        self, job_id: str, *, timeout: float | None = None
+    ) -> Iterator[TrainingJob]:
+        """Yields the job `job_id` each time it changes; the iteration ends when the job does.
+
+        Unlike other calls, the client's default timeout does not apply: jobs may run for hours,
+        so the watch has no deadline unless `timeout` (seconds, for the whole watch) is given.
+        Closing the iterator early stops watching; the job itself goes on.
+        """
+        request = requests.training_job_request(job_id)
+        return self._watch(request, timeout)
+
+    def _watch(self, request: Any, timeout: float | None) -> Generator[TrainingJob, None, None]:
+        call = self._training.WatchTrainingJob(request, timeout=timeout)
+        try:
+            for message in call:
+                yield convert.training_job(message)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()  # stop the server's watch when the caller stops early; no-op when done
+
+    def wait_for_training_job(self, job_id: str, *, timeout: float | None = None) -> TrainingJob:
+        """Watches the job `job_id` until it ends and returns it (succeeded, failed or cancelled).
+
+        `timeout` bounds the whole wait (default: none, see `watch_training_job`); when it passes,
+        DeadlineExceededError is raised and the job goes on.
+        """
+        with closing(self._watch(requests.training_job_request(job_id), timeout)) as jobs:
+            for job in jobs:
+                if job.done:
+                    return job
+        # The watch ended without a final state (e.g. it began just as the job ended): ask directly.
+        return self.get_training_job(job_id, timeout=timeout)
+
+    def cancel_training_job(self, job_id: str, *, timeout: float | None = None) -> TrainingJob:
+        """Stops a queued or running job (nothing is registered) and returns it."""
+        request = requests.training_job_request(job_id)
+        return convert.training_job(self._call(self._training.CancelTrainingJob, request, timeout))
+
+    def list_training_jobs(self, *, timeout: float | None = None) -> list[TrainingJob]:
+        """Returns the server's training jobs, newest first (jobs are kept until it restarts)."""
+        request = requests.list_training_jobs_request()
+        return convert.training_jobs(self._call(self._training.ListTrainingJobs, request, timeout))
+
 
 class AsyncClient(_BaseClient):
     """The asyncio twin of `Client` (over grpc.aio): same methods, awaited.
@@ -299,6 +424,7 @@ class AsyncClient(_BaseClient):
             self._channel = grpc.aio.secure_channel(target, credentials, options=options)
         self._inference = pb_grpc.InferenceStub(self._channel)
         self._registry = pb_grpc.RegistryStub(self._channel)
+        self._training = pb_grpc.TrainingStub(self._channel)
 
     async def close(self) -> None:
         """Closes the channel; in-flight calls are cancelled."""
@@ -399,6 +525,20 @@ class AsyncClient(_BaseClient):
         request = requests.tokenize_request(text, chat)
         return convert.tokenize_result(await self._call(self._inference.Tokenize, request, timeout))
 
+    async def classify(
+        self,
+        task: str,
+        input: str,
+        labels: Iterable[str],
+        *,
+        chat: bool = False,
+        timeout: float | None = None,
+    ) -> ClassifyResult:
+        """See `Client.classify`."""
+        request = requests.classify_request(task, input, labels, chat=chat)
+        response = await self._call(self._inference.Classify, request, timeout)
+        return convert.classify_result(response)
+
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """See `Client.model_info`."""
         request = requests.model_info_request()
@@ -472,3 +612,80 @@ class AsyncClient(_BaseClient):
         """See `Client.set_alias`."""
         request = requests.set_alias_request(task, alias, version)
         return convert.prompt_info(await self._call(self._registry.SetAlias, request, timeout))
+
+    # ------------------------------------------------------------------ Training
+
+    async def train(
+        self,
+        task: str,
+        train_data: TrainingData,
+        eval_data: TrainingData | None = None,
+        *,
+        options: TrainingOptions | None = None,
+        description: str = "",
+        tags: Mapping[str, str] | None = None,
+        promote_alias: str = "",
+        timeout: float | None = None,
+    ) -> TrainingJob:
+        """See `Client.train` (the data is read synchronously, before the call)."""
+        request = requests.train_request(
+            task,
+            train_data,
+            eval_data,
+            options=options,
+            description=description,
+            tags=tags,
+            promote_alias=promote_alias,
+        )
+        response = await self._call(self._training.TrainPrompt, request, timeout)
+        return convert.training_job(response)
+
+    async def get_training_job(self, job_id: str, *, timeout: float | None = None) -> TrainingJob:
+        """See `Client.get_training_job`."""
+        request = requests.training_job_request(job_id)
+        response = await self._call(self._training.GetTrainingJob, request, timeout)
+        return convert.training_job(response)
+
+    def watch_training_job(
+        self, job_id: str, *, timeout: float | None = None
+    ) -> AsyncIterator[TrainingJob]:
+        """See `Client.watch_training_job`; use with `async for`."""
+        request = requests.training_job_request(job_id)
+        return self._watch(request, timeout)
+
+    async def _watch(
+        self, request: Any, timeout: float | None
+    ) -> AsyncGenerator[TrainingJob, None]:
+        call = self._training.WatchTrainingJob(request, timeout=timeout)
+        try:
+            async for message in call:
+                yield convert.training_job(message)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()  # stop the server's watch when the caller stops early; no-op when done
+
+    async def wait_for_training_job(
+        self, job_id: str, *, timeout: float | None = None
+    ) -> TrainingJob:
+        """See `Client.wait_for_training_job`."""
+        async with aclosing(self._watch(requests.training_job_request(job_id), timeout)) as jobs:
+            async for job in jobs:
+                if job.done:
+                    return job
+        # The watch ended without a final state (e.g. it began just as the job ended): ask directly.
+        return await self.get_training_job(job_id, timeout=timeout)
+
+    async def cancel_training_job(
+        self, job_id: str, *, timeout: float | None = None
+    ) -> TrainingJob:
+        """See `Client.cancel_training_job`."""
+        request = requests.training_job_request(job_id)
+        response = await self._call(self._training.CancelTrainingJob, request, timeout)
+        return convert.training_job(response)
+
+    async def list_training_jobs(self, *, timeout: float | None = None) -> list[TrainingJob]:
+        """See `Client.list_training_jobs`."""
+        request = requests.list_training_jobs_request()
+        response = await self._call(self._training.ListTrainingJobs, request, timeout)
+        return convert.training_jobs(response)

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 from softprompt.protos import softprompt_pb2 as pb
 from softprompt.client.types import (
+    ClassifyResult,
+    EvalMetrics,
     GenerateResult,
+    LabelScore,
     Limits,
     ModelInfo,
     PromptInfo,
     StreamChunk,
     TokenizeResult,
+    TrainingJob,
+    TrainingProgress,
     Usage,
 )
 
@@ -21,6 +26,14 @@ _FINISH_REASONS: dict[int, str] = {
     pb.FINISH_REASON_LENGTH: "length",
     pb.FINISH_REASON_STOP: "stop",
     pb.FINISH_REASON_EOS: "eos",
+}
+
+_TRAINING_STATES: dict[int, str] = {
+    pb.TRAINING_STATE_QUEUED: "queued",
+    pb.TRAINING_STATE_RUNNING: "running",
+    pb.TRAINING_STATE_SUCCEEDED: "succeeded",
+    pb.TRAINING_STATE_FAILED: "failed",
+    pb.TRAINING_STATE_CANCELLED: "cancelled",
 }
 
 
@@ -63,6 +76,27 @@ def stream_chunk(msg: pb.GenerateStreamResponse) -> StreamChunk:
 def tokenize_result(msg: pb.TokenizeResponse) -> TokenizeResult:
     """Converts a TokenizeResponse."""
     return TokenizeResult(token_ids=list(msg.token_ids), tokens=list(msg.tokens))
+
+
+def label_score(msg: pb.LabelScore) -> LabelScore:
+    """Converts a LabelScore message."""
+    return LabelScore(
+        label=msg.label,
+        logprob=msg.logprob,
+        probability=msg.probability,
+        num_tokens=msg.num_tokens,
+    )
+
+
+def classify_result(msg: pb.ClassifyResponse) -> ClassifyResult:
+    """Converts a ClassifyResponse."""
+    return ClassifyResult(
+        scores=[label_score(s) for s in msg.scores],
+        label=msg.label,
+        prompt_version=msg.prompt_version,
+        input_tokens=msg.input_tokens,
+        virtual_tokens=msg.virtual_tokens,
+    )
 
 
 def limits(msg: pb.Limits) -> Limits:
@@ -108,9 +142,65 @@ def prompt_info(msg: pb.PromptInfo) -> PromptInfo:
         tags=dict(msg.tags),
         aliases=tuple(msg.aliases),
         peft_type=msg.peft_type,
+        metrics=dict(msg.metrics),
     )
 
 
 def deleted_refs(msg: pb.DeletePromptResponse) -> list[str]:
     """Returns the refs a DeletePromptResponse reports as deleted."""
     return list(msg.deleted)
+
+
+def training_state(value: int) -> str:
+    """Returns "queued", "running", "succeeded", "failed" or "cancelled"; "" for UNSPECIFIED."""
+    return _TRAINING_STATES.get(value, "")
+
+
+def eval_metrics(msg: pb.EvalMetrics) -> EvalMetrics:
+    """Converts an EvalMetrics message; accuracy is None unless the server set it."""
+    return EvalMetrics(
+        examples=msg.examples,
+        loss=msg.loss,
+        exact_match=msg.exact_match,
+        accuracy=msg.accuracy if msg.HasField("accuracy") else None,
+    )
+
+
+def training_progress(msg: pb.TrainingProgress) -> TrainingProgress:
+    """Converts a TrainingProgress message; eval_loss is None before the first evaluation."""
+    return TrainingProgress(
+        step=msg.step,
+        total_steps=msg.total_steps,
+        epoch=msg.epoch,
+        train_loss=msg.train_loss,
+        eval_loss=msg.eval_loss if msg.HasField("eval_loss") else None,
+        best_eval_loss=msg.best_eval_loss,
+        steps_per_second=msg.steps_per_second,
+        elapsed_seconds=msg.elapsed_seconds,
+    )
+
+
+def training_job(msg: pb.TrainingJob) -> TrainingJob:
+    """Converts a TrainingJob; before, after and version are None while the server leaves them unset."""
+    return TrainingJob(
+        job_id=msg.job_id,
+        task=msg.task,
+        state=training_state(msg.state),
+        phase=msg.phase,
+        progress=training_progress(msg.progress),
+        before=eval_metrics(msg.before) if msg.HasField("before") else None,
+        after=eval_metrics(msg.after) if msg.HasField("after") else None,
+        version=prompt_info(msg.version) if msg.HasField("version") else None,
+        promoted=msg.promoted,
+        promotion=msg.promotion,
+        error=msg.error,
+        created_at=msg.created_at,
+        finished_at=msg.finished_at,
+        train_examples=msg.train_examples,
+        eval_examples=msg.eval_examples,
+    )
+
+
+def training_jobs(msg: pb.ListTrainingJobsResponse) -> list[TrainingJob]:
+    """Converts a ListTrainingJobsResponse to its jobs, newest first."""
+    return [training_job(job) for job in msg.jobs]

@@ -5,10 +5,18 @@ Both clients call these functions, so a request means the same thing whichever t
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Union
 
 from softprompt.protos import softprompt_pb2 as pb
 from softprompt.client.sources import PeftFiles, PromptSource, RawMatrix, load_source
+from softprompt.prompts.options import TrainingOptions
+
+# A JSONL file's path, its bytes, or the examples themselves ({"input": ..., "target": ...} each).
+TrainingData = Union[str, "os.PathLike[str]", bytes, Iterable[Mapping[str, Any]]]
 
 
 def decoding_parameters(
@@ -65,6 +73,15 @@ def generate_request(
 def tokenize_request(text: str, chat: bool = False) -> pb.TokenizeRequest:
     """Builds a TokenizeRequest."""
     return pb.TokenizeRequest(text=text, apply_chat_template=chat)
+
+
+def classify_request(
+    task: str, input: str, labels: Iterable[str], *, chat: bool = False
+) -> pb.ClassifyRequest:
+    """Builds a ClassifyRequest; the server checks the labels (two or more, distinct, non-empty)."""
+    # As with stop sequences, a lone string would otherwise be split into one label per character.
+    candidates = [labels] if isinstance(labels, str) else list(labels)
+    return pb.ClassifyRequest(task=task, input=input, labels=candidates, apply_chat_template=chat)
 
 
 def model_info_request() -> pb.ModelInfoRequest:
@@ -134,3 +151,72 @@ def delete_prompt_request(
 def set_alias_request(task: str, alias: str, version: int) -> pb.SetAliasRequest:
     """Builds a SetAliasRequest."""
     return pb.SetAliasRequest(name=task, alias=alias, version=version)
+
+
+def training_jsonl(data: TrainingData) -> bytes:
+    """Returns training data as JSONL bytes, one {"input": ..., "target": ...} object a line.
+
+    `data` is a path to a JSONL file (a str is always a path, never JSONL text), the file's bytes
+    (sent as they are), or an iterable of dicts (each serialized with `json.dumps`, non-ASCII kept).
+    The server checks the examples themselves.
+
+    Raises:
+        OSError: the file cannot be read.
+        TypeError: an example is not a dict, or a value is not JSON-serializable.
+    """
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    if isinstance(data, (str, os.PathLike)):
+        return Path(data).read_bytes()
+    lines = []
+    for i, example in enumerate(data):
+        if not isinstance(example, Mapping):
+            raise TypeError(
+                f"training example {i} is a {type(example).__name__}; "
+                "expected a dict like {'input': ..., 'target': ...}"
+            )
+        lines.append(json.dumps(dict(example), ensure_ascii=False) + "\n")
+    return "".join(lines).encode("utf-8")
+
+
+def training_options(options: TrainingOptions) -> pb.TrainingOptions:
+    """Converts TrainingOptions, setting every field (seed and eval_fraction included, even at 0)."""
+    # The dataclass and the message name their fields alike, so a field missing from either side
+    # fails here loudly. Keyword construction also marks the proto3-optional fields as present.
+    return pb.TrainingOptions(**options.to_dict())
+
+
+def train_request(
+    task: str,
+    train_data: TrainingData,
+    eval_data: TrainingData | None = None,
+    *,
+    options: TrainingOptions | None = None,
+    description: str = "",
+    tags: Mapping[str, str] | None = None,
+    promote_alias: str = "",
+) -> pb.TrainPromptRequest:
+    """Reads the data (see `training_jsonl`) and builds a TrainPromptRequest.
+
+    No eval data leaves the server to hold out `options.eval_fraction` of the training data;
+    options None sends the TrainingOptions defaults.
+    """
+    return pb.TrainPromptRequest(
+        task=task,
+        train_jsonl=training_jsonl(train_data),
+        eval_jsonl=b"" if eval_data is None else training_jsonl(eval_data),
+        options=training_options(options or TrainingOptions()),
+        description=description,
+        tags=dict(tags or {}),
+        promote_alias=promote_alias,
+    )
+
+
+def training_job_request(job_id: str) -> pb.TrainingJobRequest:
+    """Builds a TrainingJobRequest (Get, Watch and Cancel)."""
+    return pb.TrainingJobRequest(job_id=job_id)
+
+
+def list_training_jobs_request() -> pb.ListTrainingJobsRequest:
+    """Builds a ListTrainingJobsRequest."""
+    return pb.ListTrainingJobsRequest()

@@ -16,7 +16,15 @@ __all__ = [
     "Limits",
     "ModelInfo",
     "TokenizeResult",
+    "LabelScore",
+    "ClassifyResult",
+    "EvalMetrics",
+    "TrainingProgress",
+    "TrainingJob",
 ]
+
+# The TrainingJob states after which a job never changes again.
+_FINISHED_STATES = frozenset({"succeeded", "failed", "cancelled"})
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,8 @@ class PromptInfo:
         tags: free key/value labels given at registration.
         aliases: aliases pointing at this version (e.g. ("prod",)).
         peft_type: "PROMPT_TUNING", "P_TUNING" or "RAW".
+        metrics: held-out metrics recorded by softprompt training ("eval_loss", "exact_match",
+            "accuracy"); empty for uploaded prompts.
     """
 
     name: str
@@ -103,6 +113,7 @@ class PromptInfo:
     tags: dict[str, str] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
     peft_type: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -166,3 +177,126 @@ class TokenizeResult:
 
     token_ids: list[int]
     tokens: list[str]
+
+
+@dataclass(frozen=True)
+class LabelScore:
+    """How likely one candidate label is as the complete output.
+
+    Attributes:
+        label: the candidate label.
+        logprob: sum of the log-probabilities of the label's tokens and end-of-sequence.
+        probability: softmax of logprob over the candidate labels.
+        num_tokens: tokens scored, end-of-sequence included.
+    """
+
+    label: str
+    logprob: float
+    probability: float
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class ClassifyResult:
+    """The scores of one `classify` call.
+
+    Attributes:
+        scores: one score per candidate label, in the order the labels were given.
+        label: the most likely label.
+        prompt_version: the prompt version used, e.g. "sentiment@3"; "" for the bare model.
+        input_tokens: real tokens of the input, after the chat template (if applied).
+        virtual_tokens: soft-prompt tokens prepended to the input (0 for the bare model).
+    """
+
+    scores: list[LabelScore]
+    label: str
+    prompt_version: str
+    input_tokens: int
+    virtual_tokens: int
+
+
+@dataclass(frozen=True)
+class EvalMetrics:
+    """Held-out metrics of one prompt, measured by a training job.
+
+    Attributes:
+        examples: held-out examples evaluated.
+        loss: mean cross-entropy per target token.
+        exact_match: share of greedy generations equal to the target.
+        accuracy: classification data only: share of examples whose target scores highest among
+            the distinct targets; None for other data.
+    """
+
+    examples: int
+    loss: float
+    exact_match: float
+    accuracy: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainingProgress:
+    """Where a training job stands.
+
+    Attributes:
+        step: optimizer steps done.
+        total_steps: optimizer steps planned (early stopping may end sooner).
+        epoch: passes over the training data done, fractional.
+        train_loss: running mean of the training loss over the last steps.
+        eval_loss: the latest held-out loss; None before the first evaluation.
+        best_eval_loss: the lowest held-out loss so far.
+        steps_per_second: recent training speed.
+        elapsed_seconds: time since the job started running.
+    """
+
+    step: int
+    total_steps: int
+    epoch: float
+    train_loss: float
+    eval_loss: float | None
+    best_eval_loss: float
+    steps_per_second: float
+    elapsed_seconds: float
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """A server-side training job, as `train`, `get_training_job` and `watch_training_job` return it.
+
+    Attributes:
+        job_id: identifies the job on the server (jobs live until the server restarts).
+        task: the task the trained prompt is registered under.
+        state: "queued", "running", "succeeded", "failed" or "cancelled" ("" if the server did not say).
+        phase: what the job is doing now, e.g. "training", "evaluating", "registering".
+        progress: steps, losses and speed so far.
+        before: held-out metrics of the initial prompt; None until measured.
+        after: held-out metrics of the trained prompt; None until measured.
+        version: the registered version; None unless the job succeeded.
+        promoted: whether TASK@promote_alias was moved to the new version.
+        promotion: why the alias moved or did not ("" if no alias was asked for).
+        error: what went wrong, when the job failed.
+        created_at: RFC 3339 timestamp, UTC.
+        finished_at: RFC 3339 timestamp, UTC; "" while the job is not done.
+        train_examples: training examples used.
+        eval_examples: held-out examples used.
+    """
+
+    job_id: str
+    task: str
+    state: str
+    phase: str
+    progress: TrainingProgress
+    before: EvalMetrics | None
+    after: EvalMetrics | None
+    version: PromptInfo | None
+    promoted: bool
+    promotion: str
+    error: str
+    created_at: str
+    finished_at: str
+    train_examples: int
+    eval_examples: int
+
+    @property
+    def done(self) -> bool:
+        """Whether the job has ended (succeeded, failed or cancelled); it will not change again."""
+        return self.state in _FINISHED_STATES

@@ -33,3 +33,11 @@ class RegistryConflictError(PromptError):
 
 class CorruptPromptError(PromptError):
     """A stored version no longer matches its recorded checksum or metadata."""
+
+
+class ChatTemplateError(PromptError):
+    """The chat template was asked for but the base model's tokenizer has none."""
+
+
+class TrainingDataError(PromptError):
+    """Training or evaluation data is unreadable, empty or inconsistent; the message names the line."""

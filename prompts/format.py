@@ -31,6 +31,10 @@ from softprompt.prompts.errors import BaseModelMismatchError, CorruptPromptError
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 METADATA = "softprompt.json"
+TRAINING_REPORT = "training.json"
+LOSS_PLOT = "loss.png"
+# Files a version may carry besides the adapter and its metadata.
+ATTACHMENTS = (TRAINING_REPORT, LOSS_PLOT)
 TENSOR_NAME = "prompt_embeddings"
 
 SOURCE_TYPES = ("PROMPT_TUNING", "P_TUNING", "RAW")
@@ -464,6 +468,20 @@ def write_version_files(directory: Path, prompt: PromptTensor, base: BaseModelSp
     _write_durably(directory / METADATA, _json_bytes({**metadata, "sha256": sha256}))
     fsync_dir(directory)
     return sha256
+
+
+def write_attachments(directory: Path, files: Mapping[str, bytes]) -> None:
+    """Writes a version's extra files (e.g. a trained version's report and loss plot) durably."""
+    for name, data in files.items():
+        if name not in ATTACHMENTS:
+            raise ValueError(f"a version may carry only {', '.join(ATTACHMENTS)}, not {name!r}")
+        _write_durably(Path(directory) / name, data)
+    fsync_dir(Path(directory))
+
+
+def report_bytes(report: Mapping[str, Any]) -> bytes:
+    """A training report as stored in ``training.json``."""
+    return _json_bytes(report)
 
 
 def write_metadata(directory: Path, metadata: Mapping[str, Any]) -> None:

@@ -73,6 +73,7 @@ DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 STALE_TEMP_SECONDS = 3600.0
 _METADATA_FORMAT = 1
+_ANY = object()  # set_alias without a compare-and-swap
 
 
 # ---------------------------------------------------------------- names and references
@@ -187,6 +188,7 @@ class PromptVersion:
     tags: dict[str, str] = field(hash=False)
     source_type: str
     aliases: tuple[str, ...] = ()
+    metrics: dict[str, float] = field(default_factory=dict, hash=False)
 
     @property
     def ref(self) -> str:
@@ -208,6 +210,7 @@ class PromptVersion:
             "description": self.description,
             "tags": dict(self.tags),
             "source_type": self.source_type,
+            "metrics": dict(self.metrics),
         }
 
     @classmethod
@@ -219,6 +222,11 @@ class PromptVersion:
                 isinstance(k, str) and isinstance(v, str) for k, v in tags.items()
             ):
                 raise TypeError("tags")
+            metrics = metadata.get("metrics", {})
+            if not isinstance(metrics, dict) or not all(
+                isinstance(k, str) and isinstance(v, (int, float)) for k, v in metrics.items()
+            ):
+                raise TypeError("metrics")
             version = cls(
                 name=_typed(metadata, "name", str),
                 version=_typed(metadata, "version", int),
@@ -232,6 +240,7 @@ class PromptVersion:
                 tags=dict(tags),
                 source_type=_typed(metadata, "source_type", str),
                 aliases=aliases,
+                metrics={k: float(v) for k, v in metrics.items()},
             )
         except (KeyError, TypeError) as e:
             raise CorruptPromptError(
@@ -506,11 +515,15 @@ class Registry:
         description: str = "",
         tags: Mapping[str, str] | None = None,
         base_model_fingerprint: str | None = None,
+        metrics: Mapping[str, float] | None = None,
+        attachments: Mapping[str, bytes] | None = None,
     ) -> PromptVersion:
         """Stores `prompt` as the next version of task `name` and returns it.
 
         `base_model_fingerprint` is what to record as the prompt's base model (None or "" records
         ``base.fingerprint``); compatibility checks belong to the caller (`format.check_base_model`).
+        A trained prompt passes its held-out `metrics` and `attachments` (its training report and loss
+        plot, see `format.ATTACHMENTS`), published in the version's folder together with the weights.
         """
         validate_name(name)
         if not isinstance(description, str):
@@ -534,12 +547,14 @@ class Registry:
             "tags": tags,
             "source_type": prompt.source_type,
             "init": prompt.init,
+            "metrics": {k: float(v) for k, v in (metrics or {}).items()},
         }
         if isinstance(self.store, LocalStore):
             self.store.clean_stale_temp()
         with self.store.staging_dir() as staged:
             # The heavy writing happens outside the lock; only numbering and the rename are serialized.
             sha256 = fmt.write_version_files(staged, prompt, base, metadata)
+            fmt.write_attachments(staged, attachments or {})
             with self.store.locked(name):
                 version = self.store.allocate_version(name)
                 metadata.update(sha256=sha256, version=version, created_at=_now_rfc3339())
@@ -547,8 +562,13 @@ class Registry:
                 self.store.publish(name, version, staged)
         return PromptVersion.from_metadata(metadata, where=f"{name}@{version}")
 
-    def set_alias(self, name: str, alias: str, version: int) -> PromptVersion:
-        """Points ``name@alias`` at `version` (creating or moving the alias) and returns that version."""
+    def set_alias(self, name: str, alias: str, version: int, *, expected: int | None | object = _ANY) -> PromptVersion:
+        """Points ``name@alias`` at `version` (creating or moving the alias) and returns that version.
+
+        With `expected` (a version, or None for "no such alias yet") the move happens only if the alias
+        still points there, else `RegistryConflictError`: a quality gate that compared against one
+        version never overwrites a move made meanwhile.
+        """
         validate_name(name)
         validate_alias(alias)
         _validate_version(version)
@@ -560,6 +580,11 @@ class Registry:
                     f"cannot point {name}@{alias} at version {version}: {self._describe_task(name, existing)}"
                 )
             aliases = self.store.read_aliases(name)
+            if expected is not _ANY and aliases.get(alias) != expected:
+                current = f"version {aliases[alias]}" if alias in aliases else "nothing"
+                raise RegistryConflictError(
+                    f"{name}@{alias} now points at {current}, not {expected}: it was moved meanwhile; compare again"
+                )
             aliases[alias] = version
             self.store.write_aliases(name, aliases)
         return self.resolve(PromptRef(name, version=version))

@@ -13,10 +13,25 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
     FINISH_REASON_STOP: _ClassVar[FinishReason]
     FINISH_REASON_EOS: _ClassVar[FinishReason]
+
+class TrainingState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRAINING_STATE_UNSPECIFIED: _ClassVar[TrainingState]
+    TRAINING_STATE_QUEUED: _ClassVar[TrainingState]
+    TRAINING_STATE_RUNNING: _ClassVar[TrainingState]
+    TRAINING_STATE_SUCCEEDED: _ClassVar[TrainingState]
+    TRAINING_STATE_FAILED: _ClassVar[TrainingState]
+    TRAINING_STATE_CANCELLED: _ClassVar[TrainingState]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_EOS: FinishReason
+TRAINING_STATE_UNSPECIFIED: TrainingState
+TRAINING_STATE_QUEUED: TrainingState
+TRAINING_STATE_RUNNING: TrainingState
+TRAINING_STATE_SUCCEEDED: TrainingState
+TRAINING_STATE_FAILED: TrainingState
+TRAINING_STATE_CANCELLED: TrainingState
 
 class DecodingParameters(_message.Message):
     __slots__ = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "apply_chat_template")
@@ -104,6 +119,44 @@ class ModelInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ClassifyRequest(_message.Message):
+    __slots__ = ("task", "input", "labels", "apply_chat_template")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    APPLY_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    input: str
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    apply_chat_template: bool
+    def __init__(self, task: _Optional[str] = ..., input: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., apply_chat_template: _Optional[bool] = ...) -> None: ...
+
+class LabelScore(_message.Message):
+    __slots__ = ("label", "logprob", "probability", "num_tokens")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    logprob: float
+    probability: float
+    num_tokens: int
+    def __init__(self, label: _Optional[str] = ..., logprob: _Optional[float] = ..., probability: _Optional[float] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+
+class ClassifyResponse(_message.Message):
+    __slots__ = ("scores", "label", "prompt_version", "input_tokens", "virtual_tokens")
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    VIRTUAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    scores: _containers.RepeatedCompositeFieldContainer[LabelScore]
+    label: str
+    prompt_version: str
+    input_tokens: int
+    virtual_tokens: int
+    def __init__(self, scores: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., label: _Optional[str] = ..., prompt_version: _Optional[str] = ..., input_tokens: _Optional[int] = ..., virtual_tokens: _Optional[int] = ...) -> None: ...
+
 class Limits(_message.Message):
     __slots__ = ("max_new_tokens", "default_max_new_tokens", "max_input_tokens", "max_virtual_tokens", "max_batch_size", "max_queued_requests", "max_upload_bytes")
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -188,7 +241,7 @@ class RegisterPromptRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., peft: _Optional[_Union[PeftAdapter, _Mapping]] = ..., tensor: _Optional[_Union[RawTensor, _Mapping]] = ..., description: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., base_model_fingerprint: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class PromptInfo(_message.Message):
-    __slots__ = ("name", "version", "ref", "num_virtual_tokens", "hidden_size", "sha256", "base_model_fingerprint", "created_at", "description", "tags", "aliases", "peft_type")
+    __slots__ = ("name", "version", "ref", "num_virtual_tokens", "hidden_size", "sha256", "base_model_fingerprint", "created_at", "description", "tags", "aliases", "peft_type", "metrics")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -196,6 +249,13 @@ class PromptInfo(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     REF_FIELD_NUMBER: _ClassVar[int]
@@ -208,6 +268,7 @@ class PromptInfo(_message.Message):
     TAGS_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
     PEFT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     ref: str
@@ -220,7 +281,8 @@ class PromptInfo(_message.Message):
     tags: _containers.ScalarMap[str, str]
     aliases: _containers.RepeatedScalarFieldContainer[str]
     peft_type: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., ref: _Optional[str] = ..., num_virtual_tokens: _Optional[int] = ..., hidden_size: _Optional[int] = ..., sha256: _Optional[str] = ..., base_model_fingerprint: _Optional[str] = ..., created_at: _Optional[str] = ..., description: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., aliases: _Optional[_Iterable[str]] = ..., peft_type: _Optional[str] = ...) -> None: ...
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., ref: _Optional[str] = ..., num_virtual_tokens: _Optional[int] = ..., hidden_size: _Optional[int] = ..., sha256: _Optional[str] = ..., base_model_fingerprint: _Optional[str] = ..., created_at: _Optional[str] = ..., description: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., aliases: _Optional[_Iterable[str]] = ..., peft_type: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class GetPromptRequest(_message.Message):
     __slots__ = ("ref",)
@@ -272,22 +334,141 @@ class SetAliasRequest(_message.Message):
     version: int
     def __init__(self, name: _Optional[str] = ..., alias: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
-class TrainPromptRequest(_message.Message):
-    __slots__ = ("task",)
-    TASK_FIELD_NUMBER: _ClassVar[int]
-    task: str
-    def __init__(self, task: _Optional[str] = ...) -> None: ...
+class TrainingOptions(_message.Message):
+    __slots__ = ("num_virtual_tokens", "init", "learning_rate", "epochs", "max_steps", "batch_size", "grad_accum", "max_length", "seed", "eval_fraction", "eval_every", "patience", "apply_chat_template", "warmup_steps")
+    NUM_VIRTUAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    INIT_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    GRAD_ACCUM_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    EVAL_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    EVAL_EVERY_FIELD_NUMBER: _ClassVar[int]
+    PATIENCE_FIELD_NUMBER: _ClassVar[int]
+    APPLY_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
+    num_virtual_tokens: int
+    init: str
+    learning_rate: float
+    epochs: int
+    max_steps: int
+    batch_size: int
+    grad_accum: int
+    max_length: int
+    seed: int
+    eval_fraction: float
+    eval_every: int
+    patience: int
+    apply_chat_template: bool
+    warmup_steps: int
+    def __init__(self, num_virtual_tokens: _Optional[int] = ..., init: _Optional[str] = ..., learning_rate: _Optional[float] = ..., epochs: _Optional[int] = ..., max_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., grad_accum: _Optional[int] = ..., max_length: _Optional[int] = ..., seed: _Optional[int] = ..., eval_fraction: _Optional[float] = ..., eval_every: _Optional[int] = ..., patience: _Optional[int] = ..., apply_chat_template: _Optional[bool] = ..., warmup_steps: _Optional[int] = ...) -> None: ...
 
-class GetTrainingJobRequest(_message.Message):
+class TrainPromptRequest(_message.Message):
+    __slots__ = ("task", "train_jsonl", "eval_jsonl", "options", "description", "tags", "promote_alias")
+    class TagsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_JSONL_FIELD_NUMBER: _ClassVar[int]
+    EVAL_JSONL_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    PROMOTE_ALIAS_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    train_jsonl: bytes
+    eval_jsonl: bytes
+    options: TrainingOptions
+    description: str
+    tags: _containers.ScalarMap[str, str]
+    promote_alias: str
+    def __init__(self, task: _Optional[str] = ..., train_jsonl: _Optional[bytes] = ..., eval_jsonl: _Optional[bytes] = ..., options: _Optional[_Union[TrainingOptions, _Mapping]] = ..., description: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., promote_alias: _Optional[str] = ...) -> None: ...
+
+class TrainingJobRequest(_message.Message):
     __slots__ = ("job_id",)
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
+class ListTrainingJobsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListTrainingJobsResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[TrainingJob]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[TrainingJob, _Mapping]]] = ...) -> None: ...
+
+class EvalMetrics(_message.Message):
+    __slots__ = ("examples", "loss", "exact_match", "accuracy")
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    EXACT_MATCH_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    examples: int
+    loss: float
+    exact_match: float
+    accuracy: float
+    def __init__(self, examples: _Optional[int] = ..., loss: _Optional[float] = ..., exact_match: _Optional[float] = ..., accuracy: _Optional[float] = ...) -> None: ...
+
+class TrainingProgress(_message.Message):
+    __slots__ = ("step", "total_steps", "epoch", "train_loss", "eval_loss", "best_eval_loss", "steps_per_second", "elapsed_seconds")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    BEST_EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    total_steps: int
+    epoch: float
+    train_loss: float
+    eval_loss: float
+    best_eval_loss: float
+    steps_per_second: float
+    elapsed_seconds: float
+    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., epoch: _Optional[float] = ..., train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., best_eval_loss: _Optional[float] = ..., steps_per_second: _Optional[float] = ..., elapsed_seconds: _Optional[float] = ...) -> None: ...
+
 class TrainingJob(_message.Message):
-    __slots__ = ("job_id", "state")
+    __slots__ = ("job_id", "task", "state", "phase", "progress", "before", "after", "version", "promoted", "promotion", "error", "created_at", "finished_at", "train_examples", "eval_examples")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PROMOTED_FIELD_NUMBER: _ClassVar[int]
+    PROMOTION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    EVAL_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    state: str
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
+    task: str
+    state: TrainingState
+    phase: str
+    progress: TrainingProgress
+    before: EvalMetrics
+    after: EvalMetrics
+    version: PromptInfo
+    promoted: bool
+    promotion: str
+    error: str
+    created_at: str
+    finished_at: str
+    train_examples: int
+    eval_examples: int
+    def __init__(self, job_id: _Optional[str] = ..., task: _Optional[str] = ..., state: _Optional[_Union[TrainingState, str]] = ..., phase: _Optional[str] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., before: _Optional[_Union[EvalMetrics, _Mapping]] = ..., after: _Optional[_Union[EvalMetrics, _Mapping]] = ..., version: _Optional[_Union[PromptInfo, _Mapping]] = ..., promoted: _Optional[bool] = ..., promotion: _Optional[str] = ..., error: _Optional[str] = ..., created_at: _Optional[str] = ..., finished_at: _Optional[str] = ..., train_examples: _Optional[int] = ..., eval_examples: _Optional[int] = ...) -> None: ...

@@ -56,6 +56,11 @@ class InferenceStub:
                 request_serializer=softprompt_dot_protos_dot_softprompt__pb2.ModelInfoRequest.SerializeToString,
                 response_deserializer=softprompt_dot_protos_dot_softprompt__pb2.ModelInfoResponse.FromString,
                 _registered_method=True)
+        self.Classify = channel.unary_unary(
+                '/softprompt.v1.Inference/Classify',
+                request_serializer=softprompt_dot_protos_dot_softprompt__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=softprompt_dot_protos_dot_softprompt__pb2.ClassifyResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -92,6 +97,14 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Classify(self, request, context):
+        """Scores candidate labels for one input under one task's prompt: each label's log-probability
+        as the complete output (its tokens followed by end-of-sequence). Batched with generation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -114,6 +127,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.ModelInfo,
                     request_deserializer=softprompt_dot_protos_dot_softprompt__pb2.ModelInfoRequest.FromString,
                     response_serializer=softprompt_dot_protos_dot_softprompt__pb2.ModelInfoResponse.SerializeToString,
+            ),
+            'Classify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Classify,
+                    request_deserializer=softprompt_dot_protos_dot_softprompt__pb2.ClassifyRequest.FromString,
+                    response_serializer=softprompt_dot_protos_dot_softprompt__pb2.ClassifyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -226,6 +244,33 @@ class Inference:
             '/softprompt.v1.Inference/ModelInfo',
             softprompt_dot_protos_dot_softprompt__pb2.ModelInfoRequest.SerializeToString,
             softprompt_dot_protos_dot_softprompt__pb2.ModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Classify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/softprompt.v1.Inference/Classify',
+            softprompt_dot_protos_dot_softprompt__pb2.ClassifyRequest.SerializeToString,
+            softprompt_dot_protos_dot_softprompt__pb2.ClassifyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -495,8 +540,8 @@ class Registry:
 class TrainingStub:
     """---------------------------------------------------------------- Training
 
-    Server-side training on the frozen base model. Declared now; implemented in a later release:
-    every call answers UNIMPLEMENTED until then.
+    Server-side training of a soft prompt on the server's own frozen base model (no second copy).
+    Jobs run one at a time, interleaved with serving; the server keeps jobs in memory until it restarts.
     """
 
     def __init__(self, channel):
@@ -512,25 +557,36 @@ class TrainingStub:
                 _registered_method=True)
         self.GetTrainingJob = channel.unary_unary(
                 '/softprompt.v1.Training/GetTrainingJob',
-                request_serializer=softprompt_dot_protos_dot_softprompt__pb2.GetTrainingJobRequest.SerializeToString,
+                request_serializer=softprompt_dot_protos_dot_softprompt__pb2.TrainingJobRequest.SerializeToString,
+                response_deserializer=softprompt_dot_protos_dot_softprompt__pb2.TrainingJob.FromString,
+                _registered_method=True)
+        self.WatchTrainingJob = channel.unary_stream(
+                '/softprompt.v1.Training/WatchTrainingJob',
+                request_serializer=softprompt_dot_protos_dot_softprompt__pb2.TrainingJobRequest.SerializeToString,
                 response_deserializer=softprompt_dot_protos_dot_softprompt__pb2.TrainingJob.FromString,
                 _registered_method=True)
         self.CancelTrainingJob = channel.unary_unary(
                 '/softprompt.v1.Training/CancelTrainingJob',
-                request_serializer=softprompt_dot_protos_dot_softprompt__pb2.GetTrainingJobRequest.SerializeToString,
+                request_serializer=softprompt_dot_protos_dot_softprompt__pb2.TrainingJobRequest.SerializeToString,
                 response_deserializer=softprompt_dot_protos_dot_softprompt__pb2.TrainingJob.FromString,
+                _registered_method=True)
+        self.ListTrainingJobs = channel.unary_unary(
+                '/softprompt.v1.Training/ListTrainingJobs',
+                request_serializer=softprompt_dot_protos_dot_softprompt__pb2.ListTrainingJobsRequest.SerializeToString,
+                response_deserializer=softprompt_dot_protos_dot_softprompt__pb2.ListTrainingJobsResponse.FromString,
                 _registered_method=True)
 
 
 class TrainingServicer:
     """---------------------------------------------------------------- Training
 
-    Server-side training on the frozen base model. Declared now; implemented in a later release:
-    every call answers UNIMPLEMENTED until then.
+    Server-side training of a soft prompt on the server's own frozen base model (no second copy).
+    Jobs run one at a time, interleaved with serving; the server keeps jobs in memory until it restarts.
     """
 
     def TrainPrompt(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Validates the data and options, queues a job and returns it (state QUEUED or RUNNING).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -541,8 +597,23 @@ class TrainingServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchTrainingJob(self, request, context):
+        """Streams the job as it changes (progress, evaluation, result); ends when the job ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CancelTrainingJob(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Stops a queued or running job; nothing is registered. Returns the job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTrainingJobs(self, request, context):
+        """Jobs newest first.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -557,13 +628,23 @@ def add_TrainingServicer_to_server(servicer, server):
             ),
             'GetTrainingJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTrainingJob,
-                    request_deserializer=softprompt_dot_protos_dot_softprompt__pb2.GetTrainingJobRequest.FromString,
+                    request_deserializer=softprompt_dot_protos_dot_softprompt__pb2.TrainingJobRequest.FromString,
+                    response_serializer=softprompt_dot_protos_dot_softprompt__pb2.TrainingJob.SerializeToString,
+            ),
+            'WatchTrainingJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchTrainingJob,
+                    request_deserializer=softprompt_dot_protos_dot_softprompt__pb2.TrainingJobRequest.FromString,
                     response_serializer=softprompt_dot_protos_dot_softprompt__pb2.TrainingJob.SerializeToString,
             ),
             'CancelTrainingJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelTrainingJob,
-                    request_deserializer=softprompt_dot_protos_dot_softprompt__pb2.GetTrainingJobRequest.FromString,
+                    request_deserializer=softprompt_dot_protos_dot_softprompt__pb2.TrainingJobRequest.FromString,
                     response_serializer=softprompt_dot_protos_dot_softprompt__pb2.TrainingJob.SerializeToString,
+            ),
+            'ListTrainingJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTrainingJobs,
+                    request_deserializer=softprompt_dot_protos_dot_softprompt__pb2.ListTrainingJobsRequest.FromString,
+                    response_serializer=softprompt_dot_protos_dot_softprompt__pb2.ListTrainingJobsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -576,8 +657,8 @@ def add_TrainingServicer_to_server(servicer, server):
 class Training:
     """---------------------------------------------------------------- Training
 
-    Server-side training on the frozen base model. Declared now; implemented in a later release:
-    every call answers UNIMPLEMENTED until then.
+    Server-side training of a soft prompt on the server's own frozen base model (no second copy).
+    Jobs run one at a time, interleaved with serving; the server keeps jobs in memory until it restarts.
     """
 
     @staticmethod
@@ -622,7 +703,34 @@ class Training:
             request,
             target,
             '/softprompt.v1.Training/GetTrainingJob',
-            softprompt_dot_protos_dot_softprompt__pb2.GetTrainingJobRequest.SerializeToString,
+            softprompt_dot_protos_dot_softprompt__pb2.TrainingJobRequest.SerializeToString,
+            softprompt_dot_protos_dot_softprompt__pb2.TrainingJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchTrainingJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/softprompt.v1.Training/WatchTrainingJob',
+            softprompt_dot_protos_dot_softprompt__pb2.TrainingJobRequest.SerializeToString,
             softprompt_dot_protos_dot_softprompt__pb2.TrainingJob.FromString,
             options,
             channel_credentials,
@@ -649,8 +757,35 @@ class Training:
             request,
             target,
             '/softprompt.v1.Training/CancelTrainingJob',
-            softprompt_dot_protos_dot_softprompt__pb2.GetTrainingJobRequest.SerializeToString,
+            softprompt_dot_protos_dot_softprompt__pb2.TrainingJobRequest.SerializeToString,
             softprompt_dot_protos_dot_softprompt__pb2.TrainingJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTrainingJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/softprompt.v1.Training/ListTrainingJobs',
+            softprompt_dot_protos_dot_softprompt__pb2.ListTrainingJobsRequest.SerializeToString,
+            softprompt_dot_protos_dot_softprompt__pb2.ListTrainingJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

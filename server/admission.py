@@ -14,12 +14,20 @@ import torch
 
 from softprompt.prompts.errors import BaseModelMismatchError
 from softprompt.prompts.registry import Registry
+from softprompt.prompts.tokens import encode_input, encode_target
 from softprompt.server.config import ServerConfig
 from softprompt.server.engine import Engine, Sequence
-from softprompt.server.errors import InvalidRequestError, PreconditionError
+from softprompt.server.errors import InvalidRequestError
 from softprompt.server.prompt_cache import PromptCache
 from softprompt.server.sampling import SamplingParams
-from softprompt.server.types import DecodingOptions, GenerationRequest, Tokenization
+from softprompt.server.types import (
+    ClassifyRequest,
+    ClassifyResult,
+    DecodingOptions,
+    GenerationRequest,
+    LabelScore,
+    Tokenization,
+)
 
 _MAX_STOP_CHARS = 256
 
@@ -31,6 +39,35 @@ class Admitted:
     sequence: Sequence
     prompt_version: str
     deadline: float | None
+
+
+@dataclass
+class AdmittedScoring:
+    """A Classify request ready for the scheduler: one scoring row per label."""
+
+    request: ClassifyRequest
+    prompt: torch.Tensor | None
+    input_ids: list[int]
+    label_ids: list[list[int]]
+    prompt_version: str
+
+    @property
+    def deadline(self) -> float | None:
+        """When the client stops waiting (time.monotonic())."""
+        return self.request.deadline
+
+    def result(self, logprobs: list[float]) -> ClassifyResult:
+        """Each label's score (probabilities normalised over the candidates) and the most likely label."""
+        top = max(logprobs)
+        weights = [math.exp(lp - top) for lp in logprobs]
+        total = sum(weights)
+        scores = tuple(
+            LabelScore(label, lp, w / total, len(ids))
+            for label, lp, w, ids in zip(self.request.labels, logprobs, weights, self.label_ids)
+        )
+        virtual = 0 if self.prompt is None else int(self.prompt.shape[0])
+        best = max(scores, key=lambda x: x.logprob).label
+        return ClassifyResult(scores, best, self.prompt_version, len(self.input_ids), virtual)
 
 
 class Admission:
@@ -48,10 +85,28 @@ class Admission:
         params = self.sampling_params(request.options)
         prompt, version = self.resolve_prompt(request.task)
         input_ids = list(self.tokenize(request.input, chat=request.options.chat).token_ids)
-        self._check_lengths(input_ids, prompt, params)
+        self._check_lengths(input_ids, prompt, params.max_new_tokens, fix="lower max_new_tokens")
         seq = Sequence(request_id=next(self._ids), input_ids=input_ids, params=params, prompt=prompt)
         self.engine.start(seq)
         return Admitted(sequence=seq, prompt_version=version, deadline=request.deadline)
+
+    def admit_classify(self, request: ClassifyRequest) -> AdmittedScoring:
+        """Checks a Classify request's labels and lengths, resolves its prompt and tokenizes."""
+        labels = request.labels
+        if len(labels) < 2:
+            raise InvalidRequestError(f"give at least two candidate labels to choose between, got {len(labels)}")
+        if len(labels) > self.config.max_labels:
+            raise InvalidRequestError(f"{len(labels)} labels given; this server scores at most {self.config.max_labels}")
+        if any(not label.strip() for label in labels):
+            raise InvalidRequestError("labels must not be empty or blank")
+        if len(set(labels)) != len(labels):
+            raise InvalidRequestError(f"labels must be distinct: {sorted({x for x in labels if labels.count(x) > 1})}")
+        prompt, version = self.resolve_prompt(request.task)
+        input_ids = list(self.tokenize(request.input, chat=request.chat).token_ids)
+        label_ids = [encode_target(self.engine.tokenizer, label, self.engine.eos_id) for label in labels]
+        longest = max(len(ids) for ids in label_ids)
+        self._check_lengths(input_ids, prompt, longest, fix="use shorter labels")
+        return AdmittedScoring(request, prompt, input_ids, label_ids, version)
 
     def sampling_params(self, o: DecodingOptions) -> SamplingParams:
         """Checks decoding options against the limits and fills in defaults."""
@@ -105,20 +160,10 @@ class Admission:
     def tokenize(self, text: str, *, chat: bool = False) -> Tokenization:
         """Tokenizes like generation does: the chat template if asked, else the tokenizer's defaults."""
         tokenizer = self.engine.tokenizer
-        if chat:
-            if not getattr(tokenizer, "chat_template", None):
-                raise PreconditionError(
-                    f"the base model {self.engine.base.spec.model_id} has no chat template: send the input without "
-                    "apply_chat_template, formatted as the model expects"
-                )
-            text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                 add_generation_prompt=True)
-            ids = tokenizer(text, add_special_tokens=False).input_ids
-        else:
-            ids = tokenizer(text).input_ids
+        ids = encode_input(tokenizer, text, chat=chat)
         return Tokenization(token_ids=tuple(ids), tokens=tuple(tokenizer.convert_ids_to_tokens(ids)))
 
-    def _check_lengths(self, input_ids: list[int], prompt: torch.Tensor | None, params: SamplingParams) -> None:
+    def _check_lengths(self, input_ids: list[int], prompt: torch.Tensor | None, new_tokens: int, *, fix: str) -> None:
         virtual = 0 if prompt is None else int(prompt.shape[0])
         if not input_ids and not virtual:
             raise InvalidRequestError("input is empty: give some text, or a task whose prompt starts the sequence")
@@ -127,10 +172,10 @@ class Admission:
                 f"input has {len(input_ids)} tokens; this server accepts at most {self.config.max_input_tokens}: "
                 "shorten it"
             )
-        total = virtual + len(input_ids) + params.max_new_tokens
+        total = virtual + len(input_ids) + new_tokens
         limit = self.engine.base.max_sequence_length
         if total > limit:
             raise InvalidRequestError(
-                f"{virtual} virtual + {len(input_ids)} input + {params.max_new_tokens} new tokens = {total} exceeds "
-                f"the model's maximum sequence length {limit}: shorten the input or lower max_new_tokens"
+                f"{virtual} virtual + {len(input_ids)} input + {new_tokens} new tokens = {total} exceeds "
+                f"the model's maximum sequence length {limit}: shorten the input or {fix}"
             )

@@ -22,6 +22,7 @@ from softprompt.server.model import BaseModel, load_base_model
 from softprompt.server.prompt_cache import PromptCache
 from softprompt.server.scheduler import Scheduler
 from softprompt.server.service import InferenceService, RegistryService, TrainingService
+from softprompt.server.training import TrainingJobs
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class App:
     prompts: PromptCache
     admission: Admission
     scheduler: Scheduler
+    jobs: TrainingJobs
 
 
 def build_app(config: ServerConfig, base: BaseModel | None = None) -> App:
@@ -55,8 +57,11 @@ def build_app(config: ServerConfig, base: BaseModel | None = None) -> App:
         max_queued=config.max_queued_requests,
         max_prefill_tokens=config.max_prefill_tokens,
         batch_wait_s=config.batch_wait_ms / 1000,
+        side_share=config.train_share,
     )
-    return App(config, base, registry, prompts, Admission(engine, registry, prompts, config), scheduler)
+    jobs = TrainingJobs(base, registry, scheduler, max_jobs=config.max_training_jobs,
+                        max_virtual_tokens=config.max_virtual_tokens)
+    return App(config, base, registry, prompts, Admission(engine, registry, prompts, config), scheduler, jobs)
 
 
 def create_server(app: App) -> tuple[grpc.Server, int, health.HealthServicer]:
@@ -71,7 +76,7 @@ def create_server(app: App) -> tuple[grpc.Server, int, health.HealthServicer]:
     )
     pb_grpc.add_InferenceServicer_to_server(InferenceService(app.admission, app.scheduler, cfg), server)
     pb_grpc.add_RegistryServicer_to_server(RegistryService(app.registry, app.admission, app.prompts, cfg), server)
-    pb_grpc.add_TrainingServicer_to_server(TrainingService(), server)
+    pb_grpc.add_TrainingServicer_to_server(TrainingService(app.jobs, cfg), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *SERVICE_NAMES):
@@ -87,13 +92,15 @@ def start(app: App) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Starts the scheduler and a gRPC server for `app`."""
     server, port, health_servicer = create_server(app)
     app.scheduler.start()
+    app.jobs.start()
     server.start()
     return server, port, health_servicer
 
 
 def shutdown(app: App, server: grpc.Server, health_servicer: health.HealthServicer, grace_s: float) -> None:
-    """Drains: health NOT_SERVING, no new work, in-flight requests finish within `grace_s`."""
+    """Drains: health NOT_SERVING, training jobs cancelled, in-flight requests finish within `grace_s`."""
     health_servicer.enter_graceful_shutdown()
+    app.jobs.close()
     app.scheduler.close(grace_s)
     server.stop(grace=1.0).wait()
 

@@ -36,15 +36,21 @@ class ServerConfig:
     prompt_cache_mb: float = 256.0
     max_upload_mb: float = 64.0
     max_stop_sequences: int = 16
+    max_labels: int = 64
+    train_share: float = 0.25
+    max_training_jobs: int = 8
     workers: int = 0  # 0: enough for a full batch, a full queue and a few admin calls
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queued_requests", "max_new_tokens", "default_max_new_tokens",
-                     "max_input_tokens", "max_virtual_tokens", "max_prefill_tokens"):
+                     "max_input_tokens", "max_virtual_tokens", "max_prefill_tokens", "max_labels",
+                     "max_training_jobs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ValueError("default_max_new_tokens must not exceed max_new_tokens")
+        if not 0.0 < self.train_share <= 1.0:
+            raise ValueError(f"train_share must be within (0, 1], got {self.train_share}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535 (0 picks a free port), got {self.port}")
 
@@ -83,6 +89,10 @@ _HELP = {
     "prompt_cache_mb": "device memory for cached prompt tensors (LRU)",
     "max_upload_mb": "largest RegisterPrompt upload",
     "max_stop_sequences": "most stop sequences per request",
+    "max_labels": "most candidate labels per Classify request",
+    "train_share": "share of the model's time training jobs get while requests are being served "
+                   "(an idle server gives them all of it)",
+    "max_training_jobs": "training jobs queued or running before TrainPrompt answers RESOURCE_EXHAUSTED",
     "workers": "gRPC threads, i.e. RPCs in flight before RESOURCE_EXHAUSTED (0: batch + queue + 8)",
 }
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from softprompt.prompts import inject
+from softprompt.prompts.tokens import eos_token_id
 from softprompt.server import kv
 from softprompt.server.model import BaseModel
 from softprompt.server.sampling import SamplingParams, make_generator, next_tokens
@@ -88,6 +90,7 @@ class Engine:
         if eos is None:
             eos = self.tokenizer.eos_token_id
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        self.eos_id = eos_token_id(self.model, self.tokenizer)
 
     def start(self, seq: Sequence) -> None:
         """Prepares a row's per-request state (text tracking, sampling generator)."""
@@ -97,20 +100,9 @@ class Engine:
     @torch.inference_mode()
     def prefill(self, sequences: list[Sequence]) -> tuple[Batch, list[TokenEvent]]:
         """Runs `[prompt ; input]` for new rows and produces each row's first token."""
-        width = max(s.length for s in sequences)
-        hidden = self.model.config.hidden_size
-        embeds = torch.zeros(len(sequences), width, hidden, device=self.device, dtype=self.base.dtype)
-        mask = torch.zeros(len(sequences), width, device=self.device, dtype=torch.long)
-        for row, seq in enumerate(sequences):
-            start = width - seq.length
-            if seq.prompt is not None:
-                embeds[row, start:start + seq.num_virtual_tokens] = seq.prompt
-            if seq.input_ids:
-                ids = torch.tensor(seq.input_ids, device=self.device)
-                embeds[row, start + seq.num_virtual_tokens:] = self._embed(ids)
-            mask[row, start:] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = kv.forward(self.model, DynamicCache(), inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
+        x = inject.build_inputs(self._embed, [s.prompt for s in sequences], [s.input_ids for s in sequences])
+        mask, positions = x.attention_mask, x.position_ids
+        out = kv.forward(self.model, DynamicCache(), inputs_embeds=x.embeds, attention_mask=mask, position_ids=positions)
         if not bool(mask.all()):
             kv.zero_masked(out.cache, mask)
         batch = Batch(
@@ -137,6 +129,13 @@ class Engine:
         batch.attention_mask = mask
         batch.positions = batch.positions + 1
         return self._emit(batch, out.logits)
+
+    @torch.inference_mode()
+    def score(self, prompts: list[torch.Tensor | None], contexts: list[list[int]],
+              continuations: list[list[int]]) -> list[float]:
+        """Each row's total log-probability of its continuation after `[prompt ; context]`, in one forward."""
+        logprobs, mask = inject.continuation_logprobs(self.model, prompts, contexts, continuations)
+        return (logprobs * mask).sum(-1).tolist()
 
     def filter(self, batch: Batch, keep: list[int]) -> Batch | None:
         """Keeps the rows at the given indices; None when none remain."""

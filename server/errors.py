@@ -39,6 +39,10 @@ class ShuttingDownError(ServingError):
     """The server is draining and takes no new requests."""
 
 
+class TrainingJobNotFoundError(ServingError):
+    """No training job has the given id."""
+
+
 # The most specific class must come first: lookup walks this in order with isinstance.
 STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (prompt_errors.InvalidNameError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -47,6 +51,8 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (prompt_errors.PromptNotFoundError, grpc.StatusCode.NOT_FOUND),
     (prompt_errors.RegistryConflictError, grpc.StatusCode.FAILED_PRECONDITION),
     (prompt_errors.CorruptPromptError, grpc.StatusCode.DATA_LOSS),
+    (prompt_errors.ChatTemplateError, grpc.StatusCode.FAILED_PRECONDITION),
+    (prompt_errors.TrainingDataError, grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (PreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -54,6 +60,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (DeadlineError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (CancelledError, grpc.StatusCode.CANCELLED),
     (ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
+    (TrainingJobNotFoundError, grpc.StatusCode.NOT_FOUND),
     (MemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )
 

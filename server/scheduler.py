@@ -1,9 +1,14 @@
 """Queues admitted requests and runs them in one continuously batched loop on a single worker thread.
 
 The worker owns the model. Each iteration it drops rows whose client left or whose deadline
-passed, prefills newly arrived requests (of any tasks) and merges them into the running batch,
-then decodes one token for every row. A request joins at the next step and leaves the moment it
-finishes; nothing waits for a whole batch to drain.
+passed, scores waiting Classify requests (all tasks in one forward), prefills newly arrived
+requests (of any tasks) and merges them into the running batch, then decodes one token for every
+row. A request joins at the next step and leaves the moment it finishes; nothing waits for a
+whole batch to drain.
+
+Training jobs hand the worker small units of model work (`call`). An idle worker runs them back
+to back; while requests are being served they get at most `side_share` of the worker's time, one
+unit between two decode steps, so serving slows by a bounded share instead of stalling.
 """
 
 from __future__ import annotations
@@ -13,15 +18,19 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-from softprompt.server.admission import Admitted
+from softprompt.server.admission import Admitted, AdmittedScoring
 from softprompt.server.engine import Batch, Engine, TokenEvent
 from softprompt.server.errors import CancelledError, DeadlineError, OverloadedError, ShuttingDownError
 from softprompt.server.types import GenerationResult, StreamChunk, Usage
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -71,20 +80,46 @@ class SchedulerStats:
     steps: int = 0
     prefills: int = 0
     max_batch: int = 0
+    side_units: int = 0
+
+
+@dataclass
+class _Scoring:
+    admitted: AdmittedScoring
+    future: Future[list[float]]
+
+
+@dataclass
+class _SideJob:
+    fn: Callable[[], Any]
+    future: Future[Any]
+
+
+@dataclass
+class _Work:
+    new: list[Handle]
+    scoring: list[_Scoring]
+    side: _SideJob | None
 
 
 @dataclass
 class _State:
     waiting: deque[Handle] = field(default_factory=deque)
     running: dict[int, Handle] = field(default_factory=dict)
+    scoring: deque[_Scoring] = field(default_factory=deque)
+    side: deque[_SideJob] = field(default_factory=deque)
+    # Worker seconds spent serving and on side jobs since the worker was last idle.
+    serve_s: float = 0.0
+    side_s: float = 0.0
 
 
 class Scheduler:
     """Admission queue plus the worker loop; thread-safe `submit`."""
 
     def __init__(self, engine: Engine, *, max_batch_size: int, max_queued: int, max_prefill_tokens: int,
-                 batch_wait_s: float = 0.0) -> None:
+                 batch_wait_s: float = 0.0, side_share: float = 0.25) -> None:
         self.engine = engine
+        self.side_share = side_share
         self.max_batch_size = max_batch_size
         self.max_queued = max_queued
         self.max_prefill_tokens = max_prefill_tokens
@@ -104,19 +139,41 @@ class Scheduler:
         """Queues a request; raises OverloadedError when the queue is full."""
         handle = Handle(admitted)
         with self._cond:
-            if self._closed:
-                raise ShuttingDownError("the server is shutting down and takes no new requests: retry on another replica")
-            if len(self._state.waiting) >= self.max_queued:
-                raise OverloadedError(
-                    f"the server is at capacity ({len(self._state.waiting)} requests queued): retry with backoff"
-                )
+            self._check_room()
             self._state.waiting.append(handle)
             self._cond.notify()
         return handle
 
+    def submit_scoring(self, admitted: AdmittedScoring) -> Future[list[float]]:
+        """Queues a Classify request; the future gives each label's log-probability (cancel() drops it)."""
+        job = _Scoring(admitted, Future())
+        with self._cond:
+            self._check_room()
+            self._state.scoring.append(job)
+            self._cond.notify()
+        return job.future
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Runs `fn` on the worker thread (which owns the model) between serving steps; returns its result."""
+        job = _SideJob(fn, Future())
+        with self._cond:
+            if self._closed:
+                raise ShuttingDownError("the server is shutting down: training stopped")
+            self._state.side.append(job)
+            self._cond.notify()
+        return job.future.result()
+
     def queue_depth(self) -> int:
-        """Requests waiting to join the batch."""
-        return len(self._state.waiting)
+        """Requests waiting to join the batch or to be scored."""
+        return len(self._state.waiting) + len(self._state.scoring)
+
+    def _check_room(self) -> None:
+        if self._closed:
+            raise ShuttingDownError("the server is shutting down and takes no new requests: retry on another replica")
+        if self.queue_depth() >= self.max_queued:
+            raise OverloadedError(
+                f"the server is at capacity ({self.queue_depth()} requests queued): retry with backoff"
+            )
 
     def close(self, grace_s: float = 0.0) -> None:
         """Stops taking requests, lets running ones finish for up to `grace_s`, then fails the rest."""
@@ -124,7 +181,7 @@ class Scheduler:
             self._closed = True
             self._cond.notify()
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and (self._state.waiting or self._state.running):
+        while time.monotonic() < deadline and (self._state.waiting or self._state.running or self._state.scoring):
             time.sleep(0.01)
         with self._cond:
             self._stop = True
@@ -139,48 +196,121 @@ class Scheduler:
     def _run(self) -> None:
         batch: Batch | None = None
         while True:
-            new = self._take_new(batch)
-            if new is None:
+            work = self._take_work(batch)
+            if work is None:
                 break
+            started = time.monotonic()
             try:
-                batch = self._step(batch, new)
+                if work.scoring:
+                    self._score(work.scoring)
+                batch = self._step(batch, work.new)
             except Exception as exc:  # noqa: BLE001 - one bad step must not kill the server
-                victims = {id(h): h for h in [*self._state.running.values(), *new]}
-                log.exception("engine step failed; failing %d requests", len(victims))
+                victims = {id(h): h for h in [*self._state.running.values(), *work.new]}
+                log.exception("engine step failed; failing %d requests", len(victims) + len(work.scoring))
                 for handle in victims.values():
                     self._fail(handle, exc)
+                for job in work.scoring:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
                 batch = None
+            self._state.serve_s += time.monotonic() - started
+            if work.side is not None:
+                self._run_side(work.side)
         self._fail_remaining()
+
+    def _run_side(self, job: _SideJob) -> None:
+        started = time.monotonic()
+        try:
+            job.future.set_result(job.fn())
+        except BaseException as exc:  # noqa: BLE001 - the caller (a training job) decides what failed
+            job.future.set_exception(exc)
+        self._state.side_s += time.monotonic() - started
+        self.stats.side_units += 1
 
     def _fail_remaining(self) -> None:
         with self._cond:
             left = [*self._state.running.values(), *self._state.waiting]
             self._state.waiting.clear()
+            scoring, side = list(self._state.scoring), list(self._state.side)
+            self._state.scoring.clear()
+            self._state.side.clear()
+        error = ShuttingDownError("the server shut down before this request finished: retry")
         for handle in left:
-            self._fail(handle, ShuttingDownError("the server shut down before this request finished: retry"))
+            self._fail(handle, error)
+        for job in [*scoring, *side]:
+            if not job.future.done():
+                job.future.set_exception(error)
 
-    def _take_new(self, batch: Batch | None) -> list[Handle] | None:
-        """Waits for work, then takes the arrivals that fit; None means stop."""
+    def _take_work(self, batch: Batch | None) -> _Work | None:
+        """Waits for work, then takes the arrivals that fit, waiting Classify requests and maybe a side job."""
+        state = self._state
         with self._cond:
-            while not self._stop and batch is None and not self._state.waiting:
+            while not self._stop and batch is None and not (state.waiting or state.scoring or state.side):
                 self._cond.wait()
             if self._stop:
                 return None
-            if batch is None and self.batch_wait_s > 0:
+            if batch is None and state.waiting and self.batch_wait_s > 0:
                 # Idle server: gather a burst of arrivals into one prefill.
                 until = time.monotonic() + self.batch_wait_s
-                while len(self._state.waiting) < self.max_batch_size and (left := until - time.monotonic()) > 0:
+                while len(state.waiting) < self.max_batch_size and (left := until - time.monotonic()) > 0:
                     self._cond.wait(left)
             room = self.max_batch_size - (0 if batch is None else len(batch))
             taken: list[Handle] = []
             budget = self.max_prefill_tokens
-            while self._state.waiting and len(taken) < room:
-                length = self._state.waiting[0].admitted.sequence.length
+            while state.waiting and len(taken) < room:
+                length = state.waiting[0].admitted.sequence.length
                 if taken and length > budget:
                     break
                 budget -= length
-                taken.append(self._state.waiting.popleft())
-            return taken
+                taken.append(state.waiting.popleft())
+            scoring = list(state.scoring)
+            state.scoring.clear()
+            idle = batch is None and not taken and not scoring
+            if idle:
+                state.serve_s = state.side_s = 0.0
+            side = None
+            if state.side and (idle or state.side_s <= self.side_share * (state.serve_s + state.side_s)):
+                side = state.side.popleft()
+            return _Work(taken, scoring, side)
+
+    def _score(self, jobs: list[_Scoring]) -> None:
+        """Scores every label row of the waiting Classify requests, packed into prefill-sized forwards."""
+        now = time.monotonic()
+        live = []
+        for job in jobs:
+            deadline = job.admitted.deadline
+            if not job.future.set_running_or_notify_cancel():
+                continue
+            if deadline is not None and now >= deadline:
+                job.future.set_exception(DeadlineError("deadline exceeded while queued: raise the deadline"))
+                continue
+            live.append(job)
+        rows = [(job, j) for job in live for j in range(len(job.admitted.label_ids))]
+        results: dict[int, list[float]] = {id(job): [0.0] * len(job.admitted.label_ids) for job in live}
+        for chunk in self._prefill_chunks(rows):
+            values = self.engine.score(
+                [job.admitted.prompt for job, _ in chunk],
+                [job.admitted.input_ids for job, _ in chunk],
+                [job.admitted.label_ids[j] for job, j in chunk],
+            )
+            for (job, j), value in zip(chunk, values):
+                results[id(job)][j] = value
+        for job in live:
+            job.future.set_result(results[id(job)])
+
+    def _prefill_chunks(self, rows: list[tuple[_Scoring, int]]) -> Iterator[list[tuple[_Scoring, int]]]:
+        chunk: list[tuple[_Scoring, int]] = []
+        budget = self.max_prefill_tokens
+        for job, j in rows:
+            a = job.admitted
+            length = (0 if a.prompt is None else int(a.prompt.shape[0])) + len(a.input_ids) + len(a.label_ids[j])
+            if chunk and (length > budget or len(chunk) >= self.max_batch_size):
+                yield chunk
+                chunk, budget = [], self.max_prefill_tokens
+            chunk.append((job, j))
+            budget -= length
+        if chunk:
+            yield chunk
 
     def _step(self, batch: Batch | None, new: list[Handle]) -> Batch | None:
         now = time.monotonic()

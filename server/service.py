@@ -17,7 +17,9 @@ import grpc
 
 from softprompt.prompts import format as prompt_format
 from softprompt.prompts.errors import InvalidNameError
+from softprompt.prompts.options import TrainingOptions
 from softprompt.prompts.registry import PromptRef, PromptVersion, Registry
+from softprompt.prompts.train import EvalResult, Progress
 from softprompt.protos import softprompt_pb2 as pb
 from softprompt.protos import softprompt_pb2_grpc as pb_grpc
 from softprompt.server.admission import Admission
@@ -25,7 +27,8 @@ from softprompt.server.config import ServerConfig
 from softprompt.server.errors import InvalidRequestError, UploadTooLargeError, status_for
 from softprompt.server.prompt_cache import PromptCache
 from softprompt.server.scheduler import Handle, Scheduler
-from softprompt.server.types import DecodingOptions, GenerationRequest, StreamChunk, Usage
+from softprompt.server.training import JobSnapshot, TrainingJobs, TrainJobRequest
+from softprompt.server.types import ClassifyRequest, DecodingOptions, GenerationRequest, StreamChunk, Usage
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +71,13 @@ def streaming(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _deadline(context: grpc.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
 def _request(msg: pb.GenerateRequest, context: grpc.ServicerContext) -> GenerationRequest:
     p = msg.params
-    remaining = context.time_remaining()
     return GenerationRequest(
         task=msg.task,
         input=msg.input,
@@ -83,7 +90,7 @@ def _request(msg: pb.GenerateRequest, context: grpc.ServicerContext) -> Generati
             stop=tuple(p.stop),
             chat=p.apply_chat_template,
         ),
-        deadline=None if remaining is None else time.monotonic() + remaining,
+        deadline=_deadline(context),
     )
 
 
@@ -147,6 +154,28 @@ class InferenceService(pb_grpc.InferenceServicer):
         return pb.TokenizeResponse(token_ids=t.token_ids, tokens=t.tokens)
 
     @unary
+    def Classify(self, request: pb.ClassifyRequest, context: grpc.ServicerContext) -> pb.ClassifyResponse:
+        started = time.monotonic()
+        admitted = self.admission.admit_classify(ClassifyRequest(
+            task=request.task, input=request.input, labels=tuple(request.labels), chat=request.apply_chat_template,
+            deadline=_deadline(context),
+        ))
+        future = self.scheduler.submit_scoring(admitted)
+        context.add_callback(future.cancel)
+        result = admitted.result(future.result())
+        log.info("Classify %s: %d labels, %d input + %d virtual tokens -> %r in %.0f ms",
+                 result.prompt_version or "base", len(result.scores), result.input_tokens, result.virtual_tokens,
+                 result.label, (time.monotonic() - started) * 1000)
+        return pb.ClassifyResponse(
+            scores=[pb.LabelScore(label=x.label, logprob=x.logprob, probability=x.probability,
+                                  num_tokens=x.num_tokens) for x in result.scores],
+            label=result.label,
+            prompt_version=result.prompt_version,
+            input_tokens=result.input_tokens,
+            virtual_tokens=result.virtual_tokens,
+        )
+
+    @unary
     def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfoResponse:
         base = self.admission.engine.base
         cfg = self.config
@@ -186,6 +215,7 @@ def prompt_info(v: PromptVersion) -> pb.PromptInfo:
         tags=dict(v.tags),
         aliases=list(v.aliases),
         peft_type=v.source_type,
+        metrics=dict(v.metrics),
     )
 
 
@@ -256,13 +286,120 @@ class RegistryService(pb_grpc.RegistryServicer):
 
 
 class TrainingService(pb_grpc.TrainingServicer):
-    """Declared in the API; server-side training is not available in this release."""
+    """Server-side training jobs on the serving model."""
 
-    def _unavailable(self, request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                      "server-side training is not available in this release: register a prompt trained with PEFT")
+    def __init__(self, jobs: TrainingJobs, config: ServerConfig) -> None:
+        self.jobs = jobs
+        self.config = config
 
-    TrainPrompt = GetTrainingJob = CancelTrainingJob = _unavailable
+    @unary
+    def TrainPrompt(self, request: pb.TrainPromptRequest, context: grpc.ServicerContext) -> pb.TrainingJob:
+        size = request.ByteSize()
+        if size > self.config.max_upload_bytes:
+            raise UploadTooLargeError(
+                f"the training request is {size} bytes; this server accepts at most {self.config.max_upload_bytes} "
+                "(serve with a larger --max-upload-mb, or send fewer examples)"
+            )
+        _check_description(request.description, request.tags)
+        job = self.jobs.submit(TrainJobRequest(
+            task=request.task,
+            train_jsonl=request.train_jsonl,
+            eval_jsonl=request.eval_jsonl,
+            options=_training_options(request.options),
+            description=request.description,
+            tags=dict(request.tags),
+            promote_alias=request.promote_alias,
+        ))
+        return _job_message(job)
+
+    @unary
+    def GetTrainingJob(self, request: pb.TrainingJobRequest, context: grpc.ServicerContext) -> pb.TrainingJob:
+        return _job_message(self.jobs.get(request.job_id))
+
+    @streaming
+    def WatchTrainingJob(self, request: pb.TrainingJobRequest, context: grpc.ServicerContext) -> Iterator[pb.TrainingJob]:
+        for snapshot in self.jobs.watch(request.job_id, context.is_active):
+            yield _job_message(snapshot)
+
+    @unary
+    def CancelTrainingJob(self, request: pb.TrainingJobRequest, context: grpc.ServicerContext) -> pb.TrainingJob:
+        job = self.jobs.cancel(request.job_id)
+        log.info("training job %s: cancel requested (%s)", job.job_id, job.state)
+        return _job_message(job)
+
+    @unary
+    def ListTrainingJobs(self, request: pb.ListTrainingJobsRequest,
+                         context: grpc.ServicerContext) -> pb.ListTrainingJobsResponse:
+        return pb.ListTrainingJobsResponse(jobs=[_job_message(j) for j in self.jobs.list()])
+
+
+_STATES = {
+    "queued": pb.TRAINING_STATE_QUEUED,
+    "running": pb.TRAINING_STATE_RUNNING,
+    "succeeded": pb.TRAINING_STATE_SUCCEEDED,
+    "failed": pb.TRAINING_STATE_FAILED,
+    "cancelled": pb.TRAINING_STATE_CANCELLED,
+}
+
+
+def _training_options(m: pb.TrainingOptions) -> TrainingOptions:
+    """Wire options to the dataclass; zero or unset fields take the defaults."""
+    d = TrainingOptions()
+    try:
+        return TrainingOptions(
+            num_virtual_tokens=m.num_virtual_tokens or d.num_virtual_tokens,
+            init=m.init or d.init,
+            learning_rate=m.learning_rate or d.learning_rate,
+            epochs=m.epochs or d.epochs,
+            max_steps=m.max_steps,
+            batch_size=m.batch_size or d.batch_size,
+            grad_accum=m.grad_accum or d.grad_accum,
+            max_length=m.max_length or d.max_length,
+            seed=m.seed if m.HasField("seed") else d.seed,
+            eval_fraction=m.eval_fraction if m.HasField("eval_fraction") else d.eval_fraction,
+            eval_every=m.eval_every,
+            patience=m.patience if m.HasField("patience") else d.patience,
+            apply_chat_template=m.apply_chat_template,
+            warmup_steps=m.warmup_steps,
+        )
+    except ValueError as e:
+        raise InvalidRequestError(f"training options: {e}") from None
+
+
+def _metrics(r: EvalResult | None) -> pb.EvalMetrics | None:
+    if r is None:
+        return None
+    return pb.EvalMetrics(examples=r.examples, loss=r.loss, exact_match=r.exact_match, accuracy=r.accuracy)
+
+
+def _progress(p: Progress | None) -> pb.TrainingProgress | None:
+    if p is None:
+        return None
+    return pb.TrainingProgress(
+        step=p.step, total_steps=p.total_steps, epoch=p.epoch, train_loss=p.train_loss or 0.0,
+        eval_loss=p.eval_loss, best_eval_loss=p.best_eval_loss or 0.0, steps_per_second=p.steps_per_second,
+        elapsed_seconds=p.elapsed_seconds,
+    )
+
+
+def _job_message(j: JobSnapshot) -> pb.TrainingJob:
+    return pb.TrainingJob(
+        job_id=j.job_id,
+        task=j.task,
+        state=_STATES[j.state],
+        phase=j.phase,
+        progress=_progress(j.progress),
+        before=_metrics(j.before),
+        after=_metrics(j.after),
+        version=None if j.version is None else prompt_info(j.version),
+        promoted=j.promoted,
+        promotion=j.promotion,
+        error=j.error,
+        created_at=j.created_at,
+        finished_at=j.finished_at,
+        train_examples=j.train_examples,
+        eval_examples=j.eval_examples,
+    )
 
 
 def _check_description(description: str, tags: Any) -> None:

@@ -65,3 +65,35 @@ class Tokenization:
 
     token_ids: tuple[int, ...]
     tokens: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ClassifyRequest:
+    """Score candidate labels for one input under one task's prompt."""
+
+    task: str
+    input: str
+    labels: tuple[str, ...]
+    chat: bool = False
+    deadline: float | None = None
+
+
+@dataclass(frozen=True)
+class LabelScore:
+    """A label's log-probability as the whole output (its tokens plus end-of-sequence)."""
+
+    label: str
+    logprob: float
+    probability: float
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class ClassifyResult:
+    """Every label's score, in request order, and the most likely label."""
+
+    scores: tuple[LabelScore, ...]
+    label: str
+    prompt_version: str
+    input_tokens: int
+    virtual_tokens: int

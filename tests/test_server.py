@@ -268,16 +268,6 @@ def _wait_idle(app, timeout: float = 10.0) -> None:
     raise AssertionError("requests are still held by the scheduler")
 
 
-def test_training_service_says_unimplemented(server):
-    from softprompt.protos import softprompt_pb2 as pb
-    from softprompt.protos import softprompt_pb2_grpc as pb_grpc
-
-    with grpc.insecure_channel(server[1]) as channel:
-        with pytest.raises(grpc.RpcError) as info:
-            pb_grpc.TrainingStub(channel).TrainPrompt(pb.TrainPromptRequest(task="x"))
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-
-
 def test_threads_do_not_leak(client):
     def round_of_requests() -> None:
         with ThreadPoolExecutor(8) as pool:

@@ -1,0 +1,97 @@
+"""Training settings: one dataclass shared by the trainer, the server's Training service and the client.
+
+Pure Python (no torch), so the client library and CLI can build and check options without the
+server's dependencies. Every field has a default that works on the default model without tuning.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+INIT_VOCAB = "vocab"
+INIT_RANDOM = "random"
+INIT_TEXT_PREFIX = "text:"
+INIT_FROM_PREFIX = "from:"
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """How to train one soft prompt; see `softprompt train --help` for each field's meaning.
+
+    Attributes:
+        num_virtual_tokens: rows of the learned `[num_virtual_tokens, hidden]` prompt.
+        init: "vocab" (embeddings of sampled vocabulary tokens), "random" (Gaussian scaled to the
+            embedding norm), "text:SOME WORDS" (the words' embeddings, repeated to fill) or
+            "from:TASK[@VERSION]" (warm start from a registered prompt of the same length).
+        learning_rate: AdamW learning rate of the prompt.
+        epochs: passes over the training data.
+        max_steps: cap on optimizer steps (0: no cap).
+        batch_size: examples per forward pass.
+        grad_accum: forward passes per optimizer step.
+        max_length: tokens per example (input + target); longer inputs are cut at the end.
+        seed: makes initialisation, shuffling and the held-out split reproducible.
+        eval_fraction: share of the training data held out when no eval data is given.
+        eval_every: optimizer steps between held-out evaluations (0: once per epoch).
+        patience: evaluations without a better held-out loss before stopping early (0: never).
+        apply_chat_template: wrap each input as a user turn, as generation does when asked.
+        warmup_steps: linear learning-rate warm-up.
+    """
+
+    num_virtual_tokens: int = 20
+    init: str = INIT_VOCAB
+    learning_rate: float = 0.03
+    epochs: int = 3
+    max_steps: int = 0
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 256
+    seed: int = 0
+    eval_fraction: float = 0.1
+    eval_every: int = 0
+    patience: int = 3
+    apply_chat_template: bool = False
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        _at_least("num_virtual_tokens", self.num_virtual_tokens, 1)
+        _at_least("epochs", self.epochs, 1)
+        _at_least("max_steps", self.max_steps, 0)
+        _at_least("batch_size", self.batch_size, 1)
+        _at_least("grad_accum", self.grad_accum, 1)
+        _at_least("max_length", self.max_length, 2)
+        _at_least("seed", self.seed, 0)
+        _at_least("eval_every", self.eval_every, 0)
+        _at_least("patience", self.patience, 0)
+        _at_least("warmup_steps", self.warmup_steps, 0)
+        if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate)
+                and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate!r}")
+        if not (isinstance(self.eval_fraction, (int, float)) and 0.0 <= self.eval_fraction < 1.0):
+            raise ValueError(f"eval_fraction must be within [0, 1), got {self.eval_fraction!r}")
+        init_kind(self.init)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as JSON-ready values (stored with the trained version)."""
+        return asdict(self)
+
+
+def init_kind(init: str) -> tuple[str, str]:
+    """Splits an init spec into (kind, argument); ValueError says what is accepted."""
+    if init in (INIT_VOCAB, INIT_RANDOM):
+        return init, ""
+    for prefix in (INIT_TEXT_PREFIX, INIT_FROM_PREFIX):
+        if init.startswith(prefix):
+            arg = init[len(prefix):].strip()
+            if not arg:
+                raise ValueError(f"init {init!r} needs something after {prefix!r}")
+            return prefix[:-1], arg
+    raise ValueError(
+        f"init must be 'vocab', 'random', 'text:SOME WORDS' or 'from:TASK[@VERSION]', got {init!r}"
+    )
+
+
+def _at_least(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")

@@ -1,0 +1,475 @@
+"""Learns a soft prompt on a frozen base model from input/target examples.
+
+Only the `[num_virtual_tokens, hidden]` prompt is trained (float32, AdamW); the base model's weights
+never change. The loss is the cross-entropy of the target tokens (plus end-of-sequence) after
+`[prompt ; input]`, computed by `inject.continuation_logprobs`, the same placement the server uses,
+so a trained prompt serves exactly as it trained.
+
+Every unit of model work goes through `runner`, a callable that runs a function and returns its
+result. In-process training runs units directly; the server passes its scheduler's, which
+interleaves them with generation on the one thread that owns the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
+
+import torch
+
+from softprompt.prompts import inject
+from softprompt.prompts.data import Example, check_eval_labels, data_hash, labels_of
+from softprompt.prompts.errors import InvalidPromptError, TrainingDataError
+from softprompt.prompts.options import TrainingOptions, init_kind
+from softprompt.prompts.tokens import encode_input, encode_target, eos_token_id
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Runner = Callable[[Callable[[], T]], T]
+
+_EVAL_ROWS = 32  # rows per forward pass when evaluating or scoring
+_LOSS_WINDOW = 10  # optimizer steps in the running train loss
+_GRAD_CLIP = 1.0
+
+
+class TrainingCancelled(Exception):
+    """The job was cancelled; nothing is to be registered."""
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Held-out metrics of one prompt."""
+
+    examples: int
+    loss: float
+    exact_match: float
+    accuracy: float | None = None
+
+    def metrics(self) -> dict[str, float]:
+        """The metrics as a flat name -> value map (what the registry records)."""
+        out = {"eval_loss": self.loss, "exact_match": self.exact_match}
+        if self.accuracy is not None:
+            out["accuracy"] = self.accuracy
+        return out
+
+    def key(self) -> tuple[float, float]:
+        """Orders results: accuracy (classification) or exact match first, then lower loss."""
+        return (self.accuracy if self.accuracy is not None else self.exact_match, -self.loss)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A snapshot of a run, sent to the progress callback after every step and phase change."""
+
+    phase: str
+    step: int
+    total_steps: int
+    epoch: float
+    train_loss: float | None
+    eval_loss: float | None
+    best_eval_loss: float | None
+    steps_per_second: float
+    elapsed_seconds: float
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """One point of the loss curves (eval_loss only where the held-out set was evaluated)."""
+
+    step: int
+    train_loss: float
+    eval_loss: float | None = None
+
+
+@dataclass
+class TrainingResult:
+    """What a run produced: the prompt to register and everything recorded with it."""
+
+    embeddings: torch.Tensor  # float32, CPU
+    options: TrainingOptions
+    steps: int
+    best_step: int
+    stop_reason: str  # "completed", "max_steps", "early_stopping" or "interrupted"
+    before: EvalResult | None
+    after: EvalResult | None
+    curve: list[CurvePoint]
+    elapsed_seconds: float
+    train_examples: int
+    eval_examples: int
+    train_hash: str
+    eval_hash: str
+    labels: tuple[str, ...] | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def report(self) -> dict[str, Any]:
+        """The JSON report stored as training.json next to the registered version."""
+        return {
+            "options": self.options.to_dict(),
+            "steps": self.steps,
+            "best_step": self.best_step,
+            "stop_reason": self.stop_reason,
+            "before": None if self.before is None else asdict(self.before),
+            "after": None if self.after is None else asdict(self.after),
+            "curve": [asdict(p) for p in self.curve],
+            "elapsed_seconds": round(self.elapsed_seconds, 3),
+            "data": {
+                "train_examples": self.train_examples,
+                "eval_examples": self.eval_examples,
+                "train_sha256": self.train_hash,
+                "eval_sha256": self.eval_hash,
+                "labels": None if self.labels is None else list(self.labels),
+            },
+            **self.extra,
+        }
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    input_ids: list[int]
+    target_ids: list[int]  # ends with end-of-sequence
+    target: str
+
+
+def _direct(fn: Callable[[], T]) -> T:
+    return fn()
+
+
+class PromptTrainer:
+    """Trains and evaluates prompts for one frozen base model."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        options: TrainingOptions,
+        *,
+        runner: Runner | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+        stop: threading.Event | None = None,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.options = options
+        self.run: Runner = runner or _direct
+        self.on_progress = on_progress
+        self.stop = stop or threading.Event()
+        self.cancel = cancel or threading.Event()
+        self.eos_id = eos_token_id(model, tokenizer)
+        self.embedding = model.get_input_embeddings()
+        self.device = self.embedding.weight.device
+        max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+        self.max_length = options.max_length
+        if max_positions:
+            self.max_length = min(self.max_length, max_positions - options.num_virtual_tokens)
+        if self.max_length < 2:
+            raise TrainingDataError(
+                f"{options.num_virtual_tokens} virtual tokens leave no room in the model's {max_positions} positions: "
+                "use fewer virtual tokens"
+            )
+
+    # ------------------------------------------------------------------ data
+
+    def encode(self, examples: Sequence[Example], *, what: str = "training") -> list[_Encoded]:
+        """Tokenizes examples like serving does, cutting inputs (from the end) to fit `max_length`."""
+        encoded, cut = [], 0
+        for number, ex in enumerate(examples, start=1):
+            input_ids = encode_input(self.tokenizer, ex.input, chat=self.options.apply_chat_template)
+            target_ids = encode_target(self.tokenizer, ex.target, self.eos_id)
+            room = self.max_length - len(target_ids)
+            if room < 0 or (room == 0 and not input_ids and self.options.num_virtual_tokens == 0):
+                raise TrainingDataError(
+                    f"{what} example {number}: the target is {len(target_ids)} tokens with end-of-sequence, longer "
+                    f"than max_length {self.max_length}: raise --max-length or shorten the target"
+                )
+            if len(input_ids) > room:
+                input_ids, cut = input_ids[:room], cut + 1
+            encoded.append(_Encoded(input_ids, target_ids, ex.target))
+        if cut:
+            log.warning("%d of %d %s inputs were cut to fit max_length %d", cut, len(examples), what, self.max_length)
+        return encoded
+
+    # ------------------------------------------------------------------ init
+
+    def initial_prompt(self, source: torch.Tensor | None = None, *, init_source: str = "") -> torch.Tensor:
+        """The starting prompt for `options.init` (float32, CPU); `source` is the registered prompt for "from:"."""
+        kind, arg = init_kind(self.options.init)
+        n = self.options.num_virtual_tokens
+        weight = self.embedding.weight.detach()
+        gen = torch.Generator().manual_seed(self.options.seed)
+        if kind == "from":
+            if source is None:
+                raise ValueError("init 'from:' needs the registered prompt passed as source")
+            if source.shape[0] != n:
+                raise InvalidPromptError(
+                    f"{init_source or arg} has {source.shape[0]} virtual tokens but {n} were asked for: set "
+                    f"num_virtual_tokens to {source.shape[0]} to warm-start from it"
+                )
+            return source.detach().to(device="cpu", dtype=torch.float32).clone()
+        if kind == "text":
+            ids = list(self.tokenizer(arg, add_special_tokens=False).input_ids)
+            if not ids:
+                raise TrainingDataError(f"init text {arg!r} has no tokens: give some words")
+            ids = (ids * math.ceil(n / len(ids)))[:n]
+            return weight[torch.tensor(ids, device=weight.device)].float().cpu().clone()
+        if kind == "vocab":
+            special = set(getattr(self.tokenizer, "all_special_ids", []) or [])
+            candidates = torch.tensor([i for i in range(weight.shape[0]) if i not in special])
+            ids = candidates[torch.randint(len(candidates), (n,), generator=gen)]
+            return weight[ids.to(weight.device)].float().cpu().clone()
+        # "random": Gaussian directions with the typical norm of a real token embedding, not N(0, 1)
+        # (whose norm, sqrt(hidden), is many times larger and derails the model).
+        norm = weight.float().norm(dim=-1).mean().item()
+        noise = torch.randn(n, weight.shape[1], generator=gen)
+        return noise / noise.norm(dim=-1, keepdim=True) * norm
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, prompt: torch.Tensor | None, examples: Sequence[_Encoded],
+                 labels: tuple[str, ...] | None) -> EvalResult:
+        """Held-out loss, greedy exact match and (for classification data) accuracy by label scoring."""
+        loss_sum, tokens = 0.0, 0
+        for chunk in _chunks(list(examples), _EVAL_ROWS):
+            s, n = self.run(lambda chunk=chunk: self._loss_sums(prompt, chunk))
+            loss_sum, tokens = loss_sum + s, tokens + n
+        matches = 0
+        for chunk in _chunks(list(examples), _EVAL_ROWS):
+            outputs = self.run(lambda chunk=chunk: self._greedy(prompt, chunk))
+            matches += sum(out.strip() == ex.target.strip() for out, ex in zip(outputs, chunk))
+        accuracy = None
+        if labels is not None:
+            accuracy = self._accuracy(prompt, examples, labels)
+        n = max(1, len(examples))
+        return EvalResult(examples=len(examples), loss=loss_sum / max(1, tokens), exact_match=matches / n,
+                          accuracy=accuracy)
+
+    def score_labels(self, prompt: torch.Tensor | None, input_ids: Sequence[list[int]],
+                     labels: Sequence[str]) -> torch.Tensor:
+        """`[examples, labels]` log-probabilities of each label (plus end-of-sequence) as the whole output."""
+        targets = [encode_target(self.tokenizer, label, self.eos_id) for label in labels]
+        rows = [(i, j) for i in range(len(input_ids)) for j in range(len(labels))]
+        scores = torch.zeros(len(input_ids), len(labels))
+        for chunk in _chunks(rows, _EVAL_ROWS):
+            def unit(chunk: list[tuple[int, int]] = chunk) -> torch.Tensor:
+                with torch.inference_mode():
+                    lp, mask = inject.continuation_logprobs(
+                        self.model, [prompt] * len(chunk), [input_ids[i] for i, _ in chunk],
+                        [targets[j] for _, j in chunk],
+                    )
+                    return (lp * mask).sum(-1).cpu()
+            for (i, j), value in zip(chunk, self.run(unit).tolist()):
+                scores[i, j] = value
+        return scores
+
+    def _accuracy(self, prompt: torch.Tensor | None, examples: Sequence[_Encoded], labels: tuple[str, ...]) -> float:
+        self._check_cancel()
+        scores = self.score_labels(prompt, [ex.input_ids for ex in examples], labels)
+        predicted = scores.argmax(-1).tolist()
+        return sum(labels[p] == ex.target for p, ex in zip(predicted, examples)) / max(1, len(examples))
+
+    def _loss_sums(self, prompt: torch.Tensor | None, chunk: list[_Encoded]) -> tuple[float, int]:
+        self._check_cancel()
+        with torch.inference_mode():
+            lp, mask = inject.continuation_logprobs(
+                self.model, [prompt] * len(chunk), [ex.input_ids for ex in chunk], [ex.target_ids for ex in chunk]
+            )
+            return float(-(lp * mask).sum()), int(mask.sum())
+
+    def _greedy(self, prompt: torch.Tensor | None, chunk: list[_Encoded]) -> list[str]:
+        from transformers import GenerationConfig
+
+        self._check_cancel()
+        max_new = max(len(ex.target_ids) for ex in chunk) + 1
+        with torch.inference_mode():
+            x = inject.build_inputs(self.embedding, [prompt] * len(chunk), [ex.input_ids for ex in chunk])
+            config = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=self.eos_id,
+                                      pad_token_id=self.eos_id)
+            out = self.model.generate(inputs_embeds=x.embeds, attention_mask=x.attention_mask,
+                                      generation_config=config)
+        texts = []
+        for row in out.tolist():
+            if self.eos_id in row:
+                row = row[:row.index(self.eos_id)]
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
+        return texts
+
+    # ------------------------------------------------------------------ training
+
+    def fit(self, train: Sequence[Example], held_out: Sequence[Example], init: torch.Tensor) -> TrainingResult:
+        """Trains from `init`; returns the prompt with the best held-out loss (the last one without held-out data).
+
+        Setting `stop` ends training early and keeps the best prompt so far; setting `cancel` raises
+        `TrainingCancelled` at the next unit of work.
+        """
+        o = self.options
+        started = time.monotonic()
+        labels = labels_of(list(train))
+        check_eval_labels(labels, list(held_out), source="the held-out data")
+        train_enc = self.encode(train)
+        eval_enc = self.encode(held_out, what="held-out")
+        if not train_enc:
+            raise TrainingDataError("no training examples: give at least one")
+
+        per_step = o.batch_size * o.grad_accum
+        steps_per_epoch = math.ceil(len(train_enc) / per_step)
+        total = steps_per_epoch * o.epochs
+        if o.max_steps:
+            total = min(total, o.max_steps)
+        eval_every = o.eval_every or steps_per_epoch
+        state = _RunState(started=started, total=total, steps_per_epoch=steps_per_epoch)
+
+        prompt = torch.nn.Parameter(init.detach().to(device=self.device, dtype=torch.float32).clone())
+        optimizer = torch.optim.AdamW([prompt], lr=o.learning_rate, weight_decay=0.0)
+        before = None
+        if eval_enc:
+            self._report("evaluating", state)
+            before = self.evaluate(prompt.detach(), eval_enc, labels)
+            state.best_loss = before.loss
+            log.info("before training: %s", _describe(before))
+        best = prompt.detach().cpu().clone()
+        order_gen = torch.Generator().manual_seed(o.seed)
+
+        stop_reason = "completed"
+        while state.step < total and stop_reason == "completed":
+            order = torch.randperm(len(train_enc), generator=order_gen).tolist()
+            micro = [[train_enc[i] for i in order[k:k + o.batch_size]] for k in range(0, len(order), o.batch_size)]
+            for first in range(0, len(micro), o.grad_accum):
+                if self.stop.is_set():
+                    stop_reason = "interrupted"
+                    break
+                self._check_cancel()
+                group = micro[first:first + o.grad_accum]
+                loss = self._optimizer_step(prompt, optimizer, group, state.step)
+                state.step += 1
+                state.losses.append(loss)
+                eval_loss = None
+                if eval_enc and (state.step % eval_every == 0 or state.step == total):
+                    self._report("evaluating", state)
+                    eval_loss = self._held_out_loss(prompt.detach(), eval_enc)
+                    state.last_eval = eval_loss
+                    if state.best_loss is None or eval_loss < state.best_loss:
+                        state.best_loss, state.best_step, state.bad_evals = eval_loss, state.step, 0
+                        best = prompt.detach().cpu().clone()
+                    else:
+                        state.bad_evals += 1
+                state.curve.append(CurvePoint(state.step, state.train_loss, eval_loss))
+                self._report("training", state)
+                if state.step >= total:
+                    stop_reason = "max_steps" if o.max_steps and total == o.max_steps else "completed"
+                    break
+                if o.patience and state.bad_evals >= o.patience:
+                    stop_reason = "early_stopping"
+                    break
+        if not eval_enc:
+            best, state.best_step = prompt.detach().cpu().clone(), state.step
+
+        after = None
+        if eval_enc:
+            self._report("evaluating", state)
+            after = self.evaluate(best.to(self.device), eval_enc, labels)
+            log.info("after training (step %d of %d, %s): %s", state.best_step, state.step, stop_reason,
+                     _describe(after))
+        return TrainingResult(
+            embeddings=best,
+            options=o,
+            steps=state.step,
+            best_step=state.best_step,
+            stop_reason=stop_reason,
+            before=before,
+            after=after,
+            curve=state.curve,
+            elapsed_seconds=time.monotonic() - started,
+            train_examples=len(train_enc),
+            eval_examples=len(eval_enc),
+            train_hash=data_hash(list(train)),
+            eval_hash=data_hash(list(held_out)),
+            labels=labels,
+        )
+
+    def _optimizer_step(self, prompt: torch.nn.Parameter, optimizer: torch.optim.Optimizer,
+                        group: list[list[_Encoded]], step: int) -> float:
+        o = self.options
+        lr = o.learning_rate * min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps else o.learning_rate
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        tokens = sum(len(ex.target_ids) for batch in group for ex in batch)
+        loss = 0.0
+        for batch in group:
+            loss += self.run(lambda batch=batch: self._backward(prompt, batch, tokens))
+
+        def update() -> None:
+            torch.nn.utils.clip_grad_norm_([prompt], _GRAD_CLIP)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        self.run(update)
+        return loss
+
+    def _backward(self, prompt: torch.nn.Parameter, batch: list[_Encoded], tokens: int) -> float:
+        with torch.enable_grad():
+            lp, mask = inject.continuation_logprobs(
+                self.model, [prompt] * len(batch), [ex.input_ids for ex in batch], [ex.target_ids for ex in batch]
+            )
+            loss = -(lp * mask).sum() / tokens
+            loss.backward()
+        return float(loss.detach())
+
+    def _held_out_loss(self, prompt: torch.Tensor, examples: list[_Encoded]) -> float:
+        loss_sum, tokens = 0.0, 0
+        for chunk in _chunks(examples, _EVAL_ROWS):
+            s, n = self.run(lambda chunk=chunk: self._loss_sums(prompt, chunk))
+            loss_sum, tokens = loss_sum + s, tokens + n
+        return loss_sum / max(1, tokens)
+
+    def _check_cancel(self) -> None:
+        if self.cancel.is_set():
+            raise TrainingCancelled("training was cancelled")
+
+    def _report(self, phase: str, state: _RunState) -> None:
+        if self.on_progress is None:
+            return
+        elapsed = time.monotonic() - state.started
+        self.on_progress(Progress(
+            phase=phase,
+            step=state.step,
+            total_steps=state.total,
+            epoch=state.step / state.steps_per_epoch,
+            train_loss=state.train_loss if state.losses else None,
+            eval_loss=state.last_eval,
+            best_eval_loss=state.best_loss,
+            steps_per_second=state.step / elapsed if elapsed > 0 else 0.0,
+            elapsed_seconds=elapsed,
+        ))
+
+
+@dataclass
+class _RunState:
+    started: float
+    total: int
+    steps_per_epoch: int
+    step: int = 0
+    best_step: int = 0
+    best_loss: float | None = None
+    last_eval: float | None = None
+    bad_evals: int = 0
+    losses: deque[float] = field(default_factory=lambda: deque(maxlen=_LOSS_WINDOW))
+    curve: list[CurvePoint] = field(default_factory=list)
+
+    @property
+    def train_loss(self) -> float:
+        return sum(self.losses) / max(1, len(self.losses))
+
+
+def _chunks(items: list[T], size: int) -> list[list[T]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _describe(r: EvalResult) -> str:
+    acc = "" if r.accuracy is None else f", accuracy {r.accuracy:.3f}"
+    return f"{r.examples} held-out examples, loss {r.loss:.4f}, exact match {r.exact_match:.3f}{acc}"

@@ -1,0 +1,239 @@
+"""Training: the trainer on a tiny model, PEFT round trip, data errors, quality gate, local CLI.
+
+Tests make their own small synthetic task: the input ends with a cue word and the target is the
+label that cue stands for, so a prompt can learn it and a held-out set measures that it did.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from softprompt.prompts import inject
+from softprompt.prompts.data import Example, labels_of, load_jsonl, parse_jsonl, split
+from softprompt.prompts.errors import TrainingDataError
+from softprompt.prompts.options import TrainingOptions
+from softprompt.prompts.pipeline import execute, plan
+from softprompt.prompts.registry import Registry
+from softprompt.prompts.train import PromptTrainer, TrainingCancelled
+
+WORDS = "the quick brown fox jumps over lazy dog movie film".split()
+CUES = {"positive": "great", "negative": "awful"}
+FAST = dict(num_virtual_tokens=4, learning_rate=0.1, batch_size=8, patience=0)
+
+
+def synthetic(n: int, seed: int) -> list[Example]:
+    """Inputs of four random words and a cue; the target is the cue's label."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        label = rng.choice(sorted(CUES))
+        words = " ".join(rng.choice(WORDS) for _ in range(4))
+        out.append(Example(f"{words} {CUES[label]}", label))
+    return out
+
+
+def to_jsonl(examples: list[Example]) -> str:
+    return "".join(json.dumps({"input": e.input, "target": e.target}) + "\n" for e in examples)
+
+
+def test_training_lowers_held_out_loss_and_raises_accuracy(tiny_base):
+    options = TrainingOptions(epochs=12, eval_every=8, **FAST)
+    trainer = PromptTrainer(tiny_base.model, tiny_base.tokenizer, options)
+    result = trainer.fit(synthetic(64, 1), synthetic(16, 2), trainer.initial_prompt())
+    assert result.before is not None and result.after is not None
+    assert result.after.loss < result.before.loss * 0.7
+    assert result.after.accuracy is not None and result.after.accuracy > result.before.accuracy
+    assert result.steps == 96 and result.stop_reason == "completed"
+    held = [p.eval_loss for p in result.curve if p.eval_loss is not None]
+    assert len(held) == 12 and min(held) == pytest.approx(result.after.loss, rel=1e-4)
+    # The base model stays frozen.
+    assert all(not p.requires_grad for p in tiny_base.model.parameters())
+
+
+def test_trained_prompt_serves_exactly_as_it_trained(tiny_base):
+    """The loss the trainer optimises is the serving path's: same logits with left padding in a batch."""
+    torch.manual_seed(0)
+    prompt = torch.randn(5, tiny_base.model.config.hidden_size) * 0.5
+    ids = [tiny_base.tokenizer("the quick brown fox").input_ids, tiny_base.tokenizer("hello").input_ids]
+    target = tiny_base.tokenizer(" jumps", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        lp, mask = inject.continuation_logprobs(tiny_base.model, [prompt, None], ids, [target, target])
+        x = inject.build_inputs(tiny_base.model.get_input_embeddings(), [prompt, None], [i + target for i in ids])
+        logits = tiny_base.model(inputs_embeds=x.embeds, attention_mask=x.attention_mask,
+                                 position_ids=x.position_ids).logits.float()
+        alone = tiny_base.model(inputs_embeds=torch.cat(
+            [prompt[None], tiny_base.model.get_input_embeddings()(torch.tensor([ids[0] + target]))], 1)).logits.float()
+    # Left-padded batch (serving) vs right-padded scoring (training): row 0 alone is the reference.
+    width = x.embeds.shape[1]
+    for j, token in enumerate(target):
+        col = width - len(target) - 1 + j
+        expected = alone[0, 5 + len(ids[0]) - 1 + j].log_softmax(-1)[token]
+        assert logits[0, col].log_softmax(-1)[token] == pytest.approx(float(expected), abs=1e-4)
+        assert float(lp[0, j]) == pytest.approx(float(expected), abs=1e-4)
+    assert mask.sum() == 2 * len(target)
+
+
+def test_trained_version_loads_in_peft_with_the_same_logits(tiny_base, tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    registry = Registry(tmp_path / "store")
+    options = TrainingOptions(epochs=2, **FAST)
+    trainer = PromptTrainer(tiny_base.model, tiny_base.tokenizer, options)
+    p = plan(registry, tiny_base.spec, "sent", synthetic(32, 3), synthetic(8, 4), options)
+    outcome = execute(p, trainer, registry, tiny_base.spec)
+    version_dir = registry.version_dir(outcome.version)
+    assert (version_dir / "training.json").exists() and (version_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    report = json.loads((version_dir / "training.json").read_text())
+    assert report["options"]["num_virtual_tokens"] == 4 and report["data"]["train_examples"] == 32
+    assert outcome.version.metrics["eval_loss"] == pytest.approx(outcome.result.after.loss)
+
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(version_dir))
+    ids = torch.tensor([tiny_base.tokenizer("the lazy dog great").input_ids])
+    prompt = registry.load_embeddings(outcome.version)
+    with torch.no_grad():
+        theirs = peft_model(input_ids=ids).logits[0, -1]
+        x = inject.build_inputs(tiny_base.model.get_input_embeddings(), [prompt], ids.tolist())
+        ours = tiny_base.model(inputs_embeds=x.embeds, attention_mask=x.attention_mask,
+                               position_ids=x.position_ids).logits[0, -1]
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_initialisations(tiny_base, tmp_path):
+    weight = tiny_base.model.get_input_embeddings().weight.detach()
+    norm = weight.norm(dim=-1).mean()
+
+    def init(spec: str, source: torch.Tensor | None = None) -> torch.Tensor:
+        options = TrainingOptions(num_virtual_tokens=6, init=spec)
+        return PromptTrainer(tiny_base.model, tiny_base.tokenizer, options).initial_prompt(source)
+
+    random_init = init("random")
+    assert random_init.norm(dim=-1).mean() == pytest.approx(float(norm), rel=1e-3)
+    text_ids = tiny_base.tokenizer("the", add_special_tokens=False).input_ids
+    assert len(text_ids) < 6  # so the text repeats to fill the prompt
+    assert torch.equal(init("text:the"), weight[(text_ids * 6)[:6]])
+    vocab = init("vocab")
+    assert all(any(torch.equal(row, w) for w in weight) for row in vocab)
+    source = torch.randn(6, weight.shape[1])
+    assert torch.equal(init("from:sent@1", source), source)
+    with pytest.raises(Exception, match="set num_virtual_tokens to 3"):
+        init("from:sent@1", torch.randn(3, weight.shape[1]))
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b'{"input": "a", "target": "b"}\n{"input": "a"\n', "line 2: not valid JSON"),
+        (b'{"input": "a", "target": ""}\n', 'line 1: "target" is empty'),
+        (b'{"input": 3, "target": "b"}\n', 'line 1: "input" must be a string'),
+        (b'["input", "target"]\n', "line 1: expected a JSON object"),
+        (b'{"text": "a"}\n', 'line 1: no "input"/"target" keys'),
+        (b'{"input": "a", "target": "b", "input_text": "c", "target_text": "d"}\n', "not both pairs"),
+        (b"\n\n", "holds no examples"),
+        (b"\xff\xfe", "not UTF-8"),
+    ],
+)
+def test_bad_data_names_the_line(data, message):
+    with pytest.raises(TrainingDataError, match=message):
+        parse_jsonl(data, source="train.jsonl")
+
+
+def test_data_helpers(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"input_text": "x", "target_text": "y"}\n\n{"input": "", "target": "z"}\n')
+    assert load_jsonl(path) == [Example("x", "y"), Example("", "z")]
+    with pytest.raises(TrainingDataError, match="cannot read"):
+        load_jsonl(tmp_path / "missing.jsonl")
+    examples = synthetic(20, 5)
+    train, held = split(examples, 0.25, seed=1)
+    assert len(held) == 5 and sorted(map(str, train + held)) == sorted(map(str, examples))
+    assert split(examples, 0.25, seed=1) == (train, held)
+    assert labels_of(examples) == ("negative", "positive")
+    assert labels_of([Example(str(i), str(i)) for i in range(10)]) is None
+
+
+def test_plan_refuses_bad_requests_before_compute(tiny_base, tmp_path):
+    registry = Registry(tmp_path)
+    options = TrainingOptions(**FAST)
+    with pytest.raises(TrainingDataError, match="never uses"):
+        plan(registry, tiny_base.spec, "t", synthetic(20, 1), [Example("x", "neutral")], options)
+    with pytest.raises(TrainingDataError, match="no held-out data"):
+        plan(registry, tiny_base.spec, "t", synthetic(20, 1), [], options, promote_alias="prod")
+    with pytest.raises(Exception, match="no task"):
+        plan(registry, tiny_base.spec, "t", synthetic(20, 1), None, TrainingOptions(init="from:missing"))
+    with pytest.raises(Exception, match="name"):
+        plan(registry, tiny_base.spec, "../t", synthetic(20, 1), None, options)
+    with pytest.raises(ValueError, match="learning_rate"):
+        TrainingOptions(learning_rate=-1)
+    with pytest.raises(ValueError, match="init must be"):
+        TrainingOptions(init="zeros")
+    trainer = PromptTrainer(tiny_base.model, tiny_base.tokenizer, TrainingOptions(max_length=3, **{
+        k: v for k, v in FAST.items()}))
+    with pytest.raises(TrainingDataError, match="raise --max-length"):
+        trainer.encode([Example("x", "a long target that needs many tokens")])
+
+
+def test_stop_keeps_best_and_cancel_raises(tiny_base):
+    options = TrainingOptions(epochs=50, eval_every=2, **FAST)
+    calls = []
+
+    def on_progress(p):
+        calls.append(p)
+        if p.step == 6:
+            trainer.stop.set()
+
+    trainer = PromptTrainer(tiny_base.model, tiny_base.tokenizer, options, on_progress=on_progress)
+    result = trainer.fit(synthetic(32, 1), synthetic(8, 2), trainer.initial_prompt())
+    assert result.stop_reason == "interrupted" and result.steps == 6 and result.after is not None
+    assert result.best_step in (2, 4, 6)
+
+    cancelling = PromptTrainer(tiny_base.model, tiny_base.tokenizer, options)
+    cancelling.cancel.set()
+    with pytest.raises(TrainingCancelled):
+        cancelling.fit(synthetic(32, 1), synthetic(8, 2), cancelling.initial_prompt())
+
+
+def test_quality_gate_never_promotes_a_worse_prompt(tiny_base, tmp_path):
+    registry = Registry(tmp_path)
+    train, held = synthetic(48, 1), synthetic(16, 2)
+
+    def run(**kw):
+        options = TrainingOptions(**{**FAST, **kw})
+        trainer = PromptTrainer(tiny_base.model, tiny_base.tokenizer, options)
+        return execute(plan(registry, tiny_base.spec, "sent", train, held, options, promote_alias="prod"),
+                       trainer, registry, tiny_base.spec)
+
+    good = run(epochs=10)
+    assert good.promotion.promoted and registry.resolve("sent@prod").version == good.version.version
+    worse = run(epochs=1, max_steps=1, learning_rate=1e-4)
+    assert not worse.promotion.promoted and "does not beat" in worse.promotion.message
+    assert registry.resolve("sent@prod").version == good.version.version
+    assert worse.version.version == good.version.version + 1  # registered, just not promoted
+
+
+def test_local_cli_trains_and_registers(tiny_model_dir, tmp_path, capsys):
+    from softprompt.client.cli import main
+
+    (tmp_path / "train.jsonl").write_text(to_jsonl(synthetic(24, 1)))
+    (tmp_path / "eval.jsonl").write_text(to_jsonl(synthetic(8, 2)))
+    out = tmp_path / "run"
+    status = main([
+        "train", "--task", "sent", "--data", str(tmp_path / "train.jsonl"), "--eval", str(tmp_path / "eval.jsonl"),
+        "--store", str(tmp_path / "store"), "--model", str(tiny_model_dir), "--device", "cpu",
+        "--num-virtual-tokens", "4", "--max-steps", "5", "--output-dir", str(out), "--promote", "prod", "--json",
+    ])
+    assert status == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["version"] == "sent@1" and summary["steps"] == 5 and summary["promoted"]
+    assert (out / "loss.png").exists() and json.loads((out / "training.json").read_text())["steps"] == 5
+    assert Registry(tmp_path / "store").resolve("sent@prod").version == 1
+
+    (tmp_path / "bad.jsonl").write_text('{"input": "x"}\n')
+    status = main(["train", "--task", "sent", "--data", str(tmp_path / "bad.jsonl"),
+                   "--store", str(tmp_path / "store"), "--model", str(tiny_model_dir)])
+    assert status == 1 and 'line 1: "target" is missing' in capsys.readouterr().err

@@ -66,17 +66,33 @@ def build_inputs(
     )
 
 
-def continuation_logprobs(
+@dataclass
+class Continuations:
+    """Per-token results of scoring continuations, each `[batch, longest continuation]`."""
+
+    logprobs: torch.Tensor  # float32 log-probability of each continuation token
+    mask: torch.Tensor  # 1 at real tokens, 0 at padding
+    greedy: torch.Tensor  # True where the token is the model's most likely next token
+
+    def totals(self) -> torch.Tensor:
+        """Each row's total log-probability."""
+        return (self.logprobs * self.mask).sum(-1)
+
+    def greedy_rows(self) -> torch.Tensor:
+        """Rows whose every token is the argmax: greedy decoding would produce exactly this continuation."""
+        return (self.greedy | (self.mask == 0)).all(-1)
+
+
+def score_continuations(
     model: torch.nn.Module,
     prompts: Sequence[torch.Tensor | None],
     contexts: Sequence[Sequence[int]],
     continuations: Sequence[Sequence[int]],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities of each row's continuation tokens given `[prompt ; context]`.
+) -> Continuations:
+    """Scores each row's continuation tokens given `[prompt ; context]`, in one teacher-forced forward.
 
-    Returns `(logprobs, mask)`, both `[batch, longest continuation]` (float32; mask 1 at real
-    tokens). The loss of training and the label scores of Classify are both sums over these.
-    Each row needs at least one position (prompt or context) before its continuation.
+    The loss of training, the label scores of Classify and exact-match evaluation all come from
+    here. Each row needs at least one position (prompt or context) before its continuation.
     """
     for p, ctx in zip(prompts, contexts):
         if (p is None or p.shape[0] == 0) and not ctx:
@@ -91,17 +107,21 @@ def continuation_logprobs(
         use_cache=False,
     )
     longest = max(len(t) for t in continuations)
-    rows, cols, targets, mask = [], [], [], torch.zeros(len(continuations), longest)
+    rows, cols, targets = [], [], []
+    mask = torch.zeros(len(continuations), longest, dtype=torch.bool)
     for row, (p, ctx, cont) in enumerate(zip(prompts, contexts, continuations)):
         first = (0 if p is None else int(p.shape[0])) + len(ctx) - 1  # the position predicting cont[0]
         for j, token in enumerate(cont):
             rows.append(row)
             cols.append(first + j)
             targets.append(token)
-            mask[row, j] = 1
+            mask[row, j] = True
     device = out.logits.device
+    mask = mask.to(device)
     picked = out.logits[torch.tensor(rows, device=device), torch.tensor(cols, device=device)].float()
-    lp = picked.log_softmax(-1).gather(-1, torch.tensor(targets, device=device)[:, None])[:, 0]
+    tokens = torch.tensor(targets, device=device)
     logprobs = torch.zeros(len(continuations), longest, device=device)
-    logprobs[mask.to(device).bool()] = lp
-    return logprobs, mask.to(device)
+    logprobs[mask] = picked.log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
+    greedy = torch.zeros(len(continuations), longest, dtype=torch.bool, device=device)
+    greedy[mask] = picked.argmax(-1) == tokens
+    return Continuations(logprobs, mask.float(), greedy)

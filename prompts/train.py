@@ -2,7 +2,7 @@
 
 Only the `[num_virtual_tokens, hidden]` prompt is trained (float32, AdamW); the base model's weights
 never change. The loss is the cross-entropy of the target tokens (plus end-of-sequence) after
-`[prompt ; input]`, computed by `inject.continuation_logprobs`, the same placement the server uses,
+`[prompt ; input]`, computed by `inject.score_continuations`, the same placement the server uses,
 so a trained prompt serves exactly as it trained.
 
 Every unit of model work goes through `runner`, a callable that runs a function and returns its
@@ -234,71 +234,46 @@ class PromptTrainer:
 
     def evaluate(self, prompt: torch.Tensor | None, examples: Sequence[_Encoded],
                  labels: tuple[str, ...] | None) -> EvalResult:
-        """Held-out loss, greedy exact match and (for classification data) accuracy by label scoring."""
-        loss_sum, tokens = 0.0, 0
-        for chunk in _chunks(list(examples), _EVAL_ROWS):
-            s, n = self.run(lambda chunk=chunk: self._loss_sums(prompt, chunk))
-            loss_sum, tokens = loss_sum + s, tokens + n
-        matches = 0
-        for chunk in _chunks(list(examples), _EVAL_ROWS):
-            outputs = self.run(lambda chunk=chunk: self._greedy(prompt, chunk))
-            matches += sum(out.strip() == ex.target.strip() for out, ex in zip(outputs, chunk))
+        """Held-out loss, exact match and (for classification data) accuracy by scoring every label.
+
+        Exact match means greedy decoding reproduces the target exactly (its tokens, then
+        end-of-sequence): true when every target token is the argmax after the ones before it, so
+        the teacher-forced pass that gives the loss decides it too.
+        """
+        examples = list(examples)
+        loss_sum, tokens, matches = 0.0, 0, 0
+        target_scores: list[float] = []
+        for chunk in _chunks(examples, _EVAL_ROWS):
+            scored = self.run(lambda chunk=chunk: self._score(prompt, [(ex, ex.target_ids) for ex in chunk]))
+            loss_sum -= float(scored.totals().sum())
+            tokens += int(scored.mask.sum())
+            matches += int(scored.greedy_rows().sum())
+            target_scores.extend(scored.totals().tolist())
         accuracy = None
         if labels is not None:
-            accuracy = self._accuracy(prompt, examples, labels)
+            accuracy = self._accuracy(prompt, examples, labels, target_scores)
         n = max(1, len(examples))
         return EvalResult(examples=len(examples), loss=loss_sum / max(1, tokens), exact_match=matches / n,
                           accuracy=accuracy)
 
-    def score_labels(self, prompt: torch.Tensor | None, input_ids: Sequence[list[int]],
-                     labels: Sequence[str]) -> torch.Tensor:
-        """`[examples, labels]` log-probabilities of each label (plus end-of-sequence) as the whole output."""
-        targets = [encode_target(self.tokenizer, label, self.eos_id) for label in labels]
-        rows = [(i, j) for i in range(len(input_ids)) for j in range(len(labels))]
-        scores = torch.zeros(len(input_ids), len(labels))
+    def _accuracy(self, prompt: torch.Tensor | None, examples: list[_Encoded], labels: tuple[str, ...],
+                  target_scores: list[float]) -> float:
+        """Share of examples whose target outscores every other label (the target's score is already known)."""
+        label_ids = {label: encode_target(self.tokenizer, label, self.eos_id) for label in labels}
+        rows = [(i, label) for i, ex in enumerate(examples) for label in labels if label != ex.target]
+        best_other = [-math.inf] * len(examples)
         for chunk in _chunks(rows, _EVAL_ROWS):
-            def unit(chunk: list[tuple[int, int]] = chunk) -> torch.Tensor:
-                with torch.inference_mode():
-                    lp, mask = inject.continuation_logprobs(
-                        self.model, [prompt] * len(chunk), [input_ids[i] for i, _ in chunk],
-                        [targets[j] for _, j in chunk],
-                    )
-                    return (lp * mask).sum(-1).cpu()
-            for (i, j), value in zip(chunk, self.run(unit).tolist()):
-                scores[i, j] = value
-        return scores
+            scored = self.run(lambda chunk=chunk: self._score(prompt, [(examples[i], label_ids[lb]) for i, lb in chunk]))
+            for (i, _), value in zip(chunk, scored.totals().tolist()):
+                best_other[i] = max(best_other[i], value)
+        return sum(t > o for t, o in zip(target_scores, best_other)) / max(1, len(examples))
 
-    def _accuracy(self, prompt: torch.Tensor | None, examples: Sequence[_Encoded], labels: tuple[str, ...]) -> float:
-        self._check_cancel()
-        scores = self.score_labels(prompt, [ex.input_ids for ex in examples], labels)
-        predicted = scores.argmax(-1).tolist()
-        return sum(labels[p] == ex.target for p, ex in zip(predicted, examples)) / max(1, len(examples))
-
-    def _loss_sums(self, prompt: torch.Tensor | None, chunk: list[_Encoded]) -> tuple[float, int]:
+    def _score(self, prompt: torch.Tensor | None, rows: list[tuple[_Encoded, list[int]]]) -> inject.Continuations:
         self._check_cancel()
         with torch.inference_mode():
-            lp, mask = inject.continuation_logprobs(
-                self.model, [prompt] * len(chunk), [ex.input_ids for ex in chunk], [ex.target_ids for ex in chunk]
+            return inject.score_continuations(
+                self.model, [prompt] * len(rows), [ex.input_ids for ex, _ in rows], [cont for _, cont in rows]
             )
-            return float(-(lp * mask).sum()), int(mask.sum())
-
-    def _greedy(self, prompt: torch.Tensor | None, chunk: list[_Encoded]) -> list[str]:
-        from transformers import GenerationConfig
-
-        self._check_cancel()
-        max_new = max(len(ex.target_ids) for ex in chunk) + 1
-        with torch.inference_mode():
-            x = inject.build_inputs(self.embedding, [prompt] * len(chunk), [ex.input_ids for ex in chunk])
-            config = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=self.eos_id,
-                                      pad_token_id=self.eos_id)
-            out = self.model.generate(inputs_embeds=x.embeds, attention_mask=x.attention_mask,
-                                      generation_config=config)
-        texts = []
-        for row in out.tolist():
-            if self.eos_id in row:
-                row = row[:row.index(self.eos_id)]
-            texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
-        return texts
 
     # ------------------------------------------------------------------ training
 
@@ -413,18 +388,18 @@ class PromptTrainer:
 
     def _backward(self, prompt: torch.nn.Parameter, batch: list[_Encoded], tokens: int) -> float:
         with torch.enable_grad():
-            lp, mask = inject.continuation_logprobs(
+            scored = inject.score_continuations(
                 self.model, [prompt] * len(batch), [ex.input_ids for ex in batch], [ex.target_ids for ex in batch]
             )
-            loss = -(lp * mask).sum() / tokens
+            loss = -scored.totals().sum() / tokens
             loss.backward()
         return float(loss.detach())
 
     def _held_out_loss(self, prompt: torch.Tensor, examples: list[_Encoded]) -> float:
         loss_sum, tokens = 0.0, 0
         for chunk in _chunks(examples, _EVAL_ROWS):
-            s, n = self.run(lambda chunk=chunk: self._loss_sums(prompt, chunk))
-            loss_sum, tokens = loss_sum + s, tokens + n
+            scored = self.run(lambda chunk=chunk: self._score(prompt, [(ex, ex.target_ids) for ex in chunk]))
+            loss_sum, tokens = loss_sum - float(scored.totals().sum()), tokens + int(scored.mask.sum())
         return loss_sum / max(1, tokens)
 
     def _check_cancel(self) -> None:

@@ -134,8 +134,7 @@ class Engine:
     def score(self, prompts: list[torch.Tensor | None], contexts: list[list[int]],
               continuations: list[list[int]]) -> list[float]:
         """Each row's total log-probability of its continuation after `[prompt ; context]`, in one forward."""
-        logprobs, mask = inject.continuation_logprobs(self.model, prompts, contexts, continuations)
-        return (logprobs * mask).sum(-1).tolist()
+        return inject.score_continuations(self.model, prompts, contexts, continuations).totals().tolist()
 
     def filter(self, batch: Batch, keep: list[int]) -> Batch | None:
         """Keeps the rows at the given indices; None when none remain."""

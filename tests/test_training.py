@@ -62,7 +62,8 @@ def test_trained_prompt_serves_exactly_as_it_trained(tiny_base):
     ids = [tiny_base.tokenizer("the quick brown fox").input_ids, tiny_base.tokenizer("hello").input_ids]
     target = tiny_base.tokenizer(" jumps", add_special_tokens=False).input_ids
     with torch.no_grad():
-        lp, mask = inject.continuation_logprobs(tiny_base.model, [prompt, None], ids, [target, target])
+        scored = inject.score_continuations(tiny_base.model, [prompt, None], ids, [target, target])
+        lp, mask = scored.logprobs, scored.mask
         x = inject.build_inputs(tiny_base.model.get_input_embeddings(), [prompt, None], [i + target for i in ids])
         logits = tiny_base.model(inputs_embeds=x.embeds, attention_mask=x.attention_mask,
                                  position_ids=x.position_ids).logits.float()
@@ -76,6 +77,25 @@ def test_trained_prompt_serves_exactly_as_it_trained(tiny_base):
         assert logits[0, col].log_softmax(-1)[token] == pytest.approx(float(expected), abs=1e-4)
         assert float(lp[0, j]) == pytest.approx(float(expected), abs=1e-4)
     assert mask.sum() == 2 * len(target)
+
+
+def test_exact_match_is_what_greedy_generation_produces(tiny_base):
+    """A teacher-forced row counts as an exact match exactly when greedy decoding reproduces it."""
+    from conftest import reference_greedy
+
+    torch.manual_seed(1)
+    prompt = torch.randn(3, tiny_base.model.config.hidden_size) * 0.5
+    eos = tiny_base.tokenizer.eos_token_id
+    inputs = [tiny_base.tokenizer(t).input_ids for t in ("the quick brown fox", "hello", "a soft prompt")]
+    # Targets: the greedy output itself and a copy with one token changed.
+    targets = [reference_greedy(tiny_base.model, prompt, ids, 4, {eos}) for ids in inputs]
+    perturbed = [[*t[:-1], (t[-1] + 1) % 50] for t in targets]
+    with torch.no_grad():
+        scored = inject.score_continuations(tiny_base.model, [prompt] * 6, inputs * 2, targets + perturbed)
+    expected = [reference_greedy(tiny_base.model, prompt, ids, len(t), {eos}) == t
+                for ids, t in zip(inputs * 2, targets + perturbed)]
+    assert scored.greedy_rows().tolist() == expected
+    assert any(expected) and not all(expected)
 
 
 def test_trained_version_loads_in_peft_with_the_same_logits(tiny_base, tiny_model_dir, tmp_path):

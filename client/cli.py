@@ -608,7 +608,8 @@ def _add_train(commands: Any, common: argparse.ArgumentParser) -> None:
     )
     where.add_argument(
         "--output-dir", type=Path, metavar="DIR",
-        help="with --store: where the loss plot and report go (default: chosen by the trainer)",
+        help="with --store: where the loss plot and report go (default: ./runs/TASK-DATE-TIME); "
+             "the version's folder in the store holds them too",
     )
 
 

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from softprompt.prompts import format as fmt
-from softprompt.prompts.base import BaseModelSpec
+from softprompt.prompts.base import BaseModelSpec, spec_of
 from softprompt.prompts.data import Example, check_eval_labels, labels_of, split
 from softprompt.prompts.errors import InvalidPromptError, RegistryConflictError, TrainingDataError
 from softprompt.prompts.options import TrainingOptions, init_kind
 from softprompt.prompts.plot import loss_plot_png
 from softprompt.prompts.registry import PromptRef, PromptVersion, Registry, validate_alias, validate_name
-from softprompt.prompts.train import EvalResult, PromptTrainer, TrainingResult
+from softprompt.prompts.train import EvalResult, Progress, PromptTrainer, TrainingResult
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,38 @@ def execute(
         on_phase("promoting")
         promotion = promote(registry, version, p.promote_alias, result.after, trainer, p.held_out, result.labels)
     return TrainingOutcome(version, result, promotion)
+
+
+def train_prompt(
+    model: Any,
+    tokenizer: Any,
+    registry: Registry,
+    task: str,
+    train: Sequence[Example],
+    held_out: Sequence[Example] | None = None,
+    *,
+    options: TrainingOptions | None = None,
+    model_id: str = "",
+    description: str = "",
+    tags: Mapping[str, str] | None = None,
+    promote_alias: str = "",
+    on_progress: Callable[[Progress], None] | None = None,
+) -> TrainingOutcome:
+    """Trains a prompt for `task` on a loaded, frozen Hugging Face model and registers it, in one call.
+
+    `held_out` None holds out `options.eval_fraction` of `train`. Example:
+
+        >>> from softprompt.prompts.data import load_jsonl
+        >>> outcome = train_prompt(model, tokenizer, Registry("./store"), "sentiment", load_jsonl("train.jsonl"))
+        >>> outcome.version.ref, outcome.result.after
+    """
+    options = options or TrainingOptions()
+    model.requires_grad_(False)
+    base = spec_of(model, model_id or str(getattr(model.config, "_name_or_path", "") or "unknown"))
+    p = plan(registry, base, task, train, held_out, options, description=description, tags=tags,
+             promote_alias=promote_alias)
+    trainer = PromptTrainer(model, tokenizer, options, on_progress=on_progress)
+    return execute(p, trainer, registry, base)
 
 
 def promote(

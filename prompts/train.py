@@ -84,7 +84,7 @@ class CurvePoint:
     """One point of the loss curves (eval_loss only where the held-out set was evaluated)."""
 
     step: int
-    train_loss: float
+    train_loss: float | None  # None at step 0, before training
     eval_loss: float | None = None
 
 
@@ -307,6 +307,7 @@ class PromptTrainer:
             self._report("evaluating", state)
             before = self.evaluate(prompt.detach(), eval_enc, labels)
             state.best_loss = before.loss
+            state.curve.append(CurvePoint(0, None, before.loss))
             log.info("before training: %s", _describe(before))
         best = prompt.detach().cpu().clone()
         order_gen = torch.Generator().manual_seed(o.seed)

@@ -44,6 +44,7 @@ METHODS: dict[str, tuple[str, str]] = {
     "c": ("peft", "PEFT generate, one batch per task"),
     "d": ("engine", "softprompt engine, offline"),
     "e": ("grpc", "softprompt server, gRPC streams"),
+    "f": ("grpc-training", "softprompt server, gRPC streams, while a training job runs"),
 }
 # Warm-up runs only need every kernel and code path touched once; a few tokens do that.
 WARMUP_TOKENS = 4
@@ -583,6 +584,45 @@ class GrpcServer:
         shutdown(self.app, self.server, self.health, grace_s=1.0)
 
 
+class GrpcWhileTraining(GrpcServer):
+    """(f) as (e), while a server-side training job runs on the same in-memory model.
+
+    The ratio f/e is what a running job costs serving (the server's --train-share bounds it);
+    the job's steps during the run show what training still gets.
+    """
+
+    def __init__(self, s: Settings, base: BaseModel, work: Workload, store: Path) -> None:
+        from softprompt.client import TrainingOptions
+
+        super().__init__(s, base, work, store)
+        data = [{"input": text, "target": ("negative", "positive")[i % 2]} for i, text in enumerate(work.texts)]
+        options = TrainingOptions(num_virtual_tokens=s.virtual_tokens, epochs=1_000_000, eval_fraction=0.0, patience=0)
+        client = self.clients[0]
+        self.job_id = client.train("bench-training", data, options=options).job_id
+        for job in client.watch_training_job(self.job_id):
+            if job.done:
+                raise RuntimeError(f"the benchmark's training job ended early: {job.state} {job.error}")
+            if job.progress is not None and job.progress.step >= 1:
+                break
+
+    def run(self, new_tokens: int) -> Outcome:
+        """See `Runner.run`; adds the training steps the job made during the run."""
+        step0 = self._steps()
+        outcome = super().run(new_tokens)
+        outcome.extra["training_steps"] = self._steps() - step0
+        return outcome
+
+    def _steps(self) -> int:
+        progress = self.clients[0].get_training_job(self.job_id).progress
+        return 0 if progress is None else progress.step
+
+    def close(self) -> None:
+        """Cancels the job, then drains the server."""
+        self.clients[0].cancel_training_job(self.job_id)
+        self.clients[0].wait_for_training_job(self.job_id, timeout=600)
+        super().close()
+
+
 def _stream_one(client: Any, task: str, text: str, new_tokens: int) -> tuple[list[int], float, float]:
     """One streamed request: (ids, time to first token, latency), both from the send."""
     ids: list[int] = []
@@ -604,7 +644,9 @@ def make_runner(key: str, s: Settings, base: BaseModel, work: Workload, store: P
         return PeftPerTask(base, work, s.virtual_tokens)
     if key == "d":
         return EngineOffline(s, base, work, store)
-    return GrpcServer(s, base, work, store)
+    if key == "e":
+        return GrpcServer(s, base, work, store)
+    return GrpcWhileTraining(s, base, work, store)
 
 
 # ---------------------------------------------------------------------- running
@@ -763,11 +805,22 @@ def eos_ids(base: BaseModel) -> frozenset[int]:
 
 
 def identical(results: list[MethodResult]) -> bool | None:
-    """Whether (d) and (e), both our greedy engine, produced the same ids for every request."""
-    by_key = {r.key: r for r in results}
-    if "d" not in by_key or "e" not in by_key:
+    """Whether (d), (e) and (f), all our greedy engine, produced the same ids for every request."""
+    ours = [r.outputs for r in results if r.key in ("d", "e", "f")]
+    if len(ours) < 2:
         return None
-    return by_key["d"].outputs == by_key["e"].outputs
+    return all(o == ours[0] for o in ours[1:])
+
+
+def training_line(results: list[MethodResult]) -> list[str]:
+    """What a running training job costs serving: (f) against (e)."""
+    by_key = {r.key: r for r in results}
+    if "e" not in by_key or "f" not in by_key:
+        return []
+    e, f = by_key["e"], by_key["f"]
+    return [f"(f)/(e): serving while a training job runs gets {f.tokens_per_s / e.tokens_per_s:.2f}x the "
+            f"throughput of serving alone; p99 latency {f.latency_p99_s / e.latency_p99_s:.2f}x; the job made "
+            f"{f.extra['training_steps']} optimizer steps meanwhile ({f.extra['training_steps'] / f.wall_s:.2f}/s)"]
 
 
 def report(s: Settings, base: BaseModel, work: Workload, results: list[MethodResult]) -> dict[str, Any]:
@@ -805,9 +858,9 @@ def report(s: Settings, base: BaseModel, work: Workload, results: list[MethodRes
           f"(mean {settings['input_tokens']['mean']:.1f}, {settings['input_source']}), {s.new_tokens} new tokens; "
           f"{settings['clients']} gRPC clients; engine max batch {s.batch_size}; {s.warmup} warm-up run(s)", file=out)
     print(file=out)
-    for line in table(results, eos_ids(base)) + [""] + engine_lines(results):
+    for line in table(results, eos_ids(base)) + [""] + engine_lines(results) + training_line(results):
         print(line, file=out)
-    print(f"outputs identical ((d) vs (e)): {'n/a' if same is None else 'yes' if same else 'no'}", file=out)
+    print(f"outputs identical ((d), (e), (f)): {'n/a' if same is None else 'yes' if same else 'no'}", file=out)
     print(file=out)
     for note in notes:
         print(f"note: {note}", file=out)
@@ -822,7 +875,7 @@ def report(s: Settings, base: BaseModel, work: Workload, results: list[MethodRes
 
 def _skip_keys(value: str) -> frozenset[str]:
     aliases = {name: key for key, (name, _) in METHODS.items()} | {key: key for key in METHODS}
-    aliases |= {"sequential": "a", "batch": "b", "server": "e"}
+    aliases |= {"sequential": "a", "batch": "b", "server": "e", "training": "f"}
     keys = set()
     for item in filter(None, (v.strip().lower() for v in value.split(","))):
         if item not in aliases:

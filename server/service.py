@@ -230,12 +230,7 @@ class RegistryService(pb_grpc.RegistryServicer):
 
     @unary
     def RegisterPrompt(self, request: pb.RegisterPromptRequest, context: grpc.ServicerContext) -> pb.PromptInfo:
-        size = request.ByteSize()
-        if size > self.config.max_upload_bytes:
-            raise UploadTooLargeError(
-                f"the upload is {size} bytes; this server accepts at most {self.config.max_upload_bytes} "
-                "(serve with a larger --max-upload-mb, or register a shorter prompt)"
-            )
+        _check_size(request, self.config.max_upload_bytes, "register a shorter prompt")
         ref = PromptRef.parse(request.name)
         if ref.version is not None or ref.alias is not None:
             raise InvalidNameError(f"register under a bare task name, not {request.name!r}; versions are numbered by the server")
@@ -294,12 +289,7 @@ class TrainingService(pb_grpc.TrainingServicer):
 
     @unary
     def TrainPrompt(self, request: pb.TrainPromptRequest, context: grpc.ServicerContext) -> pb.TrainingJob:
-        size = request.ByteSize()
-        if size > self.config.max_upload_bytes:
-            raise UploadTooLargeError(
-                f"the training request is {size} bytes; this server accepts at most {self.config.max_upload_bytes} "
-                "(serve with a larger --max-upload-mb, or send fewer examples)"
-            )
+        _check_size(request, self.config.max_upload_bytes, "send fewer examples")
         _check_description(request.description, request.tags)
         job = self.jobs.submit(TrainJobRequest(
             task=request.task,
@@ -400,6 +390,15 @@ def _job_message(j: JobSnapshot) -> pb.TrainingJob:
         train_examples=j.train_examples,
         eval_examples=j.eval_examples,
     )
+
+
+def _check_size(request: Any, limit: int, fix: str) -> None:
+    size = request.ByteSize()
+    if size > limit:
+        raise UploadTooLargeError(
+            f"the upload is {size} bytes; this server accepts at most {limit} (serve with a larger --max-upload-mb, "
+            f"or {fix})"
+        )
 
 
 def _check_description(description: str, tags: Any) -> None:

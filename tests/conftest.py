@@ -6,6 +6,8 @@ as any `--model` folder; only its size is small, so the whole suite runs offline
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -81,6 +83,20 @@ def tiny_base(tiny_model_dir: Path):
     from softprompt.server.model import load_base_model
 
     return load_base_model(str(tiny_model_dir), device="cpu")
+
+
+@contextmanager
+def running_server(base, store: Path, **settings) -> Iterator[tuple[object, str]]:
+    """A real server for `base` on a free loopback port: yields (app, address), then drains it."""
+    from softprompt.server.app import build_app, shutdown, start
+    from softprompt.server.config import ServerConfig
+
+    app = build_app(ServerConfig(port=0, store=store, **settings), base=base)
+    grpc_server, port, health = start(app)
+    try:
+        yield app, f"127.0.0.1:{port}"
+    finally:
+        shutdown(app, grpc_server, health, grace_s=1.0)
 
 
 def make_peft_adapter(base_model, out_dir: Path, *, num_virtual_tokens: int, seed: int) -> Path:

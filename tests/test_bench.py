@@ -32,7 +32,8 @@ def test_bench_runs_every_method_on_the_tiny_model(
         assert all(len(ids) == 4 for ids in method["outputs"]), key
     assert figures["outputs_identical"] is True
     printed = capsys.readouterr().out
-    assert "outputs identical ((d) vs (e)): yes" in printed and "vs (a)" in printed
+    assert "outputs identical ((d), (e), (f)): yes" in printed and "vs (a)" in printed
+    assert "(f)/(e): serving while a training job runs" in printed
 
 
 def test_cli_hands_bench_its_argv(monkeypatch: pytest.MonkeyPatch) -> None:

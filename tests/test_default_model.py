@@ -82,3 +82,34 @@ def test_chat_generation_on_default_model(default_base, address):
     expected = reference_greedy(default_base.model, None, ids, 24, {tokenizer.eos_token_id})
     assert list(result.token_ids) == expected
     assert "Paris" in result.text
+
+
+REVIEWS = [
+    ("A moving, beautifully acted film.", "positive"), ("Dull, long and pointless.", "negative"),
+    ("I loved every minute of it.", "positive"), ("The worst movie I have seen this year.", "negative"),
+    ("Funny, warm and smart.", "positive"), ("A tedious mess with no story.", "negative"),
+    ("The cast is wonderful.", "positive"), ("Badly written and badly directed.", "negative"),
+    ("A delightful surprise.", "positive"), ("I walked out after an hour.", "negative"),
+    ("Gripping from start to finish.", "positive"), ("Painfully boring.", "negative"),
+    ("An instant classic.", "positive"), ("A waste of a good cast.", "negative"),
+    ("Charming and heartfelt.", "positive"), ("Lazy, loud and forgettable.", "negative"),
+]
+HELD_OUT = [("A joy to watch.", "positive"), ("Awful in every way.", "negative"),
+            ("Brilliant and touching.", "positive"), ("Clumsy and dull.", "negative")]
+
+
+def test_training_on_default_model_registers_a_better_prompt_that_classifies(address):
+    """A few steps of server-side training on the real model: held-out loss falls, and the version serves."""
+    from softprompt.client import TrainingOptions
+
+    rows = lambda pairs: [{"input": i, "target": t} for i, t in pairs]  # noqa: E731
+    options = TrainingOptions(max_steps=6, batch_size=4, eval_every=3)
+    with Client(address, timeout=600) as client:
+        job = client.train("sentiment", rows(REVIEWS), rows(HELD_OUT), options=options, promote_alias="prod")
+        done = client.wait_for_training_job(job.job_id, timeout=600)
+        assert done.state == "succeeded", done.error
+        assert done.after.loss < done.before.loss
+        assert done.version.num_virtual_tokens == 20 and done.promoted
+        result = client.classify("sentiment@prod", "What a lovely film.", ["positive", "negative"])
+        assert result.prompt_version == done.version.ref and result.virtual_tokens == 20
+        assert sum(s.probability for s in result.scores) == pytest.approx(1.0)

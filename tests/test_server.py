@@ -17,23 +17,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import make_peft_adapter, reference_greedy
+from conftest import make_peft_adapter, reference_greedy, running_server
 from softprompt.client import Client
 from softprompt.client import errors as client_errors
-from softprompt.server.app import build_app, shutdown, start
-from softprompt.server.config import ServerConfig
 
 INPUTS = ["the quick brown fox", "hello", "a soft prompt is a small matrix of", "one frozen model serves many"]
 
 
 @pytest.fixture(scope="module")
 def server(tiny_base, tmp_path_factory):
-    config = ServerConfig(port=0, store=tmp_path_factory.mktemp("store"), max_batch_size=8, max_new_tokens=64,
-                          default_max_new_tokens=12, max_virtual_tokens=32, batch_wait_ms=5)
-    app = build_app(config, base=tiny_base)
-    grpc_server, port, health = start(app)
-    yield app, f"127.0.0.1:{port}"
-    shutdown(app, grpc_server, health, grace_s=1.0)
+    with running_server(tiny_base, tmp_path_factory.mktemp("store"), max_batch_size=8, max_new_tokens=64,
+                          default_max_new_tokens=12, max_virtual_tokens=32, batch_wait_ms=5) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -50,7 +49,8 @@ def test_training_lowers_held_out_loss_and_raises_accuracy(tiny_base):
     assert result.after.accuracy is not None and result.after.accuracy > result.before.accuracy
     assert result.steps == 96 and result.stop_reason == "completed"
     held = [p.eval_loss for p in result.curve if p.eval_loss is not None]
-    assert len(held) == 12 and min(held) == pytest.approx(result.after.loss, rel=1e-4)
+    assert len(held) == 13 and held[0] == result.before.loss  # step 0, then every 8 steps
+    assert min(held) == pytest.approx(result.after.loss, rel=1e-4)
     # The base model stays frozen.
     assert all(not p.requires_grad for p in tiny_base.model.parameters())
 
@@ -257,3 +257,14 @@ def test_local_cli_trains_and_registers(tiny_model_dir, tmp_path, capsys):
     status = main(["train", "--task", "sent", "--data", str(tmp_path / "bad.jsonl"),
                    "--store", str(tmp_path / "store"), "--model", str(tiny_model_dir)])
     assert status == 1 and 'line 1: "target" is missing' in capsys.readouterr().err
+
+
+def test_train_prompt_in_one_call(tiny_base, tmp_path):
+    from softprompt.prompts.pipeline import train_prompt
+
+    seen = []
+    outcome = train_prompt(tiny_base.model, tiny_base.tokenizer, Registry(tmp_path), "sent", synthetic(24, 1),
+                           options=TrainingOptions(epochs=1, **FAST), on_progress=seen.append)
+    assert outcome.version.ref == "sent@1" and outcome.result.eval_examples == 2
+    assert outcome.version.base_model_fingerprint == tiny_base.spec.fingerprint
+    assert seen and seen[-1].step == outcome.result.steps == 3

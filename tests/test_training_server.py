@@ -6,6 +6,7 @@ which the next request serves. Classify's scores are checked against a full forw
 
 from __future__ import annotations
 
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,13 +14,11 @@ import grpc
 import pytest
 import torch
 
-from conftest import make_peft_adapter, reference_greedy
+from conftest import make_peft_adapter, reference_greedy, running_server
 from softprompt.client import Client, TrainingOptions
 from softprompt.client import errors as client_errors
 from softprompt.protos import softprompt_pb2 as pb
 from softprompt.protos import softprompt_pb2_grpc as pb_grpc
-from softprompt.server.app import build_app, shutdown, start
-from softprompt.server.config import ServerConfig
 from test_training import synthetic as _synthetic
 from test_training import to_jsonl
 
@@ -35,12 +34,9 @@ ENDLESS = TrainingOptions(num_virtual_tokens=4, learning_rate=0.1, batch_size=8,
 
 @pytest.fixture(scope="module")
 def server(tiny_base, tmp_path_factory):
-    config = ServerConfig(port=0, store=tmp_path_factory.mktemp("store"), max_batch_size=8, max_new_tokens=64,
-                          default_max_new_tokens=8, max_virtual_tokens=32, batch_wait_ms=2, train_share=0.5)
-    app = build_app(config, base=tiny_base)
-    grpc_server, port, health = start(app)
-    yield app, f"127.0.0.1:{port}"
-    shutdown(app, grpc_server, health, grace_s=1.0)
+    with running_server(tiny_base, tmp_path_factory.mktemp("store"), max_batch_size=8, max_new_tokens=64,
+                          default_max_new_tokens=8, max_virtual_tokens=32, batch_wait_ms=2, train_share=0.5) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +185,22 @@ def test_classify_refuses_bad_labels(client, labels, error, message):
 def test_classify_unknown_task_is_not_found(client):
     with pytest.raises(client_errors.NotFoundError):
         client.classify("nobody", "hello", ["a", "b"])
+
+
+def test_cli_trains_on_the_server_and_classifies(server, tmp_path, capsys):
+    from softprompt.client.cli import main
+
+    data = tmp_path / "train.jsonl"
+    data.write_text(to_jsonl(_synthetic(24, 7)))
+    status = main(["--server", server[1], "train", "--task", "cli-task", "--data", str(data), "--epochs", "1",
+                   "--num-virtual-tokens", "4", "--lr", "0.1"])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert "cli-task@1" in captured.out
+    status = main(["--server", server[1], "--json", "classify", "cli-task", "the dog great", "--labels",
+                   "positive,negative"])
+    assert status == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [s["label"] for s in result["scores"]] == ["positive", "negative"] and result["prompt_version"] == "cli-task@1"
+    status = main(["--server", server[1], "jobs", "list"])
+    assert status == 0 and "cli-task" in capsys.readouterr().out

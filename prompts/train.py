@@ -154,8 +154,12 @@ class PromptTrainer:
         on_progress: Callable[[Progress], None] | None = None,
         stop: threading.Event | None = None,
         cancel: threading.Event | None = None,
+        max_unit_rows: int = 0,
     ) -> None:
         self.model = model
+        # Rows per unit of work handed to `runner` (0: a whole batch). Splitting a batch changes
+        # nothing in the result (gradients add up) but bounds how long one unit holds the model.
+        self.max_unit_rows = max_unit_rows
         self.tokenizer = tokenizer
         self.options = options
         self.run: Runner = runner or _direct
@@ -243,7 +247,7 @@ class PromptTrainer:
         examples = list(examples)
         loss_sum, tokens, matches = 0.0, 0, 0
         target_scores: list[float] = []
-        for chunk in _chunks(examples, _EVAL_ROWS):
+        for chunk in _chunks(examples, self._eval_rows):
             scored = self.run(lambda chunk=chunk: self._score(prompt, [(ex, ex.target_ids) for ex in chunk]))
             loss_sum -= float(scored.totals().sum())
             tokens += int(scored.mask.sum())
@@ -262,7 +266,7 @@ class PromptTrainer:
         label_ids = {label: encode_target(self.tokenizer, label, self.eos_id) for label in labels}
         rows = [(i, label) for i, ex in enumerate(examples) for label in labels if label != ex.target]
         best_other = [-math.inf] * len(examples)
-        for chunk in _chunks(rows, _EVAL_ROWS):
+        for chunk in _chunks(rows, self._eval_rows):
             scored = self.run(lambda chunk=chunk: self._score(prompt, [(examples[i], label_ids[lb]) for i, lb in chunk]))
             for (i, _), value in zip(chunk, scored.totals().tolist()):
                 best_other[i] = max(best_other[i], value)
@@ -378,7 +382,8 @@ class PromptTrainer:
         tokens = sum(len(ex.target_ids) for batch in group for ex in batch)
         loss = 0.0
         for batch in group:
-            loss += self.run(lambda batch=batch: self._backward(prompt, batch, tokens))
+            for unit in _chunks(batch, self.max_unit_rows or len(batch)):
+                loss += self.run(lambda unit=unit: self._backward(prompt, unit, tokens))
 
         def update() -> None:
             torch.nn.utils.clip_grad_norm_([prompt], _GRAD_CLIP)
@@ -398,10 +403,15 @@ class PromptTrainer:
 
     def _held_out_loss(self, prompt: torch.Tensor, examples: list[_Encoded]) -> float:
         loss_sum, tokens = 0.0, 0
-        for chunk in _chunks(examples, _EVAL_ROWS):
+        for chunk in _chunks(examples, self._eval_rows):
             scored = self.run(lambda chunk=chunk: self._score(prompt, [(ex, ex.target_ids) for ex in chunk]))
             loss_sum, tokens = loss_sum - float(scored.totals().sum()), tokens + int(scored.mask.sum())
         return loss_sum / max(1, tokens)
+
+    @property
+    def _eval_rows(self) -> int:
+        # Inference rows cost about a third of training rows (no backward pass).
+        return min(_EVAL_ROWS, 3 * self.max_unit_rows) if self.max_unit_rows else _EVAL_ROWS
 
     def _check_cancel(self) -> None:
         if self.cancel.is_set():

@@ -60,7 +60,7 @@ def build_app(config: ServerConfig, base: BaseModel | None = None) -> App:
         side_share=config.train_share,
     )
     jobs = TrainingJobs(base, registry, scheduler, max_jobs=config.max_training_jobs,
-                        max_virtual_tokens=config.max_virtual_tokens)
+                        max_virtual_tokens=config.max_virtual_tokens, unit_rows=config.train_unit_rows)
     return App(config, base, registry, prompts, Admission(engine, registry, prompts, config), scheduler, jobs)
 
 

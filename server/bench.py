@@ -607,9 +607,10 @@ class GrpcWhileTraining(GrpcServer):
 
     def run(self, new_tokens: int) -> Outcome:
         """See `Runner.run`; adds the training steps the job made during the run."""
-        step0 = self._steps()
+        step0, units0 = self._steps(), self.app.scheduler.stats.side_units
         outcome = super().run(new_tokens)
         outcome.extra["training_steps"] = self._steps() - step0
+        outcome.extra["training_units"] = self.app.scheduler.stats.side_units - units0
         return outcome
 
     def _steps(self) -> int:
@@ -819,8 +820,9 @@ def training_line(results: list[MethodResult]) -> list[str]:
         return []
     e, f = by_key["e"], by_key["f"]
     return [f"(f)/(e): serving while a training job runs gets {f.tokens_per_s / e.tokens_per_s:.2f}x the "
-            f"throughput of serving alone; p99 latency {f.latency_p99_s / e.latency_p99_s:.2f}x; the job made "
-            f"{f.extra['training_steps']} optimizer steps meanwhile ({f.extra['training_steps'] / f.wall_s:.2f}/s)"]
+            f"throughput of serving alone; p99 latency {f.latency_p99_s / e.latency_p99_s:.2f}x, p50 time to first "
+            f"token {f.ttft_p50_s / e.ttft_p50_s:.2f}x; the job ran {f.extra['training_units']} units of work "
+            f"({f.extra['training_steps']} optimizer steps completed) meanwhile"]
 
 
 def report(s: Settings, base: BaseModel, work: Workload, results: list[MethodResult]) -> dict[str, Any]:

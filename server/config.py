@@ -38,13 +38,14 @@ class ServerConfig:
     max_stop_sequences: int = 16
     max_labels: int = 64
     train_share: float = 0.25
+    train_unit_rows: int = 2
     max_training_jobs: int = 8
     workers: int = 0  # 0: enough for a full batch, a full queue and a few admin calls
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queued_requests", "max_new_tokens", "default_max_new_tokens",
                      "max_input_tokens", "max_virtual_tokens", "max_prefill_tokens", "max_labels",
-                     "max_training_jobs"):
+                     "max_training_jobs", "train_unit_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.default_max_new_tokens > self.max_new_tokens:
@@ -92,6 +93,8 @@ _HELP = {
     "max_labels": "most candidate labels per Classify request",
     "train_share": "share of the model's time training jobs get while requests are being served "
                    "(an idle server gives them all of it)",
+    "train_unit_rows": "training examples per unit of work between two serving steps (smaller: shorter pauses "
+                       "in serving, slower training; the result is the same)",
     "max_training_jobs": "training jobs queued or running before TrainPrompt answers RESOURCE_EXHAUSTED",
     "workers": "gRPC threads, i.e. RPCs in flight before RESOURCE_EXHAUSTED (0: batch + queue + 8)",
 }

@@ -111,6 +111,7 @@ class _State:
     # Worker seconds spent serving and on side jobs since the worker was last idle.
     serve_s: float = 0.0
     side_s: float = 0.0
+    last_side_s: float = 0.0  # the latest side job's duration
 
 
 class Scheduler:
@@ -224,7 +225,8 @@ class Scheduler:
             job.future.set_result(job.fn())
         except BaseException as exc:  # noqa: BLE001 - the caller (a training job) decides what failed
             job.future.set_exception(exc)
-        self._state.side_s += time.monotonic() - started
+        self._state.last_side_s = time.monotonic() - started
+        self._state.side_s += self._state.last_side_s
         self.stats.side_units += 1
 
     def _fail_remaining(self) -> None:
@@ -267,7 +269,9 @@ class Scheduler:
             state.scoring.clear()
             idle = batch is None and not taken and not scoring
             if idle:
-                state.serve_s = state.side_s = 0.0
+                # The side job that ran last may have delayed the requests about to arrive: count it
+                # against the next busy period, so serving gets its share from the first step.
+                state.serve_s, state.side_s = 0.0, state.last_side_s
             side = None
             if state.side and (idle or state.side_s <= self.side_share * (state.serve_s + state.side_s)):
                 side = state.side.popleft()

@@ -55,9 +55,9 @@ class _ProgressView:
 
         if self.bar is None:
             self.bar = tqdm(total=p.total_steps, unit="step", dynamic_ncols=True)
-        self.bar.n = p.step
-        self.bar.set_description(p.phase)
+        self.bar.set_description(p.phase, refresh=False)
         self.bar.set_postfix_str(f"loss {_num(p.train_loss)}, held-out {_num(p.eval_loss)}", refresh=False)
+        self.bar.update(p.step - self.bar.n)  # update(), not n=, so tqdm measures steps/s
         self.bar.refresh()
 
     def close(self) -> None:

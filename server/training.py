@@ -86,12 +86,13 @@ class TrainingJobs:
     """Accepts, runs, reports and cancels training jobs."""
 
     def __init__(self, base: BaseModel, registry: Registry, scheduler: Scheduler, *, max_jobs: int,
-                 max_virtual_tokens: int) -> None:
+                 max_virtual_tokens: int, unit_rows: int = 0) -> None:
         self.base = base
         self.registry = registry
         self.scheduler = scheduler
         self.max_jobs = max_jobs
         self.max_virtual_tokens = max_virtual_tokens
+        self.unit_rows = unit_rows
         self._jobs: OrderedDict[str, _Job] = OrderedDict()
         self._queue: list[str] = []
         self._cond = threading.Condition()
@@ -215,7 +216,7 @@ class TrainingJobs:
                 self._update(job, phase=name)
 
         trainer = PromptTrainer(self.base.model, self.base.tokenizer, plan.options, runner=self.scheduler.call,
-                                on_progress=progress, cancel=job.cancel)
+                                on_progress=progress, cancel=job.cancel, max_unit_rows=self.unit_rows)
         try:
             outcome = pipeline.execute(plan, trainer, self.registry, self.base.spec, on_phase=phase)
         except (TrainingCancelled, ShuttingDownError) as e:

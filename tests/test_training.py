@@ -268,3 +268,39 @@ def test_train_prompt_in_one_call(tiny_base, tmp_path):
     assert outcome.version.ref == "sent@1" and outcome.result.eval_examples == 2
     assert outcome.version.base_model_fingerprint == tiny_base.spec.fingerprint
     assert seen and seen[-1].step == outcome.result.steps == 3
+
+
+def test_ctrl_c_stops_and_registers_the_best_prompt_so_far(tiny_model_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    (tmp_path / "train.jsonl").write_text(to_jsonl(synthetic(32, 1)))
+    command = [sys.executable, "-c", "import sys; from softprompt.client.cli import main; sys.exit(main())",
+               "--json", "train", "--task", "sent", "--data", str(tmp_path / "train.jsonl"), "--store",
+               str(tmp_path / "store"), "--model", str(tiny_model_dir), "--device", "cpu", "--num-virtual-tokens",
+               "4", "--epochs", "100000", "--eval-every", "2", "--output-dir", str(tmp_path / "run")]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            if "training: step" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    summary = json.loads(out)
+    assert summary["stop_reason"] == "interrupted" and summary["version"] == "sent@1"
+    assert summary["after"] is not None and 1 <= summary["steps"] < 1000
+
+
+def test_splitting_batches_into_units_changes_nothing(tiny_base):
+    """The server hands the worker small units; gradients add up to the same step."""
+    options = TrainingOptions(epochs=1, **FAST)
+    results = []
+    for unit_rows in (0, 3):
+        trainer = PromptTrainer(tiny_base.model, tiny_base.tokenizer, options, max_unit_rows=unit_rows)
+        results.append(trainer.fit(synthetic(24, 1), [], trainer.initial_prompt()))
+    assert results[0].steps == results[1].steps == 3
+    torch.testing.assert_close(results[0].embeddings, results[1].embeddings, atol=1e-5, rtol=1e-5)

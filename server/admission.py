@@ -18,7 +18,7 @@ from softprompt.prompts.tokens import encode_input, encode_target
 from softprompt.server.config import ServerConfig
 from softprompt.server.engine import Engine, Sequence
 from softprompt.server.errors import InvalidRequestError
-from softprompt.server.prompt_cache import PromptCache
+from softprompt.server.prompt_cache import Key, PromptCache
 from softprompt.server.sampling import SamplingParams
 from softprompt.server.types import (
     ClassifyRequest,
@@ -83,10 +83,10 @@ class Admission:
     def admit(self, request: GenerationRequest) -> Admitted:
         """Builds the engine row for a request, or raises a ServingError / PromptError."""
         params = self.sampling_params(request.options)
-        prompt, version = self.resolve_prompt(request.task)
+        prompt, version, key = self._resolve(request.task)
         input_ids = list(self.tokenize(request.input, chat=request.options.chat).token_ids)
         self._check_lengths(input_ids, prompt, params.max_new_tokens, fix="lower max_new_tokens")
-        seq = Sequence(request_id=next(self._ids), input_ids=input_ids, params=params, prompt=prompt)
+        seq = Sequence(request_id=next(self._ids), input_ids=input_ids, params=params, prompt=prompt, prompt_key=key)
         self.engine.start(seq)
         return Admitted(sequence=seq, prompt_version=version, deadline=request.deadline)
 
@@ -137,8 +137,12 @@ class Admission:
 
     def resolve_prompt(self, task: str) -> tuple[torch.Tensor | None, str]:
         """Resolves a task reference to its prompt tensor on the device ('' is the bare model)."""
+        prompt, version, _ = self._resolve(task)
+        return prompt, version
+
+    def _resolve(self, task: str) -> tuple[torch.Tensor | None, str, Key | None]:
         if not task:
-            return None, ""
+            return None, "", None
         version = self.registry.resolve(task)
         spec = self.engine.base.spec
         if version.hidden_size != spec.hidden_size:
@@ -155,7 +159,7 @@ class Admission:
                 f"{spec.fingerprint}): re-register it here with force, or serve it with its own base model"
             )
         key = (version.name, version.version, version.sha256)
-        return self.prompts.get(key, lambda: self.registry.load_embeddings(version)), version.ref
+        return self.prompts.get(key, lambda: self.registry.load_embeddings(version)), version.ref, key
 
     def tokenize(self, text: str, *, chat: bool = False) -> Tokenization:
         """Tokenizes like generation does: the chat template if asked, else the tokenizer's defaults."""

@@ -48,7 +48,7 @@ class App:
 def build_app(config: ServerConfig, base: BaseModel | None = None) -> App:
     """Loads the base model (unless given) and builds registry, cache, engine and scheduler."""
     base = base or load_base_model(config.model, device=config.device, dtype=config.dtype, cache_dir=config.cache_dir)
-    engine = Engine(base)
+    engine = Engine(base, prefix_cache_bytes=int(config.prefix_cache_mb * 1024 * 1024))
     registry = Registry(config.store_dir)
     prompts = PromptCache(int(config.prompt_cache_mb * 1024 * 1024), base.device, base.dtype)
     scheduler = Scheduler(

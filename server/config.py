@@ -34,6 +34,7 @@ class ServerConfig:
     max_prefill_tokens: int = 4096
     batch_wait_ms: float = 2.0
     prompt_cache_mb: float = 256.0
+    prefix_cache_mb: float = 512.0
     max_upload_mb: float = 64.0
     max_stop_sequences: int = 16
     max_labels: int = 64
@@ -88,6 +89,8 @@ _HELP = {
     "max_prefill_tokens": "most prompt+input positions prefilled in one step (bounds latency spikes)",
     "batch_wait_ms": "when idle, how long to gather arriving requests into one prefill",
     "prompt_cache_mb": "device memory for cached prompt tensors (LRU)",
+    "prefix_cache_mb": "device memory for the cached keys/values of prompts' virtual tokens (LRU); "
+                       "a cached prompt's virtual tokens are not recomputed at prefill",
     "max_upload_mb": "largest RegisterPrompt upload",
     "max_stop_sequences": "most stop sequences per request",
     "max_labels": "most candidate labels per Classify request",

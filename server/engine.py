@@ -21,6 +21,7 @@ from softprompt.prompts import inject
 from softprompt.prompts.tokens import eos_token_id
 from softprompt.server import kv
 from softprompt.server.model import BaseModel
+from softprompt.server.prompt_cache import DeviceLru, Key, PrefixKV, prefix_bytes
 from softprompt.server.sampling import SamplingParams, make_generator, next_tokens
 from softprompt.server.text import TextTracker
 
@@ -37,6 +38,7 @@ class Sequence:
     input_ids: list[int]
     params: SamplingParams
     prompt: torch.Tensor | None = None  # [num_virtual_tokens, hidden] on the model's device and dtype
+    prompt_key: Key | None = None  # (task, version, sha256): its prefix KV is cached under this key
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     text: TextTracker | None = None
@@ -78,10 +80,17 @@ class Batch:
 
 
 class Engine:
-    """Runs prefill and decode steps on the frozen base model."""
+    """Runs prefill and decode steps on the frozen base model.
 
-    def __init__(self, base: BaseModel) -> None:
+    The keys and values of a prompt's virtual tokens depend on nothing but the prompt, so they are
+    computed once per prompt version and kept (`prefixes`, LRU in bytes). A prefill then runs only
+    each row's last virtual token and its input over that cached prefix; the result is the same
+    as running `[prompt ; input]` whole.
+    """
+
+    def __init__(self, base: BaseModel, prefix_cache_bytes: int = 0) -> None:
         self.base = base
+        self.prefixes: DeviceLru[PrefixKV] = DeviceLru(prefix_cache_bytes, prefix_bytes)
         self.model = base.model
         self.tokenizer = base.tokenizer
         self.device = base.device
@@ -99,10 +108,24 @@ class Engine:
 
     @torch.inference_mode()
     def prefill(self, sequences: list[Sequence]) -> tuple[Batch, list[TokenEvent]]:
-        """Runs `[prompt ; input]` for new rows and produces each row's first token."""
-        x = inject.build_inputs(self._embed, [s.prompt for s in sequences], [s.input_ids for s in sequences])
-        mask, positions = x.attention_mask, x.position_ids
-        out = kv.forward(self.model, DynamicCache(), inputs_embeds=x.embeds, attention_mask=mask, position_ids=positions)
+        """Runs `[prompt ; input]` for new rows (prompts from their cached prefix KV) and produces each row's first token.
+
+        Row layout: `[pad][prefix: all virtual tokens but the last][pad][last virtual token ; input]`.
+        The prefix columns come from the cache; the forward covers the rest, with positions counting
+        real tokens only, so padding in either part changes nothing.
+        """
+        prefixes = [self._prefix(seq) for seq in sequences]
+        lengths = [0 if p is None else int(p[0][0].shape[1]) for p in prefixes]
+        width = max(lengths)
+        x = inject.build_inputs(self._embed, [None if s.prompt is None else s.prompt[-1:] for s in sequences],
+                                [s.input_ids for s in sequences])
+        prefix_mask = x.attention_mask.new_zeros(len(sequences), width)
+        for row, n in enumerate(lengths):
+            prefix_mask[row, width - n:] = 1
+        mask = torch.cat([prefix_mask, x.attention_mask], dim=1)
+        positions = x.position_ids + torch.tensor(lengths, device=self.device)[:, None]
+        cache = self._prefix_cache(prefixes, lengths, width) if width else DynamicCache()
+        out = kv.forward(self.model, cache, inputs_embeds=x.embeds, attention_mask=mask, position_ids=positions)
         if not bool(mask.all()):
             kv.zero_masked(out.cache, mask)
         batch = Batch(
@@ -113,6 +136,38 @@ class Engine:
             last_tokens=torch.zeros(len(sequences), dtype=torch.long, device=self.device),
         )
         return batch, self._emit(batch, out.logits)
+
+    def _prefix(self, seq: Sequence) -> PrefixKV | None:
+        """The KV of all but the prompt's last virtual token (which runs with the input, so every row has one)."""
+        if seq.prompt is None or seq.num_virtual_tokens < 2:
+            return None
+        head = seq.prompt[:-1]
+        if seq.prompt_key is None:
+            return self._compute_prefix(head)
+        return self.prefixes.get(seq.prompt_key, lambda: self._compute_prefix(head))
+
+    def _compute_prefix(self, head: torch.Tensor) -> PrefixKV:
+        n = int(head.shape[0])
+        out = kv.forward(
+            self.model, DynamicCache(), inputs_embeds=head[None].to(self.base.dtype),
+            attention_mask=torch.ones(1, n, dtype=torch.long, device=self.device),
+            position_ids=torch.arange(n, device=self.device)[None],
+        )
+        return [(k[0].clone(), v[0].clone()) for k, v in kv.layers(out.cache)]
+
+    def _prefix_cache(self, prefixes: list[PrefixKV | None], lengths: list[int], width: int) -> DynamicCache:
+        """Each row's prefix right-aligned in `width` columns, zeros before it."""
+        template = next(p for p in prefixes if p is not None)
+        pairs = []
+        for layer, (k0, v0) in enumerate(template):
+            keys = k0.new_zeros(len(prefixes), k0.shape[0], width, k0.shape[2])
+            values = v0.new_zeros(len(prefixes), v0.shape[0], width, v0.shape[2])
+            for row, (p, n) in enumerate(zip(prefixes, lengths)):
+                if p is not None:
+                    keys[row, :, width - n:] = p[layer][0]
+                    values[row, :, width - n:] = p[layer][1]
+            pairs.append((keys, values))
+        return kv.from_layers(pairs)
 
     @torch.inference_mode()
     def decode(self, batch: Batch) -> list[TokenEvent]:

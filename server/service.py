@@ -226,6 +226,7 @@ class RegistryService(pb_grpc.RegistryServicer):
         self.registry = registry
         self.base = admission.engine.base.spec
         self.prompts = prompts
+        self.prefixes = admission.engine.prefixes
         self.config = config
 
     @unary
@@ -270,6 +271,7 @@ class RegistryService(pb_grpc.RegistryServicer):
         for ref in deleted:
             name, _, version = ref.partition("@")
             self.prompts.evict(name, int(version) if version.isdigit() else None)
+            self.prefixes.evict(name, int(version) if version.isdigit() else None)
         log.info("deleted %s", ", ".join(deleted))
         return pb.DeletePromptResponse(deleted=deleted)
 

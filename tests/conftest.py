@@ -124,7 +124,7 @@ def reference_greedy(model, prompt: torch.Tensor | None, input_ids: list[int], m
     generated: list[int] = []
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            ids = torch.tensor([input_ids + generated])
+            ids = torch.tensor([input_ids + generated], dtype=torch.long)
             x = embed(ids)
             if prompt is not None:
                 x = torch.cat([prompt[None].to(x.dtype), x], dim=1)

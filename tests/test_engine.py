@@ -121,3 +121,30 @@ def test_partial_stop_prefix_is_released_when_it_does_not_match():
     assert deltas[2] == ""  # "ST" might start "STOP": held back
     assert "".join(deltas) == "aSTxb"
     assert tracker.stopped_by is None
+
+
+def test_cached_prefixes_give_the_reference_and_are_reused(tiny_base):
+    """Prompt prefixes come from the cache on later prefills; every row still equals the reference."""
+    engine = Engine(tiny_base, prefix_cache_bytes=1 << 20)
+    hidden = tiny_base.model.config.hidden_size
+    g = torch.Generator().manual_seed(3)
+    scale = tiny_base.model.get_input_embeddings().weight.std() * 4
+    prompts = {("long", 1, "a"): torch.randn(7, hidden, generator=g) * scale,
+               ("one", 1, "b"): torch.randn(1, hidden, generator=g) * scale}  # one virtual token: no prefix
+    cases = [(("long", 1, "a"), TEXTS[0]), (("long", 1, "a"), ""), (("one", 1, "b"), TEXTS[1]), (None, TEXTS[2])]
+    for round_ in range(2):
+        rows = []
+        for i, (key, text) in enumerate(cases):
+            seq = Sequence(request_id=i, input_ids=tiny_base.tokenizer(text).input_ids if text else [],
+                           params=SamplingParams(max_new_tokens=6), prompt=prompts.get(key), prompt_key=key)
+            engine.start(seq)
+            rows.append(seq)
+        batch, _ = engine.prefill(rows)
+        _run(engine, batch)
+        for seq in rows:
+            expected = reference_greedy(tiny_base.model, seq.prompt, seq.input_ids, 6, engine.eos_ids)
+            assert seq.generated == expected, f"round {round_}, row {seq.request_id}"
+    assert engine.prefixes.misses == 1  # "long" computed once; "one" has no prefix; the bare row none
+    assert engine.prefixes.hits == 3
+    engine.prefixes.evict("long", 1)
+    assert not engine.prefixes._items

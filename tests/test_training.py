@@ -123,6 +123,24 @@ def test_trained_version_loads_in_peft_with_the_same_logits(tiny_base, tiny_mode
                                position_ids=x.position_ids).logits[0, -1]
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
 
+    # The serving engine (cached prefix KV, decode steps) generates what PEFT's own forward picks greedily.
+    from softprompt.server.engine import Engine, Sequence
+    from softprompt.server.sampling import SamplingParams
+
+    engine = Engine(tiny_base, prefix_cache_bytes=1 << 20)
+    seq = Sequence(request_id=1, input_ids=ids[0].tolist(), params=SamplingParams(max_new_tokens=5), prompt=prompt,
+                   prompt_key=("sent", 1, outcome.version.sha256))
+    engine.start(seq)
+    batch, _ = engine.prefill([seq])
+    while seq.finish_reason is None:
+        engine.decode(batch)
+    expected: list[int] = []
+    with torch.no_grad():
+        while len(expected) < len(seq.generated):
+            logits = peft_model(input_ids=torch.tensor([ids[0].tolist() + expected])).logits[0, -1]
+            expected.append(int(logits.argmax()))
+    assert seq.generated == expected
+
 
 def test_initialisations(tiny_base, tmp_path):
     weight = tiny_base.model.get_input_embeddings().weight.detach()

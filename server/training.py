@@ -78,7 +78,7 @@ class JobSnapshot:
 @dataclass
 class _Job:
     snapshot: JobSnapshot
-    plan: pipeline.TrainingPlan
+    plan: pipeline.TrainingPlan | None  # dropped once the job ends: finished jobs keep no data
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
@@ -206,6 +206,7 @@ class TrainingJobs:
     def _execute(self, job: _Job) -> None:
         started = time.monotonic()
         plan = job.plan
+        assert plan is not None, "a queued job keeps its plan until it ends"
 
         def progress(p: Progress) -> None:
             with self._cond:
@@ -253,6 +254,8 @@ class TrainingJobs:
 
     def _update(self, job: _Job, **changes: object) -> None:
         job.snapshot = replace(job.snapshot, revision=next(self._revisions), **changes)  # type: ignore[arg-type]
+        if job.snapshot.done:
+            job.plan = None
         self._cond.notify_all()
 
     def _forget_old(self) -> None:

@@ -114,7 +114,7 @@ class Engine:
         The prefix columns come from the cache; the forward covers the rest, with positions counting
         real tokens only, so padding in either part changes nothing.
         """
-        prefixes = [self._prefix(seq) for seq in sequences]
+        prefixes = self._prefixes(sequences)
         lengths = [0 if p is None else int(p[0][0].shape[1]) for p in prefixes]
         width = max(lengths)
         x = inject.build_inputs(self._embed, [None if s.prompt is None else s.prompt[-1:] for s in sequences],
@@ -137,23 +137,36 @@ class Engine:
         )
         return batch, self._emit(batch, out.logits)
 
-    def _prefix(self, seq: Sequence) -> PrefixKV | None:
-        """The KV of all but the prompt's last virtual token (which runs with the input, so every row has one)."""
-        if seq.prompt is None or seq.num_virtual_tokens < 2:
-            return None
-        head = seq.prompt[:-1]
-        if seq.prompt_key is None:
-            return self._compute_prefix(head)
-        return self.prefixes.get(seq.prompt_key, lambda: self._compute_prefix(head))
+    def _prefixes(self, sequences: list[Sequence]) -> list[PrefixKV | None]:
+        """Each row's KV of all but its prompt's last virtual token (which runs with the input, so every
+        row has a fresh position); cache misses are computed together in one forward."""
+        out: list[PrefixKV | None] = [None] * len(sequences)
+        missing: dict[Key | int, list[int]] = {}
+        for row, seq in enumerate(sequences):
+            if seq.prompt is None or seq.num_virtual_tokens < 2:
+                continue
+            cached = None if seq.prompt_key is None else self.prefixes.lookup(seq.prompt_key)
+            if cached is not None:
+                out[row] = cached
+            else:
+                missing.setdefault(seq.prompt_key if seq.prompt_key is not None else row, []).append(row)
+        if missing:
+            heads = [sequences[rows[0]].prompt[:-1] for rows in missing.values()]  # type: ignore[index]
+            for (key, rows), kv_ in zip(missing.items(), self._compute_prefixes(heads)):
+                if not isinstance(key, int):
+                    kv_ = self.prefixes.put(key, kv_)
+                for row in rows:
+                    out[row] = kv_
+        return out
 
-    def _compute_prefix(self, head: torch.Tensor) -> PrefixKV:
-        n = int(head.shape[0])
-        out = kv.forward(
-            self.model, DynamicCache(), inputs_embeds=head[None].to(self.base.dtype),
-            attention_mask=torch.ones(1, n, dtype=torch.long, device=self.device),
-            position_ids=torch.arange(n, device=self.device)[None],
-        )
-        return [(k[0].clone(), v[0].clone()) for k, v in kv.layers(out.cache)]
+    def _compute_prefixes(self, heads: list[torch.Tensor]) -> list[PrefixKV]:
+        x = inject.build_inputs(self._embed, heads, [[] for _ in heads])
+        out = kv.forward(self.model, DynamicCache(), inputs_embeds=x.embeds, attention_mask=x.attention_mask,
+                         position_ids=x.position_ids)
+        layers = kv.layers(out.cache)
+        # Left-padded: each prompt's positions are the last n columns of its row.
+        return [[(k[row, :, x.starts[row]:].clone(), v[row, :, x.starts[row]:].clone()) for k, v in layers]
+                for row in range(len(heads))]
 
     def _prefix_cache(self, prefixes: list[PrefixKV | None], lengths: list[int], width: int) -> DynamicCache:
         """Each row's prefix right-aligned in `width` columns, zeros before it."""

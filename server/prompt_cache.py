@@ -32,14 +32,22 @@ class DeviceLru(Generic[V]):
 
     def get(self, key: Key, make: Callable[[], V]) -> V:
         """Returns the cached value for `key`, making and inserting it on a miss."""
+        value = self.lookup(key)
+        # Made outside the lock: a slow miss must not block other keys' hits.
+        return value if value is not None else self.put(key, make())
+
+    def lookup(self, key: Key) -> V | None:
+        """The cached value (now the most recently used), or None on a miss."""
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
                 self.hits += 1
                 return self._items[key]
             self.misses += 1
-        # Made outside the lock: a slow miss must not block other keys' hits.
-        value = make()
+            return None
+
+    def put(self, key: Key, value: V) -> V:
+        """Inserts a value made after a miss, evicting the least recently used beyond the budget."""
         with self._lock:
             if key not in self._items:
                 self._items[key] = value

@@ -34,7 +34,7 @@ class ServerConfig:
     max_prefill_tokens: int = 4096
     batch_wait_ms: float = 2.0
     prompt_cache_mb: float = 256.0
-    prefix_cache_mb: float = 512.0
+    prefix_cache_mb: float = 1024.0
     max_upload_mb: float = 64.0
     max_stop_sequences: int = 16
     max_labels: int = 64

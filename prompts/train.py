@@ -59,6 +59,11 @@ class EvalResult:
             out["accuracy"] = self.accuracy
         return out
 
+    def describe(self) -> str:
+        """One line for logs and the CLI."""
+        acc = "" if self.accuracy is None else f"accuracy {self.accuracy:.3f}, "
+        return f"{acc}exact match {self.exact_match:.3f}, held-out loss {self.loss:.4f} ({self.examples} examples)"
+
     def key(self) -> tuple[float, float]:
         """Orders results: accuracy (classification) or exact match first, then lower loss."""
         return (self.accuracy if self.accuracy is not None else self.exact_match, -self.loss)
@@ -106,7 +111,6 @@ class TrainingResult:
     train_hash: str
     eval_hash: str
     labels: tuple[str, ...] | None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def report(self) -> dict[str, Any]:
         """The JSON report stored as training.json next to the registered version."""
@@ -126,7 +130,6 @@ class TrainingResult:
                 "eval_sha256": self.eval_hash,
                 "labels": None if self.labels is None else list(self.labels),
             },
-            **self.extra,
         }
 
 
@@ -245,20 +248,25 @@ class PromptTrainer:
         the teacher-forced pass that gives the loss decides it too.
         """
         examples = list(examples)
+        loss, matches, target_scores = self._teacher_forced(prompt, examples)
+        accuracy = None
+        if labels is not None:
+            accuracy = self._accuracy(prompt, examples, labels, target_scores)
+        return EvalResult(examples=len(examples), loss=loss, exact_match=matches / max(1, len(examples)),
+                          accuracy=accuracy)
+
+    def _teacher_forced(self, prompt: torch.Tensor | None, examples: list[_Encoded]) -> tuple[float, int, list[float]]:
+        """Mean loss per target token, exact matches, and each example's total target log-probability."""
         loss_sum, tokens, matches = 0.0, 0, 0
         target_scores: list[float] = []
         for chunk in _chunks(examples, self._eval_rows):
             scored = self.run(lambda chunk=chunk: self._score(prompt, [(ex, ex.target_ids) for ex in chunk]))
-            loss_sum -= float(scored.totals().sum())
+            totals = scored.totals()
+            loss_sum -= float(totals.sum())
             tokens += int(scored.mask.sum())
             matches += int(scored.greedy_rows().sum())
-            target_scores.extend(scored.totals().tolist())
-        accuracy = None
-        if labels is not None:
-            accuracy = self._accuracy(prompt, examples, labels, target_scores)
-        n = max(1, len(examples))
-        return EvalResult(examples=len(examples), loss=loss_sum / max(1, tokens), exact_match=matches / n,
-                          accuracy=accuracy)
+            target_scores.extend(totals.tolist())
+        return loss_sum / max(1, tokens), matches, target_scores
 
     def _accuracy(self, prompt: torch.Tensor | None, examples: list[_Encoded], labels: tuple[str, ...],
                   target_scores: list[float]) -> float:
@@ -312,7 +320,7 @@ class PromptTrainer:
             before = self.evaluate(prompt.detach(), eval_enc, labels)
             state.best_loss = before.loss
             state.curve.append(CurvePoint(0, None, before.loss))
-            log.info("before training: %s", _describe(before))
+            log.info("before training: %s", before.describe())
         best = prompt.detach().cpu().clone()
         order_gen = torch.Generator().manual_seed(o.seed)
 
@@ -332,7 +340,7 @@ class PromptTrainer:
                 eval_loss = None
                 if eval_enc and (state.step % eval_every == 0 or state.step == total):
                     self._report("evaluating", state)
-                    eval_loss = self._held_out_loss(prompt.detach(), eval_enc)
+                    eval_loss = self._teacher_forced(prompt.detach(), eval_enc)[0]
                     state.last_eval = eval_loss
                     if state.best_loss is None or eval_loss < state.best_loss:
                         state.best_loss, state.best_step, state.bad_evals = eval_loss, state.step, 0
@@ -355,7 +363,7 @@ class PromptTrainer:
             self._report("evaluating", state)
             after = self.evaluate(best.to(self.device), eval_enc, labels)
             log.info("after training (step %d of %d, %s): %s", state.best_step, state.step, stop_reason,
-                     _describe(after))
+                     after.describe())
         return TrainingResult(
             embeddings=best,
             options=o,
@@ -400,13 +408,6 @@ class PromptTrainer:
             loss = -scored.totals().sum() / tokens
             loss.backward()
         return float(loss.detach())
-
-    def _held_out_loss(self, prompt: torch.Tensor, examples: list[_Encoded]) -> float:
-        loss_sum, tokens = 0.0, 0
-        for chunk in _chunks(examples, self._eval_rows):
-            scored = self.run(lambda chunk=chunk: self._score(prompt, [(ex, ex.target_ids) for ex in chunk]))
-            loss_sum, tokens = loss_sum - float(scored.totals().sum()), tokens + int(scored.mask.sum())
-        return loss_sum / max(1, tokens)
 
     @property
     def _eval_rows(self) -> int:
@@ -454,8 +455,3 @@ class _RunState:
 
 def _chunks(items: list[T], size: int) -> list[list[T]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
-
-
-def _describe(r: EvalResult) -> str:
-    acc = "" if r.accuracy is None else f", accuracy {r.accuracy:.3f}"
-    return f"{r.examples} held-out examples, loss {r.loss:.4f}, exact match {r.exact_match:.3f}{acc}"

@@ -23,7 +23,7 @@ from softprompt.prompts.data import load_jsonl
 from softprompt.prompts.errors import PromptError
 from softprompt.prompts.options import TrainingOptions
 from softprompt.prompts.registry import Registry
-from softprompt.prompts.train import EvalResult, Progress, PromptTrainer
+from softprompt.prompts.train import Progress, PromptTrainer
 
 log = logging.getLogger("softprompt.train")
 
@@ -144,7 +144,7 @@ def run_local_training(
               f"{result.best_step}) in {summary['seconds']} s")
         for label, r in (("before", result.before), ("after", result.after)):
             if r is not None:
-                print(f"  {label:6}  {_describe(r)}")
+                print(f"  {label:6}  {r.describe()}")
         if outcome.promotion is not None:
             print(f"  {outcome.promotion.message}")
         print(f"  report and loss plot: {out}")
@@ -159,11 +159,6 @@ def _stop_then_abort(stop: threading.Event) -> Any:
         print("\nstopping after this step; the best prompt so far will be evaluated and registered "
               "(Ctrl-C again to abort without registering)", file=sys.stderr)
     return handler
-
-
-def _describe(r: EvalResult) -> str:
-    acc = "" if r.accuracy is None else f"accuracy {r.accuracy:.3f}, "
-    return f"{acc}exact match {r.exact_match:.3f}, held-out loss {r.loss:.4f} ({r.examples} examples)"
 
 
 def _num(value: float | None) -> str:

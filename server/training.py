@@ -20,7 +20,6 @@ from datetime import datetime, timezone
 
 from softprompt.prompts import pipeline
 from softprompt.prompts.data import parse_jsonl
-from softprompt.prompts.errors import ChatTemplateError
 from softprompt.prompts.options import TrainingOptions
 from softprompt.prompts.registry import PromptVersion, Registry
 from softprompt.prompts.train import EvalResult, Progress, PromptTrainer, TrainingCancelled
@@ -108,8 +107,6 @@ class TrainingJobs:
 
     def submit(self, request: TrainJobRequest) -> JobSnapshot:
         """Checks the request (no model compute) and queues it; raises what the caller must fix."""
-        if request.options.apply_chat_template and not getattr(self.base.tokenizer, "chat_template", None):
-            raise ChatTemplateError(f"the base model {self.base.spec.model_id} has no chat template: train without it")
         train = parse_jsonl(request.train_jsonl, source="train_jsonl")
         held_out = parse_jsonl(request.eval_jsonl, source="eval_jsonl") if request.eval_jsonl.strip() else None
         plan = pipeline.plan(

@@ -42,6 +42,11 @@ class ServerConfig:
     train_unit_rows: int = 2
     max_training_jobs: int = 8
     workers: int = 0  # 0: enough for a full batch, a full queue and a few admin calls
+    auth_tokens: Path | None = None  # None: no authentication (and the server binds to localhost only)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # set: mutual TLS, clients must present a certificate it signed
+    metrics_port: int | None = None  # None: no Prometheus endpoint
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queued_requests", "max_new_tokens", "default_max_new_tokens",
@@ -53,6 +58,12 @@ class ServerConfig:
             raise ValueError("default_max_new_tokens must not exceed max_new_tokens")
         if not 0.0 < self.train_share <= 1.0:
             raise ValueError(f"train_share must be within (0, 1], got {self.train_share}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be 0..65535, got {self.metrics_port}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535 (0 picks a free port), got {self.port}")
 
@@ -100,6 +111,12 @@ _HELP = {
                        "in serving, slower training; the result is the same)",
     "max_training_jobs": "training jobs queued or running before TrainPrompt answers RESOURCE_EXHAUSTED",
     "workers": "gRPC threads, i.e. RPCs in flight before RESOURCE_EXHAUSTED (0: batch + queue + 8)",
+    "auth_tokens": "file of bearer tokens with roles (see README, Security); without it the server "
+                   "requires no token and listens on localhost only",
+    "tls_cert": "PEM certificate chain the server presents (with --tls-key)",
+    "tls_key": "PEM private key of --tls-cert",
+    "tls_client_ca": "PEM CA bundle: require client certificates signed by it (mutual TLS)",
+    "metrics_port": "serve Prometheus metrics over HTTP on this port (/metrics); 0 picks a free port",
 }
 
 
@@ -117,7 +134,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def from_args(args: argparse.Namespace) -> ServerConfig:
     """Builds the config from parsed flags."""
     values = {f.name: getattr(args, f.name) for f in fields(ServerConfig)}
-    for name in ("store", "cache_dir"):
+    if values["metrics_port"] is not None:
+        values["metrics_port"] = int(values["metrics_port"])
+    for name in ("store", "cache_dir", "auth_tokens", "tls_cert", "tls_key", "tls_client_ca"):
         if values[name] is not None:
             values[name] = Path(values[name]).expanduser()
     return ServerConfig(**values)

@@ -48,6 +48,8 @@ METHODS: dict[str, tuple[str, str]] = {
 }
 # Warm-up runs only need every kernel and code path touched once; a few tokens do that.
 WARMUP_TOKENS = 4
+REGISTRATION_TASK = "bench-fresh"  # (e) registers new versions of this task and times their first request
+REGISTRATION_ROUNDS = 10
 SEED = 1234
 
 # Built-in inputs: plain sentences, repeated to the asked length so no data set is needed.
@@ -574,6 +576,24 @@ class GrpcServer:
         return Outcome([r[0] for r in results], [r[2] for r in results], [r[1] for r in results],
                        engine_extra(self.app, self.timers, before, stats0, wall))
 
+    def probe_registration(self, rounds: int = REGISTRATION_ROUNDS) -> dict[str, float]:
+        """Seconds from RegisterPrompt returning to the first streamed token of the next request for that
+        version (p50 over `rounds` new versions), and for the same request once the version is warm."""
+        client, text = self.clients[0], self.work.texts[0]
+        g = torch.Generator().manual_seed(11)
+        fresh, warm = [], []
+        for _ in range(rounds):
+            prompt = self.work.prompts[0].float().cpu()
+            info = client.register(REGISTRATION_TASK, prompt + 0.01 * torch.randn(prompt.shape, generator=g))
+            version = info.ref
+            for times in (fresh, warm):
+                t0 = time.perf_counter()
+                chunk = next(iter(client.stream(REGISTRATION_TASK, text, max_new_tokens=1)))
+                times.append(time.perf_counter() - t0)
+                if chunk.prompt_version != version:
+                    raise RuntimeError(f"the request after registering {version} was served {chunk.prompt_version}")
+        return {"fresh_p50_s": percentile(fresh, 50), "warm_p50_s": percentile(warm, 50), "rounds": rounds}
+
     def close(self) -> None:
         """Closes the clients and drains the server."""
         from softprompt.server.app import shutdown
@@ -675,6 +695,9 @@ def measure(key: str, s: Settings, base: BaseModel, work: Workload, store: Path)
         wall = time.perf_counter() - t0
         others = other_load(cpu0, cpu_seconds(), wall)
         memory, kind = peak_memory(base.device)
+        if key == "e":
+            progress("(e) registering new versions and timing their first requests")
+            outcome.extra["registration"] = runner.probe_registration()  # type: ignore[attr-defined]
     finally:
         runner.close()
     made = [len(o) for o in outcome.outputs]
@@ -798,6 +821,16 @@ def engine_lines(results: list[MethodResult]) -> list[str]:
     return lines
 
 
+def registration_line(results: list[MethodResult]) -> list[str]:
+    """How soon a new version serves, from (e)."""
+    probe = next((r.extra["registration"] for r in results if "registration" in r.extra), None)
+    if probe is None:
+        return []
+    return [f"(e) a newly registered version gave its first token {probe['fresh_p50_s'] * 1000:.0f} ms after "
+            f"RegisterPrompt returned (p50 of {probe['rounds']} versions; the same request once the version was "
+            f"cached: {probe['warm_p50_s'] * 1000:.0f} ms); each was served by the very next request"]
+
+
 def eos_ids(base: BaseModel) -> frozenset[int]:
     """The ids our engine ends a request on (before this bench turns that off)."""
     from softprompt.server.engine import Engine
@@ -860,7 +893,7 @@ def report(s: Settings, base: BaseModel, work: Workload, results: list[MethodRes
           f"(mean {settings['input_tokens']['mean']:.1f}, {settings['input_source']}), {s.new_tokens} new tokens; "
           f"{settings['clients']} gRPC clients; engine max batch {s.batch_size}; {s.warmup} warm-up run(s)", file=out)
     print(file=out)
-    for line in table(results, eos_ids(base)) + [""] + engine_lines(results) + training_line(results):
+    for line in table(results, eos_ids(base)) + [""] + engine_lines(results) + registration_line(results) + training_line(results):
         print(line, file=out)
     print(f"outputs identical ((d), (e), (f)): {'n/a' if same is None else 'yes' if same else 'no'}", file=out)
     print(file=out)

@@ -8,10 +8,15 @@ model's full forward over `[prompt ; input]`, greedy, without a KV cache.
 The batch contract follows text-generation-inference: `prefill` builds a batch from new rows,
 `decode` advances every row by one token, `filter` drops finished rows and `concatenate` merges
 batches, which lets the scheduler add and remove rows between any two steps.
+
+Decoding rows keep their keys and values in a preallocated `KvArena` that each step writes one
+column of in place; the running batch's arena outlives the batch, so its buffers (and, on a GPU,
+the CUDA graphs captured on them) serve the next batch too.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +25,8 @@ from transformers import DynamicCache
 from softprompt.prompts import inject
 from softprompt.prompts.tokens import eos_token_id
 from softprompt.server import kv
+from softprompt.server.arena import KvArena, power_of_two
+from softprompt.server.decode_step import DecodeStep
 from softprompt.server.model import BaseModel
 from softprompt.server.prompt_cache import DeviceLru, Key, PrefixKV, prefix_bytes
 from softprompt.server.sampling import SamplingParams, make_generator, next_tokens
@@ -67,13 +74,13 @@ class TokenEvent:
 
 @dataclass
 class Batch:
-    """Rows decoding together, with their left-padded KV cache and attention mask."""
+    """Rows decoding together; their keys, values, mask, positions and next inputs live in `kv`.
+
+    A batch is changed in place by `decode`, `filter` and `concatenate`.
+    """
 
     sequences: list[Sequence]
-    cache: DynamicCache
-    attention_mask: torch.Tensor  # [batch, columns] 1 for real positions
-    positions: torch.Tensor  # [batch] position id of each row's next token
-    last_tokens: torch.Tensor  # [batch] each row's newest token
+    kv: KvArena
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -86,9 +93,14 @@ class Engine:
     computed once per prompt version and kept (`prefixes`, LRU in bytes). A prefill then runs only
     each row's last virtual token and its input over that cached prefix; the result is the same
     as running `[prompt ; input]` whole.
+
+    `cuda_graphs` (default: on for CUDA devices) replays decode steps from captured graphs;
+    `pad_shapes` (default: as `cuda_graphs`) runs steps at the graphs' bucketed shapes, which tests
+    use on CPU to check that padding changes no token.
     """
 
-    def __init__(self, base: BaseModel, prefix_cache_bytes: int = 0) -> None:
+    def __init__(self, base: BaseModel, prefix_cache_bytes: int = 0, *, cuda_graphs: bool | None = None,
+                 pad_shapes: bool | None = None) -> None:
         self.base = base
         self.prefixes: DeviceLru[PrefixKV] = DeviceLru(prefix_cache_bytes, prefix_bytes)
         self.model = base.model
@@ -100,6 +112,12 @@ class Engine:
             eos = self.tokenizer.eos_token_id
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
         self.eos_id = eos_token_id(self.model, self.tokenizer)
+        graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self._step = DecodeStep(self.model, graphs=graphs, pad_shapes=pad_shapes)
+        # The running batch's arena, kept across batches so its buffers (and graphs captured on
+        # them) are reused; `_resident_owner` is the batch using it, if that batch is still alive.
+        self._resident: KvArena | None = None
+        self._resident_owner: weakref.ref[Batch] | None = None
 
     def start(self, seq: Sequence) -> None:
         """Prepares a row's per-request state (text tracking, sampling generator)."""
@@ -128,13 +146,7 @@ class Engine:
         out = kv.forward(self.model, cache, inputs_embeds=x.embeds, attention_mask=mask, position_ids=positions)
         if not bool(mask.all()):
             kv.zero_masked(out.cache, mask)
-        batch = Batch(
-            sequences=list(sequences),
-            cache=out.cache,
-            attention_mask=mask,
-            positions=mask.sum(-1),
-            last_tokens=torch.zeros(len(sequences), dtype=torch.long, device=self.device),
-        )
+        batch = Batch(list(sequences), KvArena.wrap(kv.layers(out.cache), mask, positions=mask.sum(-1)))
         return batch, self._emit(batch, out.logits)
 
     def _prefixes(self, sequences: list[Sequence]) -> list[PrefixKV | None]:
@@ -185,18 +197,10 @@ class Engine:
     @torch.inference_mode()
     def decode(self, batch: Batch) -> list[TokenEvent]:
         """Advances every row of the batch by one token."""
-        mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(len(batch), 1)], dim=1)
-        out = kv.forward(
-            self.model,
-            batch.cache,
-            input_ids=batch.last_tokens[:, None],
-            attention_mask=mask,
-            position_ids=batch.positions[:, None],
-        )
-        batch.cache = out.cache
-        batch.attention_mask = mask
-        batch.positions = batch.positions + 1
-        return self._emit(batch, out.logits)
+        self._make_resident(batch)
+        logits = self._step(batch.kv, graph_ok=batch.kv is self._resident)
+        batch.kv.advance()
+        return self._emit(batch, logits)
 
     @torch.inference_mode()
     def score(self, prompts: list[torch.Tensor | None], contexts: list[list[int]],
@@ -204,44 +208,61 @@ class Engine:
         """Each row's total log-probability of its continuation after `[prompt ; context]`, in one forward."""
         return inject.score_continuations(self.model, prompts, contexts, continuations).totals().tolist()
 
+    @torch.inference_mode()
     def filter(self, batch: Batch, keep: list[int]) -> Batch | None:
         """Keeps the rows at the given indices; None when none remain."""
         if not keep:
+            batch.kv.keep([])
             return None
-        if len(keep) == len(batch):
-            return batch
-        rows = torch.tensor(keep, device=self.device)
-        mask = batch.attention_mask[rows]
-        # Columns that are padding in every remaining row are dead weight: drop them.
-        first = int(mask.any(dim=0).nonzero()[0])
-        return Batch(
-            sequences=[batch.sequences[i] for i in keep],
-            cache=kv.select_rows(batch.cache, rows, first),
-            attention_mask=mask[:, first:],
-            positions=batch.positions[rows],
-            last_tokens=batch.last_tokens[rows],
-        )
+        if len(keep) < len(batch):
+            batch.sequences = [batch.sequences[i] for i in keep]
+            batch.kv.keep(keep)
+        return batch
 
+    @torch.inference_mode()
     def concatenate(self, batches: list[Batch]) -> Batch:
-        """Merges batches into one, left-padding the shorter ones."""
+        """Merges batches into one (the resident one, if among them), right-aligning their rows."""
+        target = next((b for b in batches if b.kv is self._resident), batches[0])
         if len(batches) == 1:
-            return batches[0]
-        width = max(b.attention_mask.shape[1] for b in batches)
-        masks = [
-            torch.cat([b.attention_mask.new_zeros(len(b), width - b.attention_mask.shape[1]), b.attention_mask], 1)
-            for b in batches
-        ]
-        return Batch(
-            sequences=[s for b in batches for s in b.sequences],
-            cache=kv.concat([b.cache for b in batches], width),
-            attention_mask=torch.cat(masks),
-            positions=torch.cat([b.positions for b in batches]),
-            last_tokens=torch.cat([b.last_tokens for b in batches]),
-        )
+            return target
+        self._make_resident(target, others=[b for b in batches if b is not target])
+        for b in batches:
+            if b is not target:
+                target.kv.absorb(b.kv, self._columns_needed(target.sequences + b.sequences))
+                target.sequences += b.sequences
+        return target
+
+    def _make_resident(self, batch: Batch, others: list[Batch] | None = None) -> None:
+        """Moves a prefill's rows into the long-lived arena (or, while another batch holds it, a new one)."""
+        if batch.kv is self._resident:
+            return
+        others = others or []
+        owner = None if self._resident_owner is None else self._resident_owner()
+        rows = len(batch) + sum(len(b) for b in others)
+        need = self._columns_needed(batch.sequences + [s for b in others for s in b.sequences])
+        if owner is None or owner is batch:
+            if self._resident is None:
+                self._resident = KvArena.empty(batch.kv, power_of_two(rows), batch.kv.t + need)
+            arena = self._resident
+            arena.clear()
+            self._resident_owner = weakref.ref(batch)
+        else:
+            arena = KvArena.empty(batch.kv, rows, batch.kv.t + need)
+        arena.absorb(batch.kv, need)
+        batch.kv = arena
+
+    def shape_of(self, batch: Batch) -> tuple[int, int]:
+        """(rows, attended columns) of the batch's next decode step, padding included."""
+        return self._step.shape(batch.kv)
+
+    @staticmethod
+    def _columns_needed(sequences: list[Sequence]) -> int:
+        """Most columns any of the rows may still write: one per decode step left."""
+        return max(s.params.max_new_tokens - len(s.generated) for s in sequences)
 
     def _emit(self, batch: Batch, logits: torch.Tensor) -> list[TokenEvent]:
         tokens = next_tokens(logits, [s.params for s in batch.sequences], [s.generator for s in batch.sequences])
-        batch.last_tokens = tokens
+        batch.kv.tokens[:len(batch)] = tokens
         events = []
         for seq, token in zip(batch.sequences, tokens.tolist()):
             seq.generated.append(token)

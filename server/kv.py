@@ -61,32 +61,6 @@ def from_layers(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
     return DynamicCache(ddp_cache_data=pairs)
 
 
-def select_rows(cache: DynamicCache, rows: torch.Tensor, first_column: int = 0) -> DynamicCache:
-    """Keeps the given batch rows and drops the columns before `first_column`."""
-    return from_layers([(k[rows, :, first_column:], v[rows, :, first_column:]) for k, v in layers(cache)])
-
-
-def left_pad(cache: DynamicCache, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The cache's tensors with zero columns added on the left up to `length` positions."""
-    padded = []
-    for k, v in layers(cache):
-        extra = length - k.shape[2]
-        if extra:
-            k = torch.cat([k.new_zeros(k.shape[0], k.shape[1], extra, k.shape[3]), k], dim=2)
-            v = torch.cat([v.new_zeros(v.shape[0], v.shape[1], extra, v.shape[3]), v], dim=2)
-        padded.append((k, v))
-    return padded
-
-
-def concat(caches: list[DynamicCache], length: int) -> DynamicCache:
-    """Stacks caches along the batch, left-padding each to `length` positions."""
-    padded = [left_pad(c, length) for c in caches]
-    return from_layers([
-        (torch.cat([p[i][0] for p in padded]), torch.cat([p[i][1] for p in padded]))
-        for i in range(len(padded[0]))
-    ])
-
-
 def zero_masked(cache: DynamicCache, attention_mask: torch.Tensor) -> None:
     """Zeroes keys/values at padded positions.
 

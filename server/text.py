@@ -2,6 +2,10 @@
 
 Streaming must never show text that later turns out to be part of a stop sequence, nor half of a
 multi-byte character, so the safe-to-emit end of the text trails the decoded end when needed.
+
+Each token is decoded in a window of the few ids since the last complete character (as
+text-generation-inference does), not by decoding the whole generation again: the worker does
+this for every row at every step, so it must cost the same at token 1,000 as at token 1.
 """
 
 from __future__ import annotations
@@ -16,6 +20,10 @@ class TextTracker:
         self._tokenizer = tokenizer
         self._stop = stop
         self._ids: list[int] = []
+        # ids[_prefix:_read] decode to the tail of `_decoded`; ids past _read are not text yet.
+        self._prefix = 0
+        self._read = 0
+        self._decoded = ""
         self._text = ""
         self._emitted = 0
         self.stopped_by: str | None = None
@@ -31,7 +39,8 @@ class TextTracker:
         Sets `stopped_by` when the text reaches a stop sequence; the text is then cut before it.
         """
         self._ids.append(token_id)
-        text = self._tokenizer.decode(self._ids, skip_special_tokens=True)
+        self._decoded += self._decode_new(final)
+        text = self._decoded
         if self._stop:
             # Only the tail can hold a new match: search where the previous text might have ended one.
             start = max(0, len(self._text) - max(len(s) for s in self._stop) + 1)
@@ -47,11 +56,18 @@ class TextTracker:
         self._emitted = max(self._emitted, end)
         return delta
 
+    def _decode_new(self, final: bool) -> str:
+        """Text the newest ids complete, decoded with a little context so spacing comes out as in a full decode."""
+        prefix = self._tokenizer.decode(self._ids[self._prefix:self._read], skip_special_tokens=True)
+        full = self._tokenizer.decode(self._ids[self._prefix:], skip_special_tokens=True)
+        # An incomplete UTF-8 sequence decodes to U+FFFD until its last byte arrives: wait for it.
+        if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
+            self._prefix, self._read = self._read, len(self._ids)
+            return full[len(prefix):]
+        return ""
+
     def _safe_end(self, text: str) -> int:
         end = len(text)
-        # An incomplete UTF-8 sequence decodes to U+FFFD until its last byte arrives.
-        while end > self._emitted and text[end - 1] == "\ufffd":
-            end -= 1
         held = 0
         for stop in self._stop:
             # Hold back the longest tail that could still grow into this stop sequence.

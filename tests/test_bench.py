@@ -34,6 +34,9 @@ def test_bench_runs_every_method_on_the_tiny_model(
     printed = capsys.readouterr().out
     assert "outputs identical ((d), (e), (f)): yes" in printed and "vs (a)" in printed
     assert "(f)/(e): serving while a training job runs" in printed
+    # The probe raises unless every request right after a RegisterPrompt was served the new version.
+    assert figures["methods"]["e"]["extra"]["registration"]["rounds"] == 10
+    assert "each was served by the very next request" in printed
 
 
 def test_cli_hands_bench_its_argv(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -149,3 +149,101 @@ def test_cached_prefixes_give_the_reference_and_are_reused(tiny_base):
     assert (engine.prefixes.misses, engine.prefixes.hits, len(engine.prefixes._items)) == (2, 2, 1)
     engine.prefixes.evict("long", 1)
     assert not engine.prefixes._items
+
+
+def _check(engine: Engine, base, rows: list[Sequence]) -> None:
+    for seq in rows:
+        # A row dropped early (a cancelled request) must match the reference as far as it got.
+        expected = reference_greedy(base.model, seq.prompt, seq.input_ids, len(seq.generated), engine.eos_ids)
+        assert seq.generated == expected, f"row {seq.request_id} differs from the no-cache reference"
+
+
+def test_graph_shaped_steps_match_reference(tiny_base):
+    """The bucketed shapes a CUDA graph replays (padding rows, masked padding columns) change no token."""
+    engine = Engine(tiny_base, pad_shapes=True)
+    rows = _rows(engine, tiny_base, 7)
+    batch, _ = engine.prefill(rows[:3])
+    for _ in range(3):
+        engine.decode(batch)
+    batch = engine.concatenate([batch, engine.prefill(rows[3:5])[0]])
+    engine.decode(batch)
+    batch = engine.filter(batch, [0, 2, 3, 4])  # a row leaves from the middle
+    batch = engine.concatenate([batch, engine.prefill(rows[5:])[0]])
+    assert engine.shape_of(batch) == (8, 64)  # 6 live rows padded to 8, width to one column block
+    _run(engine, batch)
+    assert [len(s.generated) for s in rows] == [12, 5, 14, 15, 16, 17, 18]
+    _check(engine, tiny_base, rows)
+
+
+def test_joining_rows_longer_than_the_batch_shift_it(tiny_base):
+    """A joiner with more positions than the running rows have moves them right; one with fewer is padded."""
+    engine = Engine(tiny_base)
+    short = Sequence(request_id=0, input_ids=tiny_base.tokenizer("hi").input_ids, params=SamplingParams(max_new_tokens=20))
+    long = Sequence(request_id=1, input_ids=tiny_base.tokenizer(TEXTS[2] * 3).input_ids,
+                    params=SamplingParams(max_new_tokens=5), prompt=_prompts(tiny_base)[2])
+    for seq in (short, long):
+        engine.start(seq)
+    batch, _ = engine.prefill([short])
+    engine.decode(batch)
+    batch = engine.concatenate([batch, engine.prefill([long])[0]])
+    assert batch.kv.t == long.length  # the running row (3 columns) was shifted to the joiner's 78
+    _run(engine, batch)
+    _check(engine, tiny_base, [short, long])
+
+
+def test_arena_grows_and_is_reused_across_batches(tiny_base):
+    engine = Engine(tiny_base)
+    first = _rows(engine, tiny_base, 1, max_new=3)
+    batch, _ = engine.prefill(first)
+    engine.decode(batch)
+    arena = batch.kv
+    late = _rows(engine, tiny_base, 3, max_new=90)[1:]  # more rows and more columns than reserved
+    batch = engine.concatenate([batch, engine.prefill(late)[0]])
+    assert batch.kv is arena and arena.generation == 1 and arena.capacity_rows >= 3
+    _run(engine, batch)
+    _check(engine, tiny_base, first + late)
+    again = _rows(engine, tiny_base, 2)
+    batch, _ = engine.prefill(again)
+    engine.decode(batch)
+    assert batch.kv is arena and arena.generation == 1  # the drained arena's buffers serve the next batch
+    _run(engine, batch)
+    _check(engine, tiny_base, again)
+
+
+def test_two_live_batches_decode_independently(tiny_base):
+    """While one batch holds the long-lived arena, another gets its own; interleaved steps stay exact."""
+    engine = Engine(tiny_base)
+    rows = _rows(engine, tiny_base, 4)
+    a, _ = engine.prefill(rows[:2])
+    b, _ = engine.prefill(rows[2:])
+    while a is not None or b is not None:
+        for name, batch in (("a", a), ("b", b)):
+            if batch is None:
+                continue
+            engine.decode(batch)
+            batch = engine.filter(batch, [i for i, s in enumerate(batch.sequences) if s.finish_reason is None])
+            if name == "a":
+                a = batch
+            else:
+                b = batch
+    _check(engine, tiny_base, rows)
+
+
+def test_incremental_detokenizing_equals_a_full_decode(tiny_base):
+    """Deltas decoded in small windows add up to the full decode, multi-byte characters split over tokens included."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    tok = tiny_base.tokenizer
+    texts = ["héllo wörld — naïve café", "日本語のテキスト", "emoji 🙂🚀 mixed", "plain ascii text, with punctuation!"]
+    vocab = len(tok)
+
+    @settings(max_examples=200, deadline=None, derandomize=True)
+    @given(st.lists(st.one_of(st.integers(0, vocab - 1), st.sampled_from(texts)), min_size=1, max_size=12))
+    def check(parts):
+        ids = [i for p in parts for i in ([p] if isinstance(p, int) else tok(p).input_ids)]
+        tracker = TextTracker(tok, ())
+        deltas = [tracker.add(t, final=n == len(ids) - 1) for n, t in enumerate(ids)]
+        assert "".join(deltas) == tok.decode(ids, skip_special_tokens=True)
+
+    check()

@@ -45,7 +45,10 @@ METHODS: dict[str, tuple[str, str]] = {
     "d": ("engine", "softprompt engine, offline"),
     "e": ("grpc", "softprompt server, gRPC streams"),
     "f": ("grpc-training", "softprompt server, gRPC streams, while a training job runs"),
+    "g": ("hf-static", "HF generate, one batch, static cache, no prompt"),
 }
+# Methods whose rows carry no soft prompt: their ids are not comparable with (d).
+NO_PROMPT = frozenset({"g"})
 # Warm-up runs only need every kernel and code path touched once; a few tokens do that.
 WARMUP_TOKENS = 4
 REGISTRATION_TASK = "bench-fresh"  # (e) registers new versions of this task and times their first request
@@ -322,10 +325,11 @@ def pad_token_id(base: BaseModel) -> int:
     return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
 
 
-def hf_generate(base: BaseModel, embeds: torch.Tensor, mask: torch.Tensor, new_tokens: int) -> list[list[int]]:
+def hf_generate(base: BaseModel, embeds: torch.Tensor, mask: torch.Tensor, new_tokens: int,
+                **options: Any) -> list[list[int]]:
     """Greedy HF generate over inputs_embeds; exactly `new_tokens` new ids per row."""
     out = base.model.generate(
-        inputs_embeds=embeds, attention_mask=mask, do_sample=False,
+        inputs_embeds=embeds, attention_mask=mask, do_sample=False, **options,
         # min == max: EOS is suppressed, so every method produces the same number of tokens.
         max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad_token_id(base),
     )
@@ -367,6 +371,25 @@ class HFBatch:
         rows = [row_embeds(self.base.model, self.work.prompts[t], ids)
                 for ids, t in zip(self.work.input_ids, self.work.task_of)]
         outputs = hf_generate(self.base, *left_pad(rows), new_tokens)
+        return Outcome(outputs, [time.perf_counter() - t0] * len(outputs))
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class HFStaticBare:
+    """(g) The issue's plain-HF ceiling: the inputs alone (no prompt) in one batch, with a static KV cache."""
+
+    def __init__(self, base: BaseModel, work: Workload) -> None:
+        self.base, self.work = base, work
+
+    @torch.inference_mode()
+    def run(self, new_tokens: int) -> Outcome:
+        """See `Runner.run`."""
+        t0 = time.perf_counter()
+        embed = self.base.model.get_input_embeddings()
+        rows = [embed(torch.tensor(ids, device=self.base.device)) for ids in self.work.input_ids]
+        outputs = hf_generate(self.base, *left_pad(rows), new_tokens, cache_implementation="static")
         return Outcome(outputs, [time.perf_counter() - t0] * len(outputs))
 
     def close(self) -> None:
@@ -667,7 +690,9 @@ def make_runner(key: str, s: Settings, base: BaseModel, work: Workload, store: P
         return EngineOffline(s, base, work, store)
     if key == "e":
         return GrpcServer(s, base, work, store)
-    return GrpcWhileTraining(s, base, work, store)
+    if key == "f":
+        return GrpcWhileTraining(s, base, work, store)
+    return HFStaticBare(base, work)
 
 
 # ---------------------------------------------------------------------- running
@@ -788,7 +813,7 @@ def table(results: list[MethodResult], eos_ids: frozenset[int]) -> list[str]:
     for r in results:
         ratio = f"{r.tokens_per_s / baseline.tokens_per_s:.2f}x" if baseline else "n/a"
         same = "n/a"
-        if reference is not None:
+        if reference is not None and r.key not in NO_PROMPT:
             same = f"{sum(agrees(a, b, eos_ids) for a, b in zip(r.outputs, reference.outputs))}/{len(r.outputs)}"
         rows.append((f"({r.key}) {r.label}", f"{r.tokens_per_s:,.1f}", f"{r.wall_s:.2f}", ratio,
                      _seconds(r.latency_p50_s), _seconds(r.latency_p99_s), _seconds(r.ttft_p50_s),
@@ -819,6 +844,16 @@ def engine_lines(results: list[MethodResult]) -> list[str]:
             f"{r.extra['prefills']} prefills, max batch {r.extra['max_batch']}"
         )
     return lines
+
+
+def ratio_lines(results: list[MethodResult]) -> list[str]:
+    """The ratios the performance targets are stated in, for the methods that ran."""
+    by_key = {r.key: r.tokens_per_s for r in results}
+    pairs = [("d", "g", "our engine (mixed tasks) vs HF static cache without any prompt"),
+             ("d", "b", "our engine vs one HF batch"),
+             ("d", "c", "our engine vs PEFT one batch per task"),
+             ("e", "d", "gRPC streams vs our engine offline")]
+    return [f"({a})/({b}) {what}: {by_key[a] / by_key[b]:.2f}x" for a, b, what in pairs if a in by_key and b in by_key]
 
 
 def registration_line(results: list[MethodResult]) -> list[str]:
@@ -893,7 +928,9 @@ def report(s: Settings, base: BaseModel, work: Workload, results: list[MethodRes
           f"(mean {settings['input_tokens']['mean']:.1f}, {settings['input_source']}), {s.new_tokens} new tokens; "
           f"{settings['clients']} gRPC clients; engine max batch {s.batch_size}; {s.warmup} warm-up run(s)", file=out)
     print(file=out)
-    for line in table(results, eos_ids(base)) + [""] + engine_lines(results) + registration_line(results) + training_line(results):
+    lines = [*table(results, eos_ids(base)), "", *engine_lines(results), *ratio_lines(results),
+             *registration_line(results), *training_line(results)]
+    for line in lines:
         print(line, file=out)
     print(f"outputs identical ((d), (e), (f)): {'n/a' if same is None else 'yes' if same else 'no'}", file=out)
     print(file=out)
@@ -937,7 +974,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
                "  softprompt bench                                    # defaults: 16 requests, 8 tasks\n"
                "  softprompt bench --requests 64 --clients 64 --skip peft --json out.json\n"
-               "  softprompt bench --random-weights llama-3.2-1b-config.json --device cuda --new-tokens 128\n",
+               "  softprompt bench --random-weights scripts/llama-3.2-1b-config.json --device cuda --new-tokens 128\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     w = parser.add_argument_group("workload")

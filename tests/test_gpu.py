@@ -1,0 +1,53 @@
+"""The CUDA paths: decode steps replayed from CUDA graphs give the reference tokens.
+
+These need a GPU and are skipped without one (CI has none); `scripts/gpu_check.sh` runs them on a
+GPU machine together with the benchmark. On CPU, tests/test_engine.py runs the same decode step at
+the same bucketed shapes, eagerly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import reference_greedy
+from softprompt.server.engine import Engine
+from softprompt.server.model import load_base_model
+from test_engine import _rows, _run
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def cuda_base(tiny_model_dir):
+    return load_base_model(str(tiny_model_dir), device="cuda", dtype="float32")
+
+
+def test_cuda_graph_steps_match_the_reference(cuda_base):
+    engine = Engine(cuda_base)
+    assert engine._step.graphs, "CUDA graphs are on by default on a GPU"
+    rows = _rows(engine, cuda_base, 7)
+    batch, _ = engine.prefill(rows[:3])
+    for _ in range(3):
+        engine.decode(batch)
+    batch = engine.concatenate([batch, engine.prefill(rows[3:])[0]])
+    _run(engine, batch)
+    for seq in rows:
+        expected = reference_greedy(cuda_base.model, seq.prompt, seq.input_ids, seq.params.max_new_tokens,
+                                    engine.eos_ids)
+        assert seq.generated == expected, f"row {seq.request_id} differs from the no-cache reference"
+    # Still on: a capture that failed or disagreed with its eager step would have switched graphs off.
+    assert engine._step.graphs and engine._step._captured
+
+
+def test_bfloat16_graphs_give_the_eager_tokens(tiny_model_dir):
+    base = load_base_model(str(tiny_model_dir), device="cuda", dtype="bfloat16")
+    outputs = []
+    for graphs in (True, False):
+        engine = Engine(base, cuda_graphs=graphs, pad_shapes=True)
+        rows = _rows(engine, base, 6)
+        batch, _ = engine.prefill(rows)
+        _run(engine, batch)
+        outputs.append([seq.generated for seq in rows])
+        assert engine._step.graphs is graphs
+    assert outputs[0] == outputs[1]

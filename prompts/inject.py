@@ -106,19 +106,26 @@ def score_continuations(
         position_ids=inputs.position_ids,
         use_cache=False,
     )
+    firsts = [(0 if p is None else int(p.shape[0])) + len(ctx) - 1 for p, ctx in zip(prompts, contexts)]
+    return gather_continuations(out.logits, firsts, continuations)
+
+
+def gather_continuations(logits: torch.Tensor, firsts: Sequence[int],
+                         continuations: Sequence[Sequence[int]]) -> Continuations:
+    """Scores from teacher-forced `logits` [rows, columns, vocab] of right-padded rows, where column
+    `firsts[row]` predicts the row's first continuation token."""
     longest = max(len(t) for t in continuations)
     rows, cols, targets = [], [], []
     mask = torch.zeros(len(continuations), longest, dtype=torch.bool)
-    for row, (p, ctx, cont) in enumerate(zip(prompts, contexts, continuations)):
-        first = (0 if p is None else int(p.shape[0])) + len(ctx) - 1  # the position predicting cont[0]
+    for row, (first, cont) in enumerate(zip(firsts, continuations)):
         for j, token in enumerate(cont):
             rows.append(row)
             cols.append(first + j)
             targets.append(token)
             mask[row, j] = True
-    device = out.logits.device
+    device = logits.device
     mask = mask.to(device)
-    picked = out.logits[torch.tensor(rows, device=device), torch.tensor(cols, device=device)].float()
+    picked = logits[torch.tensor(rows, device=device), torch.tensor(cols, device=device)].float()
     tokens = torch.tensor(targets, device=device)
     logprobs = torch.zeros(len(continuations), longest, device=device)
     logprobs[mask] = picked.log_softmax(-1).gather(-1, tokens[:, None])[:, 0]

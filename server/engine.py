@@ -132,38 +132,53 @@ class Engine:
         The prefix columns come from the cache; the forward covers the rest, with positions counting
         real tokens only, so padding in either part changes nothing.
         """
-        prefixes = self._prefixes(sequences)
-        lengths = [0 if p is None else int(p[0][0].shape[1]) for p in prefixes]
-        width = max(lengths)
-        x = inject.build_inputs(self._embed, [None if s.prompt is None else s.prompt[-1:] for s in sequences],
-                                [s.input_ids for s in sequences])
-        prefix_mask = x.attention_mask.new_zeros(len(sequences), width)
-        for row, n in enumerate(lengths):
-            prefix_mask[row, width - n:] = 1
-        mask = torch.cat([prefix_mask, x.attention_mask], dim=1)
-        positions = x.position_ids + torch.tensor(lengths, device=self.device)[:, None]
-        cache = self._prefix_cache(prefixes, lengths, width) if width else DynamicCache()
-        out = kv.forward(self.model, cache, inputs_embeds=x.embeds, attention_mask=mask, position_ids=positions)
+        prompts = [s.prompt for s in sequences]
+        out, mask = self._forward_over_prefixes(prompts, [s.prompt_key for s in sequences],
+                                                [s.input_ids for s in sequences], inject.LEFT)
         if not bool(mask.all()):
             kv.zero_masked(out.cache, mask)
         batch = Batch(list(sequences), KvArena.wrap(kv.layers(out.cache), mask, positions=mask.sum(-1)))
         return batch, self._emit(batch, out.logits)
 
-    def _prefixes(self, sequences: list[Sequence]) -> list[PrefixKV | None]:
-        """Each row's KV of all but its prompt's last virtual token (which runs with the input, so every
+    def _forward_over_prefixes(self, prompts: list[torch.Tensor | None], keys: list[Key | None],
+                               token_ids: list[list[int]], padding: str) -> tuple[kv.ForwardOutput, torch.Tensor]:
+        """Runs each row's last virtual token and tokens over its prompt's cached prefix; returns the output
+        and the attention mask over [prefix columns ; fresh columns].
+
+        Row layout: `[pad][prefix: all virtual tokens but the last][last virtual token ; tokens]`, the
+        fresh part padded on the given side. Positions count real tokens only, so padding in either
+        part changes nothing. Prefill keeps the last position's logits, scoring every position's.
+        """
+        prefixes = self._prefixes(prompts, keys)
+        lengths = [0 if p is None else int(p[0][0].shape[1]) for p in prefixes]
+        width = max(lengths)
+        x = inject.build_inputs(self._embed, [None if p is None else p[-1:] for p in prompts], token_ids,
+                                padding=padding)
+        prefix_mask = x.attention_mask.new_zeros(len(prompts), width)
+        for row, n in enumerate(lengths):
+            prefix_mask[row, width - n:] = 1
+        mask = torch.cat([prefix_mask, x.attention_mask], dim=1)
+        positions = x.position_ids + torch.tensor(lengths, device=self.device)[:, None]
+        cache = self._prefix_cache(prefixes, lengths, width) if width else DynamicCache()
+        out = kv.forward(self.model, cache, inputs_embeds=x.embeds, attention_mask=mask, position_ids=positions,
+                         every_position=padding == inject.RIGHT)
+        return out, mask
+
+    def _prefixes(self, prompts: list[torch.Tensor | None], keys: list[Key | None]) -> list[PrefixKV | None]:
+        """Each row's KV of all but its prompt's last virtual token (which runs with the tokens, so every
         row has a fresh position); cache misses are computed together in one forward."""
-        out: list[PrefixKV | None] = [None] * len(sequences)
+        out: list[PrefixKV | None] = [None] * len(prompts)
         missing: dict[Key | int, list[int]] = {}
-        for row, seq in enumerate(sequences):
-            if seq.prompt is None or seq.num_virtual_tokens < 2:
+        for row, (prompt, key) in enumerate(zip(prompts, keys)):
+            if prompt is None or prompt.shape[0] < 2:
                 continue
-            cached = None if seq.prompt_key is None else self.prefixes.lookup(seq.prompt_key)
+            cached = None if key is None else self.prefixes.lookup(key)
             if cached is not None:
                 out[row] = cached
             else:
-                missing.setdefault(seq.prompt_key if seq.prompt_key is not None else row, []).append(row)
+                missing.setdefault(key if key is not None else row, []).append(row)
         if missing:
-            heads = [sequences[rows[0]].prompt[:-1] for rows in missing.values()]  # type: ignore[index]
+            heads = [prompts[rows[0]][:-1] for rows in missing.values()]  # type: ignore[index]
             for (key, rows), kv_ in zip(missing.items(), self._compute_prefixes(heads)):
                 if not isinstance(key, int):
                     kv_ = self.prefixes.put(key, kv_)
@@ -203,10 +218,15 @@ class Engine:
         return self._emit(batch, logits)
 
     @torch.inference_mode()
-    def score(self, prompts: list[torch.Tensor | None], contexts: list[list[int]],
+    def score(self, prompts: list[torch.Tensor | None], keys: list[Key | None], contexts: list[list[int]],
               continuations: list[list[int]]) -> list[float]:
-        """Each row's total log-probability of its continuation after `[prompt ; context]`, in one forward."""
-        return inject.score_continuations(self.model, prompts, contexts, continuations).totals().tolist()
+        """Each row's total log-probability of its continuation after `[prompt ; context]`, in one forward
+        over the prompts' cached prefixes."""
+        out, _ = self._forward_over_prefixes(prompts, keys, [[*c, *t] for c, t in zip(contexts, continuations)],
+                                             inject.RIGHT)
+        # The fresh part starts at the prompt's last virtual token (if any); the prefix is in the cache.
+        firsts = [(0 if p is None else 1) + len(c) - 1 for p, c in zip(prompts, contexts)]
+        return inject.gather_continuations(out.logits, firsts, continuations).totals().tolist()
 
     @torch.inference_mode()
     def filter(self, batch: Batch, keep: list[int]) -> Batch | None:

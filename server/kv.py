@@ -22,7 +22,7 @@ def _cache_kwarg(forward_cls: type) -> str:
 
 @dataclass
 class ForwardOutput:
-    """Last-position logits (float32) and the grown cache."""
+    """Logits (the last position's in float32, or every position's in the model's dtype) and the grown cache."""
 
     logits: torch.Tensor
     cache: DynamicCache
@@ -36,19 +36,24 @@ def forward(
     position_ids: torch.Tensor,
     input_ids: torch.Tensor | None = None,
     inputs_embeds: torch.Tensor | None = None,
+    every_position: bool = False,
 ) -> ForwardOutput:
-    """Runs the model over new positions, appending their keys/values to `cache`."""
+    """Runs the model over new positions, appending their keys/values to `cache`.
+
+    Logits are the last position's [batch, vocab], or with `every_position` [batch, positions, vocab].
+    """
     out = model(
         input_ids=input_ids,
         inputs_embeds=inputs_embeds,
         attention_mask=attention_mask,
         position_ids=position_ids,
         use_cache=True,
-        logits_to_keep=1,
+        logits_to_keep=0 if every_position else 1,
         **{_cache_kwarg(type(model)): cache},
     )
     grown = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-    return ForwardOutput(logits=out.logits[:, -1, :].float(), cache=grown)
+    # Every position's logits stay in the model's dtype: a float32 copy of them all can be large.
+    return ForwardOutput(logits=out.logits if every_position else out.logits[:, -1, :].float(), cache=grown)
 
 
 def layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import reference_greedy
@@ -247,3 +248,20 @@ def test_incremental_detokenizing_equals_a_full_decode(tiny_base):
         assert "".join(deltas) == tok.decode(ids, skip_special_tokens=True)
 
     check()
+
+
+def test_scoring_over_cached_prefixes_equals_a_full_forward(tiny_base):
+    from softprompt.prompts.inject import score_continuations
+
+    engine = Engine(tiny_base, prefix_cache_bytes=1 << 20)
+    prompts = _prompts(tiny_base)
+    keys = [None, ("five", 1, "a"), ("nine", 1, "b")]
+    tok = tiny_base.tokenizer
+    rows = [(i % 3, tok(TEXTS[i % 4]).input_ids, tok(label).input_ids)
+            for i, label in enumerate(["great", "awful film", "a", "boring, long and slow"])]
+    args = ([prompts[p] for p, _, _ in rows], [c for _, c, _ in rows], [t for _, _, t in rows])
+    expected = score_continuations(tiny_base.model, *args).totals().tolist()
+    for _ in range(2):  # misses, then hits
+        got = engine.score(args[0], [keys[p] for p, _, _ in rows], args[1], args[2])
+        assert got == pytest.approx(expected, abs=1e-4)
+    assert (engine.prefixes.misses, engine.prefixes.hits) == (2, 2)  # the two prompted rows

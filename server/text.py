@@ -10,14 +10,26 @@ this for every row at every step, so it must cost the same at token 1,000 as at 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from transformers import PreTrainedTokenizerBase
+
+
+def fast_decoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[int]], str]:
+    """`tokenizer.decode(ids, skip_special_tokens=True)`, calling the Rust tokenizer directly when that is
+    what transformers would do anyway: its Python wrapper costs several times the decode itself, and
+    this runs for every row at every step."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
 
 
 class TextTracker:
     """Incremental detokenizer for one row."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...]) -> None:
-        self._tokenizer = tokenizer
+        self._decode = fast_decoder(tokenizer)
         self._stop = stop
         self._ids: list[int] = []
         # ids[_prefix:_read] decode to the tail of `_decoded`; ids past _read are not text yet.
@@ -58,8 +70,8 @@ class TextTracker:
 
     def _decode_new(self, final: bool) -> str:
         """Text the newest ids complete, decoded with a little context so spacing comes out as in a full decode."""
-        prefix = self._tokenizer.decode(self._ids[self._prefix:self._read], skip_special_tokens=True)
-        full = self._tokenizer.decode(self._ids[self._prefix:], skip_special_tokens=True)
+        prefix = self._decode(self._ids[self._prefix:self._read])
+        full = self._decode(self._ids[self._prefix:])
         # An incomplete UTF-8 sequence decodes to U+FFFD until its last byte arrives: wait for it.
         if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
             self._prefix, self._read = self._read, len(self._ids)

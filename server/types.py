@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -57,6 +58,16 @@ class GenerationResult:
     finish_reason: str
     usage: Usage
     prompt_version: str
+
+    @classmethod
+    def from_chunks(cls, chunks: Iterable[StreamChunk]) -> GenerationResult:
+        """Joins a generation's streamed chunks; the last carries the finish reason and usage."""
+        text, ids, last = [], [], None
+        for last in chunks:
+            text.append(last.text)
+            ids.extend(last.token_ids)
+        assert last is not None and last.usage is not None and last.finish_reason is not None
+        return cls("".join(text), tuple(ids), last.finish_reason, last.usage, last.prompt_version)
 
 
 @dataclass(frozen=True)

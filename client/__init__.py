@@ -13,6 +13,7 @@ Example:
 """
 
 from softprompt.client.client import DEFAULT_TARGET, AsyncClient, Client
+from softprompt.client.credentials import TlsOptions
 from softprompt.client.errors import (
     CancelledError,
     DeadlineExceededError,
@@ -48,6 +49,7 @@ __all__ = [
     "DEFAULT_TARGET",
     "Client",
     "AsyncClient",
+    "TlsOptions",
     "GenerateResult",
     "StreamChunk",
     "Usage",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ from typing import Any, NoReturn, TextIO
 import grpc
 
 from softprompt.client.client import DEFAULT_TARGET, Client
+from softprompt.client.credentials import TlsOptions
 from softprompt.client.errors import SoftpromptError
 from softprompt.client.types import (
     ClassifyResult,
@@ -35,6 +37,7 @@ from softprompt.prompts.options import TrainingOptions
 __all__ = ["main", "build_parser"]
 
 SERVER_ENV = "SOFTPROMPT_SERVER"
+TOKEN_ENV = "SOFTPROMPT_TOKEN"
 BARE_MODEL_REF = "-"
 STDIN_TEXT = "-"
 
@@ -47,9 +50,14 @@ _SERVER_EXTRAS = frozenset(
 )
 
 # Global options that take a value; the `serve`/`bench` pre-scan must skip their values.
-_VALUED_GLOBALS = ("--server", "--timeout")
+_VALUED_GLOBALS = ("--server", "--timeout", "--token", "--token-file", "--ca-cert", "--client-cert", "--client-key")
+_FLAG_GLOBALS = ("--json", "--tls")
 # Commands that run server-side code with their own parser; main() hands them their argv untouched.
-_HANDED_OFF = ("serve", "bench")
+_HANDED_OFF = {
+    "serve": "softprompt.server.cli",
+    "bench": "softprompt.server.bench",
+    "token": "softprompt.server.token_cli",
+}
 
 _MAIN_DESCRIPTION = """\
 Run one frozen base language model with many soft prompts (prompt-tuning adapters).
@@ -69,8 +77,11 @@ examples:
   softprompt classify sentiment@prod "I loved this film" --labels positive,negative
   softprompt jobs list
   softprompt list --json
+  softprompt --server gpu-box:50051 --tls --ca-cert ca.pem --token-file my-token info
 
-The server address comes from --server, else ${SERVER_ENV}, else {DEFAULT_TARGET}.
+The server address comes from --server, else ${SERVER_ENV}, else {DEFAULT_TARGET}. For a server
+started with --auth-tokens, the token comes from --token, else --token-file, else ${TOKEN_ENV}
+(`softprompt token --help` explains tokens and roles).
 Run `softprompt COMMAND --help` for each command's options."""
 
 
@@ -98,11 +109,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     server = _option(args, "server", os.environ.get(SERVER_ENV) or DEFAULT_TARGET)
     try:
-        with Client(server, timeout=_option(args, "timeout", None)) as client:
+        token, tls = _token(args), _tls(args)
+        with Client(server, timeout=_option(args, "timeout", None), token=token, tls=tls) as client:
             handler: Handler = args.handler
             return handler(client, args)
     except SoftpromptError as e:
-        _print_server_error(e, server)
+        _print_server_error(e, server, tls=tls is not None)
     except (OSError, ValueError) as e:  # local input: a missing or malformed prompt file
         if isinstance(e, BrokenPipeError):
             return _quiet_broken_pipe()
@@ -116,14 +128,38 @@ def _option(args: argparse.Namespace, name: str, default: Any) -> Any:
     return getattr(args, name, default)
 
 
-def _print_server_error(e: SoftpromptError, server: str) -> None:
+def _token(args: argparse.Namespace) -> str | None:
+    """The bearer token: --token, else the content of --token-file, else $SOFTPROMPT_TOKEN."""
+    token: str | None = _option(args, "token", None)
+    path: Path | None = _option(args, "token_file", None)
+    if token is None and path is not None:
+        token = path.expanduser().read_text(encoding="utf-8").strip()
+        if not token:
+            raise ValueError(f"the token file {path} is empty")
+    return token if token is not None else os.environ.get(TOKEN_ENV) or None
+
+
+def _tls(args: argparse.Namespace) -> TlsOptions | None:
+    """TLS settings from --tls, --ca-cert, --client-cert and --client-key (each file implies --tls)."""
+    ca, cert, key = (_option(args, name, None) for name in ("ca_cert", "client_cert", "client_key"))
+    if (cert is None) != (key is None):
+        raise ValueError("--client-cert and --client-key must be given together")
+    if not (_option(args, "tls", False) or ca or cert):
+        return None
+    return TlsOptions(ca_cert=ca, client_cert=cert, client_key=key)
+
+
+def _print_server_error(e: SoftpromptError, server: str, *, tls: bool) -> None:
     print(f"error: {e.code.name}: {e.details}", file=sys.stderr)
     if e.code == grpc.StatusCode.UNAVAILABLE:
         print(
             f"is the server running at {server}? start it with `softprompt serve` "
-            f"(or point --server / ${SERVER_ENV} at it)",
+            f"(or point --server / ${SERVER_ENV} at it)"
+            + ("" if tls else "; if it uses TLS, add --tls (and --ca-cert for a private CA)"),
             file=sys.stderr,
         )
+    elif e.code == grpc.StatusCode.UNAUTHENTICATED:
+        print(f"pass a token with --token-file FILE, --token TOKEN or ${TOKEN_ENV}", file=sys.stderr)
     elif e.code == grpc.StatusCode.DEADLINE_EXCEEDED:
         print("the call ran out of time; raise --timeout or omit it", file=sys.stderr)
     elif e.code == grpc.StatusCode.UNIMPLEMENTED:
@@ -165,7 +201,7 @@ def _handed_off_argv(argv: list[str]) -> tuple[str, list[str]] | None:
         token = argv[i]
         if token in _VALUED_GLOBALS:
             i += 2
-        elif token == "--json" or token.startswith(tuple(f"{g}=" for g in _VALUED_GLOBALS)):
+        elif token in _FLAG_GLOBALS or token.startswith(tuple(f"{g}=" for g in _VALUED_GLOBALS)):
             i += 1
         else:
             return (token, argv[i + 1 :]) if token in _HANDED_OFF else None
@@ -175,12 +211,7 @@ def _handed_off_argv(argv: list[str]) -> tuple[str, list[str]] | None:
 def _server_side(command: str, argv: list[str]) -> int:
     try:
         # Imported only here: the server pulls in torch and transformers.
-        if command == "bench":
-            from softprompt.server.bench import main as command_main
-        else:
-            from softprompt.server.cli import main as command_main
-
-        status = command_main(argv)
+        status = importlib.import_module(_HANDED_OFF[command]).main(argv)
     except ModuleNotFoundError as e:
         return _missing_server_extra(e, command)
     return status if isinstance(status, int) else 0
@@ -216,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_serve(commands)
     _add_bench(commands)
+    _add_token(commands)
     _add_register(commands, common)
     _add_list(commands, common)
     _add_show(commands, common)
@@ -251,6 +283,50 @@ def _common_options() -> argparse.ArgumentParser:
         action="store_true",
         default=argparse.SUPPRESS,
         help="print machine-readable JSON instead of text",
+    )
+    auth = common.add_argument_group(
+        "authentication and TLS",
+        "for servers started with --auth-tokens and/or --tls-cert; the token is sent as\n"
+        f"`authorization: Bearer TOKEN` and comes from --token, else --token-file, else ${TOKEN_ENV}",
+    )
+    auth.add_argument(
+        "--token",
+        default=argparse.SUPPRESS,
+        help=f"bearer token (other local users can see arguments: prefer --token-file or ${TOKEN_ENV})",
+    )
+    auth.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="read the bearer token from FILE",
+    )
+    auth.add_argument(
+        "--tls",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="connect with TLS, trusting the system's root certificates unless --ca-cert is given",
+    )
+    auth.add_argument(
+        "--ca-cert",
+        type=Path,
+        metavar="PEM",
+        default=argparse.SUPPRESS,
+        help="CA certificate(s) that signed the server's certificate (implies --tls)",
+    )
+    auth.add_argument(
+        "--client-cert",
+        type=Path,
+        metavar="PEM",
+        default=argparse.SUPPRESS,
+        help="this client's certificate, for servers that require one (mutual TLS; implies --tls)",
+    )
+    auth.add_argument(
+        "--client-key",
+        type=Path,
+        metavar="PEM",
+        default=argparse.SUPPRESS,
+        help="the private key of --client-cert",
     )
     return common
 
@@ -296,6 +372,17 @@ def _add_bench(commands: Any) -> None:
     )
     parser.add_argument("bench_argv", nargs=argparse.REMAINDER)
     parser.set_defaults(handler=lambda client, args: _server_side("bench", args.bench_argv))
+
+
+def _add_token(commands: Any) -> None:
+    # Documentation only, like `serve`: main() hands `token ...` to softprompt.server.token_cli.
+    parser = commands.add_parser(
+        "token",
+        help="make bearer tokens for `serve --auth-tokens` (see `softprompt token --help`)",
+        add_help=False,
+    )
+    parser.add_argument("token_argv", nargs=argparse.REMAINDER)
+    parser.set_defaults(handler=lambda client, args: _server_side("token", args.token_argv))
 
 
 def _add_register(commands: Any, common: argparse.ArgumentParser) -> None:

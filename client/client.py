@@ -25,6 +25,7 @@ import grpc
 import grpc.aio
 
 from softprompt.client import convert, requests
+from softprompt.client.credentials import TlsOptions, bearer_metadata, channel_credentials
 from softprompt.client.errors import from_rpc_error
 from softprompt.client.requests import TrainingData
 from softprompt.client.sources import PromptSource
@@ -49,11 +50,12 @@ _Response = TypeVar("_Response")
 
 
 class _BaseClient:
-    """What both clients share: the target and the default deadline."""
+    """What both clients share: the target, the default deadline and the token's call metadata."""
 
-    def __init__(self, target: str, timeout: float | None) -> None:
+    def __init__(self, target: str, timeout: float | None, token: str | None) -> None:
         self.target = target
         self.timeout = timeout
+        self._metadata = bearer_metadata(token)
 
     def _deadline(self, timeout: float | None) -> float | None:
         """The per-call timeout if given, else the client's default (None: no deadline)."""
@@ -72,7 +74,10 @@ class Client(_BaseClient):
         timeout: default deadline of every call, in seconds (None: no deadline). Each method's
             `timeout` overrides it.
         options: gRPC channel options, e.g. [("grpc.max_receive_message_length", 64 << 20)].
-        credentials: TLS channel credentials; None connects without TLS.
+        credentials: ready-made channel credentials (instead of `tls`).
+        token: bearer token sent with every call, for servers started with --auth-tokens.
+        tls: TLS settings (`TlsOptions`), or True for TLS with the system's root certificates;
+            None connects without TLS.
     """
 
     def __init__(
@@ -82,8 +87,12 @@ class Client(_BaseClient):
         timeout: float | None = None,
         options: ChannelOptions | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        tls: TlsOptions | bool | None = None,
     ) -> None:
-        super().__init__(target, timeout)
+        super().__init__(target, timeout, token)
+        credentials, tls_options = channel_credentials(tls, credentials)
+        options = [*(options or ()), *tls_options]
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=options)
         else:
@@ -111,7 +120,7 @@ class Client(_BaseClient):
         self, method: Callable[..., _Response], request: Any, timeout: float | None
     ) -> _Response:
         try:
-            return method(request, timeout=self._deadline(timeout))
+            return method(request, timeout=self._deadline(timeout), metadata=self._metadata)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
@@ -183,7 +192,7 @@ class Client(_BaseClient):
         return self._stream(request, timeout)
 
     def _stream(self, request: Any, timeout: float | None) -> Iterator[StreamChunk]:
-        call = self._inference.GenerateStream(request, timeout=self._deadline(timeout))
+        call = self._inference.GenerateStream(request, timeout=self._deadline(timeout), metadata=self._metadata)
         try:
             for message in call:
                 yield convert.stream_chunk(message)
@@ -365,7 +374,7 @@ class Client(_BaseClient):
         return self._watch(request, timeout)
 
     def _watch(self, request: Any, timeout: float | None) -> Generator[TrainingJob, None, None]:
-        call = self._training.WatchTrainingJob(request, timeout=timeout)
+        call = self._training.WatchTrainingJob(request, timeout=timeout, metadata=self._metadata)
         try:
             for message in call:
                 yield convert.training_job(message)
@@ -401,7 +410,7 @@ class Client(_BaseClient):
 class AsyncClient(_BaseClient):
     """The asyncio twin of `Client` (over grpc.aio): same methods, awaited.
 
-    Create it inside a running event loop.
+    Create it inside a running event loop. Arguments as for `Client`.
 
     Example:
         >>> async with AsyncClient("localhost:50051") as client:
@@ -416,8 +425,12 @@ class AsyncClient(_BaseClient):
         timeout: float | None = None,
         options: ChannelOptions | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        tls: TlsOptions | bool | None = None,
     ) -> None:
-        super().__init__(target, timeout)
+        super().__init__(target, timeout, token)
+        credentials, tls_options = channel_credentials(tls, credentials)
+        options = [*(options or ()), *tls_options]
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(target, options=options)
         else:
@@ -445,7 +458,7 @@ class AsyncClient(_BaseClient):
         self, method: Callable[..., Awaitable[_Response]], request: Any, timeout: float | None
     ) -> _Response:
         try:
-            return await method(request, timeout=self._deadline(timeout))
+            return await method(request, timeout=self._deadline(timeout), metadata=self._metadata)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
@@ -509,7 +522,7 @@ class AsyncClient(_BaseClient):
         return self._stream(request, timeout)
 
     async def _stream(self, request: Any, timeout: float | None) -> AsyncIterator[StreamChunk]:
-        call = self._inference.GenerateStream(request, timeout=self._deadline(timeout))
+        call = self._inference.GenerateStream(request, timeout=self._deadline(timeout), metadata=self._metadata)
         try:
             async for message in call:
                 yield convert.stream_chunk(message)
@@ -656,7 +669,7 @@ class AsyncClient(_BaseClient):
     async def _watch(
         self, request: Any, timeout: float | None
     ) -> AsyncGenerator[TrainingJob, None]:
-        call = self._training.WatchTrainingJob(request, timeout=timeout)
+        call = self._training.WatchTrainingJob(request, timeout=timeout, metadata=self._metadata)
         try:
             async for message in call:
                 yield convert.training_job(message)

@@ -200,7 +200,7 @@ def _parse_config(config_json: str | bytes) -> dict[str, Any]:
         raise InvalidPromptError(f"adapter_config.json is empty: {_FIX_UPLOAD}")
     try:
         config = json.loads(config_json)
-    except (json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # ValueError: also integers past Python's 4300-digit limit
         raise InvalidPromptError(f"adapter_config.json is not valid JSON ({e}): {_FIX_UPLOAD}") from None
     if not isinstance(config, dict):
         raise InvalidPromptError(
@@ -215,6 +215,12 @@ def _check_peft_type(config: Mapping[str, Any]) -> str:
         raise InvalidPromptError(
             f"adapter_config.json has no peft_type: only PEFT PROMPT_TUNING and P_TUNING adapters can be "
             f"registered; {_FIX_UPLOAD}"
+        )
+    if not isinstance(peft_type, str):
+        # Checked before the table lookup below, which a list or object (unhashable) would crash.
+        raise InvalidPromptError(
+            f"peft_type {peft_type!r:.80} is not a soft prompt: adapter_config.json must name \"PROMPT_TUNING\" or "
+            f"\"P_TUNING\" as a string; {_FIX_UPLOAD}"
         )
     if peft_type in ("PROMPT_TUNING", "P_TUNING"):
         return peft_type

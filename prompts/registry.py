@@ -18,7 +18,8 @@ Guarantees:
 - Version numbers are allocated under an exclusive ``fcntl.flock`` on ``<name>/.lock``, so several
   processes (servers, CLI) can share one store. Numbers are never reused, even after deletes: the
   counter is persisted before a version is published, and deleting a whole task keeps its counter.
-- ``aliases.json`` and ``counter`` are replaced atomically (temp file, fsync, ``os.replace``) under the lock.
+- ``aliases.json`` and ``counter`` are replaced atomically (temp file in ``.tmp/``, fsync, ``os.replace``) under
+  the lock.
 - Readers take no lock. Temp folders left by a crashed writer are ignored and removed after an hour.
 
 Names: a task name matches ``[A-Za-z0-9][A-Za-z0-9._-]{0,63}`` (ASCII only; it is one safe path component,
@@ -455,7 +456,9 @@ class LocalStore(PromptStore):
         shutil.rmtree(trash, ignore_errors=True)
 
     def _replace_file(self, directory: Path, filename: str, data: bytes) -> None:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{filename}.", suffix=".tmp", dir=directory)
+        # The temp file lives in .tmp/ (same filesystem, so os.replace stays atomic): a writer killed
+        # before the replace leaves it where the stale-temp sweep removes it, not in the task folder forever.
+        fd, tmp_name = tempfile.mkstemp(prefix=f"{directory.name}-{filename}-", suffix=".tmp", dir=self.tmp)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)

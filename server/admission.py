@@ -50,6 +50,7 @@ class AdmittedScoring:
     input_ids: list[int]
     label_ids: list[list[int]]
     prompt_version: str
+    prompt_key: Key | None = None  # the prompt's prefix KV is cached under this key
 
     @property
     def deadline(self) -> float | None:
@@ -101,12 +102,12 @@ class Admission:
             raise InvalidRequestError("labels must not be empty or blank")
         if len(set(labels)) != len(labels):
             raise InvalidRequestError(f"labels must be distinct: {sorted({x for x in labels if labels.count(x) > 1})}")
-        prompt, version = self.resolve_prompt(request.task)
+        prompt, version, key = self._resolve(request.task)
         input_ids = list(self.tokenize(request.input, chat=request.chat).token_ids)
         label_ids = [encode_target(self.engine.tokenizer, label, self.engine.eos_id) for label in labels]
         longest = max(len(ids) for ids in label_ids)
         self._check_lengths(input_ids, prompt, longest, fix="use shorter labels")
-        return AdmittedScoring(request, prompt, input_ids, label_ids, version)
+        return AdmittedScoring(request, prompt, input_ids, label_ids, version, key)
 
     def sampling_params(self, o: DecodingOptions) -> SamplingParams:
         """Checks decoding options against the limits and fills in defaults."""

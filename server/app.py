@@ -6,7 +6,7 @@ import logging
 import signal
 import threading
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -15,14 +15,19 @@ from grpc_reflection.v1alpha import reflection
 from softprompt.prompts.registry import Registry
 from softprompt.protos import softprompt_pb2 as pb
 from softprompt.protos import softprompt_pb2_grpc as pb_grpc
+from softprompt.server import auth, security
 from softprompt.server.admission import Admission
 from softprompt.server.config import ServerConfig
 from softprompt.server.engine import Engine
+from softprompt.server.errors import TrainingJobNotFoundError
+from softprompt.server.interceptor import ObservingInterceptor
+from softprompt.server.metrics import Metrics, NoMetrics, create_metrics, snapshot_reader
 from softprompt.server.model import BaseModel, load_base_model
 from softprompt.server.prompt_cache import PromptCache
 from softprompt.server.scheduler import Scheduler
 from softprompt.server.service import InferenceService, RegistryService, TrainingService
 from softprompt.server.training import TrainingJobs
+from softprompt.server.wire import DecodeErrorInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +48,15 @@ class App:
     admission: Admission
     scheduler: Scheduler
     jobs: TrainingJobs
+    metrics: Metrics = field(default_factory=NoMetrics)
+    metrics_port: int | None = None  # the bound /metrics port, once `start` serves it
 
 
 def build_app(config: ServerConfig, base: BaseModel | None = None) -> App:
     """Loads the base model (unless given) and builds registry, cache, engine and scheduler."""
     base = base or load_base_model(config.model, device=config.device, dtype=config.dtype, cache_dir=config.cache_dir)
-    engine = Engine(base, prefix_cache_bytes=int(config.prefix_cache_mb * 1024 * 1024))
+    engine = Engine(base, prefix_cache_bytes=int(config.prefix_cache_mb * 1024 * 1024),
+                    cuda_graphs=config.cuda_graphs and base.device.type == "cuda")
     registry = Registry(config.store_dir)
     prompts = PromptCache(int(config.prompt_cache_mb * 1024 * 1024), base.device, base.dtype)
     scheduler = Scheduler(
@@ -61,20 +69,28 @@ def build_app(config: ServerConfig, base: BaseModel | None = None) -> App:
     )
     jobs = TrainingJobs(base, registry, scheduler, max_jobs=config.max_training_jobs,
                         max_virtual_tokens=config.max_virtual_tokens, unit_rows=config.train_unit_rows)
-    return App(config, base, registry, prompts, Admission(engine, registry, prompts, config), scheduler, jobs)
+    # prometheus_client is imported only here and only with --metrics-port: it is optional.
+    metrics = create_metrics(config.metrics_port is not None)
+    metrics.watch(snapshot_reader(scheduler, {"prompt": prompts.lru, "prefix": engine.prefixes}, jobs))
+    return App(config, base, registry, prompts, Admission(engine, registry, prompts, config), scheduler, jobs, metrics)
 
 
 def create_server(app: App) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Creates a started-ready gRPC server with every service, health and reflection; returns the bound port."""
     cfg = app.config
+    exposure = security.prepare(cfg)
+    interceptors = [] if exposure.tokens is None else [auth.AuthInterceptor(exposure.tokens, auth.rules(_job_task(app.jobs)))]
     limit = max(4 << 20, cfg.max_upload_bytes * _HARD_MESSAGE_FACTOR)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=cfg.rpc_workers, thread_name_prefix="softprompt-rpc"),
         # Past this many RPCs in flight gRPC answers RESOURCE_EXHAUSTED itself, before any thread blocks.
         maximum_concurrent_rpcs=cfg.rpc_workers,
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+        # Observing first: it also counts (and ids) the RPCs that authentication refuses.
+        # Then undecodable request bytes answer INVALID_ARGUMENT (gRPC itself would say INTERNAL).
+        interceptors=[ObservingInterceptor(app.metrics), DecodeErrorInterceptor(), *interceptors],
     )
-    pb_grpc.add_InferenceServicer_to_server(InferenceService(app.admission, app.scheduler, cfg), server)
+    pb_grpc.add_InferenceServicer_to_server(InferenceService(app.admission, app.scheduler, cfg, app.metrics), server)
     pb_grpc.add_RegistryServicer_to_server(RegistryService(app.registry, app.admission, app.prompts, cfg), server)
     pb_grpc.add_TrainingServicer_to_server(TrainingService(app.jobs, cfg), server)
     health_servicer = health.HealthServicer()
@@ -82,15 +98,32 @@ def create_server(app: App) -> tuple[grpc.Server, int, health.HealthServicer]:
     for name in ("", *SERVICE_NAMES):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    address = f"{cfg.host}:{cfg.port}"
+    if exposure.credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, exposure.credentials)
     if port == 0:
         raise OSError(f"could not bind {cfg.host}:{cfg.port}: is another server using the port?")
+    security.log_exposure(cfg, exposure, port)
     return server, port, health_servicer
+
+
+def _job_task(jobs: TrainingJobs) -> auth.JobTask:
+    def task(job_id: str) -> str | None:
+        try:
+            return jobs.get(job_id).task
+        except TrainingJobNotFoundError:
+            return None
+    return task
 
 
 def start(app: App) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Starts the scheduler and a gRPC server for `app`."""
     server, port, health_servicer = create_server(app)
+    if app.config.metrics_port is not None:
+        app.metrics_port = app.metrics.serve(app.config.host, app.config.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", app.config.host, app.metrics_port)
     app.scheduler.start()
     app.jobs.start()
     server.start()
@@ -98,23 +131,34 @@ def start(app: App) -> tuple[grpc.Server, int, health.HealthServicer]:
 
 
 def shutdown(app: App, server: grpc.Server, health_servicer: health.HealthServicer, grace_s: float) -> None:
-    """Drains: health NOT_SERVING, training jobs cancelled, in-flight requests finish within `grace_s`."""
+    """Drains: new requests refused and health NOT_SERVING at once, training jobs stopped, in-flight
+    requests given up to `grace_s` to finish (then failed with UNAVAILABLE), then the port closed."""
+    # Admission closes before health flips, so nothing is admitted once health says NOT_SERVING; it also
+    # stops a training job at its next unit of work rather than letting it queue more behind the drain.
+    app.scheduler.stop_admitting()
     health_servicer.enter_graceful_shutdown()
     app.jobs.close()
     app.scheduler.close(grace_s)
     server.stop(grace=1.0).wait()
+    app.metrics.close()
 
 
 def serve(config: ServerConfig, grace_s: float = 30.0) -> None:
     """Runs the server until SIGINT or SIGTERM, then drains."""
+    # Handlers first: a SIGTERM that lands while the model loads or right after the port opens (an
+    # orchestrator cancelling a rollout) must drain, not kill the process with the default action.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     app = build_app(config)
     server, port, health_servicer = start(app)
     spec = app.base.spec
     log.info("serving %s (%s, %s, fingerprint %s) on %s:%d; prompt store %s", spec.model_id, app.base.device,
              str(app.base.dtype).removeprefix("torch."), spec.fingerprint, config.host, port, config.store_dir)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    # Never one untimed wait: Python runs signal handlers only in the main thread, and a signal the kernel
+    # hands to one of the many other threads does not interrupt a blocked wait here, so SIGTERM would be
+    # lost until some other signal arrived. Waking up twice a second lets the handler run.
+    while not stop.wait(0.5):
+        pass
     log.info("shutting down: finishing in-flight requests for up to %.0f s", grace_s)
     shutdown(app, server, health_servicer, grace_s)

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 from softprompt.server import config as server_config
+from softprompt.server import logs, security
 
 EPILOG = """\
 examples:
   softprompt serve                                  # embedded SmolLM2-135M-Instruct on localhost:50051
   softprompt serve --model ./my-model --device cuda # any Hugging Face causal LM folder or hub id
   softprompt serve --port 0 --store /srv/prompts    # a free port (logged) and a shared prompt store
+  softprompt serve --host 0.0.0.0 --auth-tokens tokens.txt --tls-cert cert.pem --tls-key key.pem
+                                                    # remote clients: bearer tokens over TLS
+
+Without --auth-tokens the server requires no token and refuses any --host but this machine's.
+Make tokens and their file lines with `softprompt token new ROLE [TASK_PATTERN...]`.
 
 The first start with the default model converts its GGUF file into a safetensors cache (about
 30 s); later starts load it in about a second. Check health with:
@@ -37,9 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `softprompt serve`."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.log_level)
     try:
         config = server_config.from_args(args)
+        # Bad security flags fail here, before the (slow) model load; the server checks them again.
+        security.prepare(config)
     except ValueError as exc:
         raise SystemExit(f"softprompt serve: {exc}") from None
     from softprompt.server.app import serve  # imports torch: only once the flags are known to be good

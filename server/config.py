@@ -41,6 +41,7 @@ class ServerConfig:
     train_share: float = 0.25
     train_unit_rows: int = 2
     max_training_jobs: int = 8
+    cuda_graphs: bool = True
     workers: int = 0  # 0: enough for a full batch, a full queue and a few admin calls
     auth_tokens: Path | None = None  # None: no authentication (and the server binds to localhost only)
     tls_cert: Path | None = None
@@ -110,6 +111,7 @@ _HELP = {
     "train_unit_rows": "training examples per unit of work between two serving steps (smaller: shorter pauses "
                        "in serving, slower training; the result is the same)",
     "max_training_jobs": "training jobs queued or running before TrainPrompt answers RESOURCE_EXHAUSTED",
+    "cuda_graphs": "on a GPU, replay decode steps from captured CUDA graphs (--no-cuda-graphs: run them eagerly)",
     "workers": "gRPC threads, i.e. RPCs in flight before RESOURCE_EXHAUSTED (0: batch + queue + 8)",
     "auth_tokens": "file of bearer tokens with roles (see README, Security); without it the server "
                    "requires no token and listens on localhost only",
@@ -125,6 +127,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ServerConfig()
     for f in fields(ServerConfig):
         default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=default,
+                                action=argparse.BooleanOptionalAction, help=_HELP[f.name] + f" (default: {default})")
+            continue
         kind = {int: int, float: float}.get(type(default), str)
         shown = "" if default is None else f" (default: {default})"
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=default,

@@ -29,6 +29,7 @@ class DeviceLru(Generic[V]):
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+        self.loads = 0  # values made after a miss and kept (a racing miss on the same key is not)
 
     def get(self, key: Key, make: Callable[[], V]) -> V:
         """Returns the cached value for `key`, making and inserting it on a miss."""
@@ -50,6 +51,7 @@ class DeviceLru(Generic[V]):
         """Inserts a value made after a miss, evicting the least recently used beyond the budget."""
         with self._lock:
             if key not in self._items:
+                self.loads += 1
                 self._items[key] = value
                 self._bytes += self._nbytes(value)
                 # A value larger than the whole budget is still returned; it just is not kept.
@@ -57,6 +59,11 @@ class DeviceLru(Generic[V]):
                     _, old = self._items.popitem(last=False)
                     self._bytes -= self._nbytes(old)
             return value
+
+    def size(self) -> tuple[int, int]:
+        """Entries held and their bytes."""
+        with self._lock:
+            return len(self._items), self._bytes
 
     def evict(self, task: str, version: int | None = None) -> None:
         """Drops a task's versions (or one version) after a delete."""
@@ -82,6 +89,11 @@ class PromptCache:
         self.device = device
         self.dtype = dtype
         self._lru: DeviceLru[torch.Tensor] = DeviceLru(max_bytes, tensor_bytes)
+
+    @property
+    def lru(self) -> DeviceLru[torch.Tensor]:
+        """The underlying LRU (its hit, miss and load counters feed metrics)."""
+        return self._lru
 
     def get(self, key: Key, load: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Returns the cached tensor for `key`, loading and moving it to the device on a miss."""

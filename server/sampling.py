@@ -48,7 +48,9 @@ def next_tokens(
 
 
 def _sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
-    scores = logits / p.temperature
+    # Shifting by the max first keeps a tiny temperature (say 1e-40) from overflowing to inf - inf = NaN,
+    # which would fail the whole batch's step; softmax is unchanged by the shift.
+    scores = (logits - logits.max()) / p.temperature
     if p.top_k > 0 and p.top_k < scores.numel():
         kth = torch.topk(scores, p.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))

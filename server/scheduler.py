@@ -41,14 +41,17 @@ class _Failed:
 class Handle:
     """The caller's side of a queued request: read its chunks, or cancel it."""
 
-    def __init__(self, admitted: Admitted) -> None:
+    def __init__(self, admitted: Admitted, withdraw: Callable[[Handle], None] | None = None) -> None:
         self.admitted = admitted
         self._events: queue.SimpleQueue[StreamChunk | _Failed] = queue.SimpleQueue()
         self.cancelled = threading.Event()
+        self._withdraw = withdraw
 
     def cancel(self) -> None:
-        """Asks the worker to drop the request at its next step (the client went away)."""
+        """Drops the request: at once if it is still queued, else at the worker's next step (the client went away)."""
         self.cancelled.set()
+        if self._withdraw is not None:
+            self._withdraw(self)
 
     def chunks(self) -> Iterator[StreamChunk]:
         """Yields chunks as tokens are produced; the last has finish_reason. Raises the request's error."""
@@ -62,12 +65,7 @@ class Handle:
 
     def result(self) -> GenerationResult:
         """Waits for the whole generation."""
-        text, ids, last = [], [], None
-        for last in self.chunks():
-            text.append(last.text)
-            ids.extend(last.token_ids)
-        assert last is not None and last.usage is not None and last.finish_reason is not None
-        return GenerationResult("".join(text), tuple(ids), last.finish_reason, last.usage, last.prompt_version)
+        return GenerationResult.from_chunks(self.chunks())
 
     def _put(self, event: StreamChunk | _Failed) -> None:
         self._events.put(event)
@@ -138,7 +136,7 @@ class Scheduler:
 
     def submit(self, admitted: Admitted) -> Handle:
         """Queues a request; raises OverloadedError when the queue is full."""
-        handle = Handle(admitted)
+        handle = Handle(admitted, self._withdraw)
         with self._cond:
             self._check_room()
             self._state.waiting.append(handle)
@@ -164,9 +162,22 @@ class Scheduler:
             self._cond.notify()
         return job.future.result()
 
+    def _withdraw(self, handle: Handle) -> None:
+        """Takes a cancelled request out of the queue, so it stops holding a queue slot while the batch is full."""
+        with self._cond:
+            try:
+                self._state.waiting.remove(handle)
+            except ValueError:
+                return  # already taken by the worker, which drops it at its next step
+        self._fail(handle, CancelledError("the client cancelled the request"))
+
     def queue_depth(self) -> int:
         """Requests waiting to join the batch or to be scored."""
         return len(self._state.waiting) + len(self._state.scoring)
+
+    def batch_size(self) -> int:
+        """Requests in the running batch (a lock-free read, for metrics)."""
+        return len(self._state.running)
 
     def _check_room(self) -> None:
         if self._closed:
@@ -176,11 +187,15 @@ class Scheduler:
                 f"the server is at capacity ({self.queue_depth()} requests queued): retry with backoff"
             )
 
-    def close(self, grace_s: float = 0.0) -> None:
-        """Stops taking requests, lets running ones finish for up to `grace_s`, then fails the rest."""
+    def stop_admitting(self) -> None:
+        """Refuses new requests and side jobs from now on (ShuttingDownError); queued and running ones go on."""
         with self._cond:
             self._closed = True
             self._cond.notify()
+
+    def close(self, grace_s: float = 0.0) -> None:
+        """Stops taking requests, lets running ones finish for up to `grace_s`, then fails the rest."""
+        self.stop_admitting()
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and (self._state.waiting or self._state.running or self._state.scoring):
             time.sleep(0.01)
@@ -294,6 +309,7 @@ class Scheduler:
         for chunk in self._prefill_chunks(rows):
             values = self.engine.score(
                 [job.admitted.prompt for job, _ in chunk],
+                [job.admitted.prompt_key for job, _ in chunk],
                 [job.admitted.input_ids for job, _ in chunk],
                 [job.admitted.label_ids[j] for job, j in chunk],
             )

@@ -25,17 +25,29 @@ from softprompt.protos import softprompt_pb2_grpc as pb_grpc
 from softprompt.server.admission import Admission
 from softprompt.server.config import ServerConfig
 from softprompt.server.errors import InvalidRequestError, UploadTooLargeError, status_for
+from softprompt.server.logs import RequestIdFilter
+from softprompt.server.metrics import Metrics, NoMetrics
 from softprompt.server.prompt_cache import PromptCache
 from softprompt.server.scheduler import Handle, Scheduler
 from softprompt.server.training import JobSnapshot, TrainingJobs, TrainJobRequest
-from softprompt.server.types import ClassifyRequest, DecodingOptions, GenerationRequest, StreamChunk, Usage
+from softprompt.server.types import (
+    ClassifyRequest,
+    DecodingOptions,
+    GenerationRequest,
+    GenerationResult,
+    StreamChunk,
+    Usage,
+)
 
 log = logging.getLogger(__name__)
+# On the logger, not a handler: every record about a request carries its id, whatever handlers are set up.
+log.addFilter(RequestIdFilter())
 
 _FINISH = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP, "eos": pb.FINISH_REASON_EOS}
 _MAX_DESCRIPTION = 4096
 _MAX_TAGS = 64
 _MAX_TAG_CHARS = 256
+_MAX_DETAILS_BYTES = 1024
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -46,7 +58,20 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
         incident = uuid.uuid4().hex[:12]
         log.exception("internal error %s", incident, exc_info=exc)
         context.abort(code, f"internal error {incident}: the server log has the details; please report it")
-    context.abort(code, str(exc))
+    context.abort(code, _bounded(str(exc)))
+
+
+def _bounded(details: str) -> str:
+    """Status details short enough for gRPC's trailing metadata.
+
+    Messages quote what the client sent; a 100 kB task name quoted back would push the trailers past
+    gRPC's 16 KiB hard limit and the client would get a bare RESOURCE_EXHAUSTED instead of the status.
+    Details travel percent-encoded (up to 3 bytes per UTF-8 byte), so the cut is made in UTF-8 bytes.
+    """
+    raw = details.encode("utf-8")
+    if len(raw) <= _MAX_DETAILS_BYTES:
+        return details
+    return raw[:_MAX_DETAILS_BYTES].decode("utf-8", errors="ignore") + " [...]"
 
 
 def unary(fn: F) -> F:
@@ -108,29 +133,45 @@ def _stream_message(chunk: StreamChunk) -> pb.GenerateStreamResponse:
 
 
 def _log_done(rpc: str, version: str, usage: Usage, finish: str, started: float) -> None:
-    log.info("%s %s: %d input + %d virtual tokens, %d generated (%s) in %.0f ms", rpc, version or "base",
-             usage.input_tokens, usage.virtual_tokens, usage.generated_tokens, finish,
+    log.info("rpc=%s task=%s input_tokens=%d virtual_tokens=%d generated_tokens=%d finish=%s ms=%.0f", rpc,
+             version or "-", usage.input_tokens, usage.virtual_tokens, usage.generated_tokens, finish,
              (time.monotonic() - started) * 1000)
 
 
 class InferenceService(pb_grpc.InferenceServicer):
     """Generate, GenerateStream, Tokenize and ModelInfo."""
 
-    def __init__(self, admission: Admission, scheduler: Scheduler, config: ServerConfig) -> None:
+    def __init__(self, admission: Admission, scheduler: Scheduler, config: ServerConfig,
+                 metrics: Metrics | None = None) -> None:
         self.admission = admission
         self.scheduler = scheduler
         self.config = config
+        self.metrics = metrics or NoMetrics()
 
     def _start(self, msg: pb.GenerateRequest, context: grpc.ServicerContext) -> Handle:
         handle = self.scheduler.submit(self.admission.admit(_request(msg, context)))
         # Runs on every end of the RPC; after a normal finish cancelling is a no-op.
         context.add_callback(handle.cancel)
+        self.metrics.task_request(handle.admitted.prompt_version)
         return handle
+
+    def _chunks(self, rpc: str, handle: Handle, started: float) -> Iterator[StreamChunk]:
+        """The handle's chunks, recording time to first token and the tokens produced, also for a request that
+        fails or is abandoned midway."""
+        generated = 0
+        try:
+            for chunk in handle.chunks():
+                if not generated:
+                    self.metrics.first_token(rpc, time.monotonic() - started)
+                generated += len(chunk.token_ids)
+                yield chunk
+        finally:
+            self.metrics.tokens_generated(handle.admitted.prompt_version, generated)
 
     @unary
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
         started = time.monotonic()
-        result = self._start(request, context).result()
+        result = GenerationResult.from_chunks(self._chunks("Generate", self._start(request, context), started))
         _log_done("Generate", result.prompt_version, result.usage, result.finish_reason, started)
         return pb.GenerateResponse(
             text=result.text,
@@ -143,7 +184,7 @@ class InferenceService(pb_grpc.InferenceServicer):
     @streaming
     def GenerateStream(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateStreamResponse]:
         started = time.monotonic()
-        for chunk in self._start(request, context).chunks():
+        for chunk in self._chunks("GenerateStream", self._start(request, context), started):
             yield _stream_message(chunk)
             if chunk.usage is not None and chunk.finish_reason is not None:
                 _log_done("GenerateStream", chunk.prompt_version, chunk.usage, chunk.finish_reason, started)
@@ -162,9 +203,10 @@ class InferenceService(pb_grpc.InferenceServicer):
         ))
         future = self.scheduler.submit_scoring(admitted)
         context.add_callback(future.cancel)
+        self.metrics.task_request(admitted.prompt_version)
         result = admitted.result(future.result())
-        log.info("Classify %s: %d labels, %d input + %d virtual tokens -> %r in %.0f ms",
-                 result.prompt_version or "base", len(result.scores), result.input_tokens, result.virtual_tokens,
+        log.info("rpc=Classify task=%s labels=%d input_tokens=%d virtual_tokens=%d label=%r ms=%.0f",
+                 result.prompt_version or "-", len(result.scores), result.input_tokens, result.virtual_tokens,
                  result.label, (time.monotonic() - started) * 1000)
         return pb.ClassifyResponse(
             scores=[pb.LabelScore(label=x.label, logprob=x.logprob, probability=x.probability,

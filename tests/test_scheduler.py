@@ -53,6 +53,18 @@ def test_cancelled_and_expired_requests_leave_without_running(app):
     app.scheduler.close()
 
 
+def test_a_cancelled_queued_request_frees_its_queue_slot_at_once(app):
+    first, second = (app.scheduler.submit(_admit(app)) for _ in range(2))  # worker not started: the queue is full
+    first.cancel()
+    with pytest.raises(errors.CancelledError):
+        first.result()  # failed by the cancel itself: no worker has run
+    assert app.scheduler.queue_depth() == 1
+    third = app.scheduler.submit(_admit(app))  # the freed slot takes a new request
+    app.scheduler.start()
+    assert [h.result().usage.generated_tokens for h in (second, third)] == [3, 3]
+    app.scheduler.close()
+
+
 def test_closed_scheduler_refuses_and_fails_waiting_requests(app):
     waiting = app.scheduler.submit(_admit(app))
     app.scheduler.close()

@@ -84,7 +84,7 @@ class Admission:
     def admit(self, request: GenerationRequest) -> Admitted:
         """Builds the engine row for a request, or raises a ServingError / PromptError."""
         params = self.sampling_params(request.options)
-        prompt, version, key = self._resolve(request.task)
+        prompt, version, key = self.resolve(request.task)
         input_ids = list(self.tokenize(request.input, chat=request.options.chat).token_ids)
         self._check_lengths(input_ids, prompt, params.max_new_tokens, fix="lower max_new_tokens")
         seq = Sequence(request_id=next(self._ids), input_ids=input_ids, params=params, prompt=prompt, prompt_key=key)
@@ -102,7 +102,7 @@ class Admission:
             raise InvalidRequestError("labels must not be empty or blank")
         if len(set(labels)) != len(labels):
             raise InvalidRequestError(f"labels must be distinct: {sorted({x for x in labels if labels.count(x) > 1})}")
-        prompt, version, key = self._resolve(request.task)
+        prompt, version, key = self.resolve(request.task)
         input_ids = list(self.tokenize(request.input, chat=request.chat).token_ids)
         label_ids = [encode_target(self.engine.tokenizer, label, self.engine.eos_id) for label in labels]
         longest = max(len(ids) for ids in label_ids)
@@ -136,12 +136,9 @@ class Admission:
             stop=tuple(o.stop),
         )
 
-    def resolve_prompt(self, task: str) -> tuple[torch.Tensor | None, str]:
-        """Resolves a task reference to its prompt tensor on the device ('' is the bare model)."""
-        prompt, version, _ = self._resolve(task)
-        return prompt, version
-
-    def _resolve(self, task: str) -> tuple[torch.Tensor | None, str, Key | None]:
+    def resolve(self, task: str) -> tuple[torch.Tensor | None, str, Key | None]:
+        """A task reference's prompt tensor on the device (cached), its version ("name@3") and cache key;
+        ('' is the bare model: no prompt)."""
         if not task:
             return None, "", None
         version = self.registry.resolve(task)

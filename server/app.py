@@ -91,7 +91,8 @@ def create_server(app: App) -> tuple[grpc.Server, int, health.HealthServicer]:
         interceptors=[ObservingInterceptor(app.metrics), DecodeErrorInterceptor(), *interceptors],
     )
     pb_grpc.add_InferenceServicer_to_server(InferenceService(app.admission, app.scheduler, cfg, app.metrics), server)
-    pb_grpc.add_RegistryServicer_to_server(RegistryService(app.registry, app.admission, app.prompts, cfg), server)
+    registry = RegistryService(app.registry, app.admission, app.prompts, app.scheduler, cfg)
+    pb_grpc.add_RegistryServicer_to_server(registry, server)
     pb_grpc.add_TrainingServicer_to_server(TrainingService(app.jobs, cfg), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

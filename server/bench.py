@@ -29,7 +29,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -46,9 +46,10 @@ METHODS: dict[str, tuple[str, str]] = {
     "e": ("grpc", "softprompt server, gRPC streams"),
     "f": ("grpc-training", "softprompt server, gRPC streams, while a training job runs"),
     "g": ("hf-static", "HF generate, one batch, static cache, no prompt"),
+    "h": ("engine-one-task", "softprompt engine, offline, every request on task 0"),
 }
-# Methods whose rows carry no soft prompt: their ids are not comparable with (d).
-NO_PROMPT = frozenset({"g"})
+# Methods whose rows carry other prompts than (d)'s (or none): their ids are not comparable with (d).
+OTHER_PROMPTS = frozenset({"g", "h"})
 # Warm-up runs only need every kernel and code path touched once; a few tokens do that.
 WARMUP_TOKENS = 4
 REGISTRATION_TASK = "bench-fresh"  # (e) registers new versions of this task and times their first request
@@ -521,10 +522,13 @@ def engine_extra(app: Any, timers: EngineTimers, before: dict[str, tuple[int, fl
 
 
 class EngineOffline:
-    """(d) admission + scheduler in-process: every request submitted at once, one reader thread each."""
+    """(d) admission + scheduler in-process: every request submitted at once, one reader thread each.
 
-    def __init__(self, s: Settings, base: BaseModel, work: Workload, store: Path) -> None:
-        self.work = work
+    (h) is the same with every request on the first task: (d)/(h) is what mixing tasks costs.
+    """
+
+    def __init__(self, s: Settings, base: BaseModel, work: Workload, store: Path, *, one_task: bool = False) -> None:
+        self.work = replace(work, task_of=[0] * len(work.task_of)) if one_task else work
         self.app, self.timers = build_bench_app(s, base, work, store)
         self.app.scheduler.start()
         self.readers = ThreadPoolExecutor(max_workers=len(work.texts), thread_name_prefix="bench-reader")
@@ -692,7 +696,9 @@ def make_runner(key: str, s: Settings, base: BaseModel, work: Workload, store: P
         return GrpcServer(s, base, work, store)
     if key == "f":
         return GrpcWhileTraining(s, base, work, store)
-    return HFStaticBare(base, work)
+    if key == "g":
+        return HFStaticBare(base, work)
+    return EngineOffline(s, base, work, store, one_task=True)
 
 
 # ---------------------------------------------------------------------- running
@@ -813,7 +819,7 @@ def table(results: list[MethodResult], eos_ids: frozenset[int]) -> list[str]:
     for r in results:
         ratio = f"{r.tokens_per_s / baseline.tokens_per_s:.2f}x" if baseline else "n/a"
         same = "n/a"
-        if reference is not None and r.key not in NO_PROMPT:
+        if reference is not None and r.key not in OTHER_PROMPTS:
             same = f"{sum(agrees(a, b, eos_ids) for a, b in zip(r.outputs, reference.outputs))}/{len(r.outputs)}"
         rows.append((f"({r.key}) {r.label}", f"{r.tokens_per_s:,.1f}", f"{r.wall_s:.2f}", ratio,
                      _seconds(r.latency_p50_s), _seconds(r.latency_p99_s), _seconds(r.ttft_p50_s),
@@ -849,7 +855,8 @@ def engine_lines(results: list[MethodResult]) -> list[str]:
 def ratio_lines(results: list[MethodResult]) -> list[str]:
     """The ratios the performance targets are stated in, for the methods that ran."""
     by_key = {r.key: r.tokens_per_s for r in results}
-    pairs = [("d", "g", "our engine (mixed tasks) vs HF static cache without any prompt"),
+    pairs = [("d", "h", "our engine, mixed tasks vs every request on one task"),
+             ("d", "g", "our engine (mixed tasks) vs HF static cache without any prompt"),
              ("d", "b", "our engine vs one HF batch"),
              ("d", "c", "our engine vs PEFT one batch per task"),
              ("e", "d", "gRPC streams vs our engine offline")]

@@ -140,6 +140,11 @@ class Engine:
         batch = Batch(list(sequences), KvArena.wrap(kv.layers(out.cache), mask, positions=mask.sum(-1)))
         return batch, self._emit(batch, out.logits)
 
+    @torch.inference_mode()
+    def warm(self, prompt: torch.Tensor, key: Key) -> None:
+        """Computes and caches a prompt's prefix keys and values ahead of its first request."""
+        self._prefixes([prompt], [key])
+
     def _forward_over_prefixes(self, prompts: list[torch.Tensor | None], keys: list[Key | None],
                                token_ids: list[list[int]], padding: str) -> tuple[kv.ForwardOutput, torch.Tensor]:
         """Runs each row's last virtual token and tokens over its prompt's cached prefix; returns the output

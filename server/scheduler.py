@@ -152,15 +152,18 @@ class Scheduler:
             self._cond.notify()
         return job.future
 
-    def call(self, fn: Callable[[], T]) -> T:
-        """Runs `fn` on the worker thread (which owns the model) between serving steps; returns its result."""
+    def call(self, fn: Callable[[], T], timeout: float | None = None) -> T:
+        """Runs `fn` on the worker thread (which owns the model) between serving steps; returns its result.
+
+        Past `timeout` seconds raises TimeoutError; `fn` still runs when the worker gets to it.
+        """
         job = _SideJob(fn, Future())
         with self._cond:
             if self._closed:
                 raise ShuttingDownError("the server is shutting down: training stopped")
             self._state.side.append(job)
             self._cond.notify()
-        return job.future.result()
+        return job.future.result(timeout)
 
     def _withdraw(self, handle: Handle) -> None:
         """Takes a cancelled request out of the queue, so it stops holding a queue slot while the batch is full."""

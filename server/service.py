@@ -48,6 +48,8 @@ _MAX_DESCRIPTION = 4096
 _MAX_TAGS = 64
 _MAX_TAG_CHARS = 256
 _MAX_DETAILS_BYTES = 1024
+# RegisterPrompt waits this long for the worker to prepare the new version; a busier worker does it later.
+_WARM_TIMEOUT_S = 5.0
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -264,8 +266,11 @@ def prompt_info(v: PromptVersion) -> pb.PromptInfo:
 class RegistryService(pb_grpc.RegistryServicer):
     """Register, inspect, list, delete and alias prompt versions."""
 
-    def __init__(self, registry: Registry, admission: Admission, prompts: PromptCache, config: ServerConfig) -> None:
+    def __init__(self, registry: Registry, admission: Admission, prompts: PromptCache, scheduler: Scheduler,
+                 config: ServerConfig) -> None:
         self.registry = registry
+        self.admission = admission
+        self.scheduler = scheduler
         self.base = admission.engine.base.spec
         self.prompts = prompts
         self.prefixes = admission.engine.prefixes
@@ -295,7 +300,18 @@ class RegistryService(pb_grpc.RegistryServicer):
             ref.name, prompt, self.base, description=request.description, tags=dict(request.tags)
         )
         log.info("registered %s (%d virtual tokens, sha256 %s)", version.ref, version.num_virtual_tokens, version.sha256[:12])
+        self._warm(version.ref)
         return prompt_info(version)
+
+    def _warm(self, ref: str) -> None:
+        """Loads a new version onto the device and computes its prefix keys and values before RegisterPrompt
+        answers, so the next request for it costs what a request for any cached version costs."""
+        try:
+            prompt, _, key = self.admission.resolve(ref)
+            assert prompt is not None and key is not None
+            self.scheduler.call(lambda: self.admission.engine.warm(prompt, key), timeout=_WARM_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - the version is stored; its first request just does this work itself
+            log.warning("could not prepare %s ahead of its first request", ref, exc_info=True)
 
     @unary
     def GetPrompt(self, request: pb.GetPromptRequest, context: grpc.ServicerContext) -> pb.PromptInfo:

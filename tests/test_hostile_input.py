@@ -233,6 +233,67 @@ def test_tokenize_fields(served: Served, text: str, chat: bool) -> None:
     served.assert_still_serving()
 
 
+# ---------------------------------------------------------------- training
+
+_GOOD_LINES = [json.dumps({"input": t, "target": y}) for t, y in
+               [("great movie", "positive"), ("awful film", "negative"), ("loved it", "positive"),
+                ("boring", "negative"), ("a soft prompt is", "positive"), ("0123 + 4", "negative")]]
+jsonl_bytes = st.one_of(
+    st.just("\n".join(_GOOD_LINES).encode()),
+    st.binary(max_size=64),
+    st.sampled_from([b"", b"\n\n", b"[1, 2]", b'{"input": 1, "target": []}', b'{"input": "x"}', b"\xff\xfe{",
+                     b'{"input": "' + b"a" * 5000 + b'", "target": "b"}', b"{" * 10_000,
+                     ("\n".join(_GOOD_LINES[:1])).encode()]),
+    st.lists(st.sampled_from([*_GOOD_LINES, "not json", "{}", '{"input": "", "target": ""}']),
+             max_size=12).map(lambda lines: "\n".join(lines).encode()),
+)
+uint32 = st.integers(0, 2**32 - 1)
+TRAIN_FIELDS: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]] = {
+    "task": (st.just("hostile-trained"), attack_names),
+    "train_jsonl": (st.just("\n".join(_GOOD_LINES).encode()), jsonl_bytes),
+    "eval_jsonl": (st.just(b""), jsonl_bytes),
+    "num_virtual_tokens": (st.integers(0, 4), uint32),
+    "init": (st.sampled_from(["", "vocab", "random", "text:classify it"]),
+             st.one_of(st.sampled_from(["from:", "from:../x", f"from:{ANCHOR}", "from:nope@9", "text:", "bogus",
+                                        "text:" + "x" * 100_000]), st.text(_CHARS, max_size=12))),
+    "learning_rate": (st.floats(0.001, 0.1), st.floats()),
+    "epochs": (st.integers(0, 1), uint32),
+    "max_steps": (st.just(1), uint32),
+    "batch_size": (st.integers(0, 4), uint32),
+    "grad_accum": (st.integers(0, 2), uint32),
+    "max_length": (st.sampled_from([0, 64]), uint32),
+    "eval_fraction": (st.sampled_from([None, 0.2]), st.floats()),
+    "eval_every": (st.integers(0, 2), uint32),
+    "patience": (st.sampled_from([None, 0, 2]), uint32),
+    "warmup_steps": (st.integers(0, 2), uint32),
+    "promote_alias": (st.just(""), st.sampled_from(["prod", "../x", "a b", "x" * 300, "\x00"])),
+}
+_OPTION_FIELDS = ("num_virtual_tokens", "init", "learning_rate", "epochs", "max_steps", "batch_size", "grad_accum",
+                  "max_length", "eval_every", "warmup_steps")
+
+
+@settings(SETTINGS, max_examples=60)
+@given(fields=mixed(TRAIN_FIELDS, max_hostile=2))
+def test_train_prompt_fields(served: Served, fields: dict[str, Any]) -> None:
+    """A job that is accepted is cancelled at once: only the answer to the request is under test here."""
+    options = pb.TrainingOptions(**{name: fields[name] for name in _OPTION_FIELDS})
+    for name in ("eval_fraction", "patience"):
+        if fields[name] is not None:
+            setattr(options, name, fields[name])
+    request = pb.TrainPromptRequest(task=fields["task"], train_jsonl=fields["train_jsonl"],
+                                    eval_jsonl=fields["eval_jsonl"], options=options,
+                                    promote_alias=fields["promote_alias"])
+    training = pb_grpc.TrainingStub(served.channel)
+    code, job = answer("TrainPrompt", lambda: training.TrainPrompt(request, timeout=TIMEOUT_S))
+    if code == OK:
+        answer("CancelTrainingJob", lambda: training.CancelTrainingJob(pb.TrainingJobRequest(job_id=job.job_id),
+                                                                       timeout=TIMEOUT_S))
+        wait_until(lambda: served.app.jobs.get(job.job_id).state in ("succeeded", "failed", "cancelled"),
+                   "the cancelled job to end")
+        assert served.app.jobs.get(job.job_id).state != "failed", served.app.jobs.get(job.job_id).error
+    served.assert_still_serving()
+
+
 # ---------------------------------------------------------------- uploads
 
 _FLOATS = [torch.float32, torch.float16, torch.bfloat16]

@@ -111,20 +111,19 @@ def test_rpcs_tokens_and_latency_are_counted_by_method_and_status(server, client
 
 
 def test_prompt_and_prefix_caches_count_misses_loads_then_hits(server, client, tiny_base):
-    register(client, "cached", 2, tiny_base)
     before = scrape(server)
+    register(client, "cached", 2, tiny_base)  # RegisterPrompt loads the version and computes its prefix
+    registered = scrape(server)
     client.generate("cached", "hello", max_new_tokens=1)
-    first = scrape(server)
-    client.generate("cached", "hello", max_new_tokens=1)
-    second = scrape(server)
+    served = scrape(server)
     for cache in ("prompt", "prefix"):
-        assert delta(before, first, "softprompt_cache_misses_total", cache=cache) == 1
-        assert delta(before, first, "softprompt_cache_loads_total", cache=cache) == 1
-        assert delta(before, first, "softprompt_cache_hits_total", cache=cache) == 0
-        assert delta(first, second, "softprompt_cache_hits_total", cache=cache) == 1
-        assert delta(first, second, "softprompt_cache_misses_total", cache=cache) == 0
-        assert value(second, "softprompt_cache_entries", cache=cache) >= 1
-        assert value(second, "softprompt_cache_bytes", cache=cache) > 0
+        assert delta(before, registered, "softprompt_cache_misses_total", cache=cache) == 1
+        assert delta(before, registered, "softprompt_cache_loads_total", cache=cache) == 1
+        assert delta(before, registered, "softprompt_cache_hits_total", cache=cache) == 0
+        assert delta(registered, served, "softprompt_cache_hits_total", cache=cache) == 1
+        assert delta(registered, served, "softprompt_cache_misses_total", cache=cache) == 0
+        assert value(served, "softprompt_cache_entries", cache=cache) >= 1
+        assert value(served, "softprompt_cache_bytes", cache=cache) > 0
 
 
 def test_scrape_time_gauges(server):

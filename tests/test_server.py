@@ -163,6 +163,19 @@ def test_new_version_and_alias(client, adapters, tiny_base):
         client.generate(v2.ref, INPUTS[1])
 
 
+def test_a_registered_version_is_ready_before_register_returns(client, server, tiny_base):
+    """RegisterPrompt loads the version onto the device and computes its prefix keys and values, so its first
+    request finds both cached."""
+    app = server[0]
+    info = client.register("warmed", torch.randn(4, tiny_base.spec.hidden_size) * 0.1)
+    key = (info.name, info.version, info.sha256)
+    prompts, prefixes = app.prompts.lru, app.admission.engine.prefixes
+    assert key in prompts._items and key in prefixes._items
+    misses = (prompts.misses, prefixes.misses)
+    assert client.generate("warmed", INPUTS[0], max_new_tokens=2).prompt_version == info.ref
+    assert (prompts.misses, prefixes.misses) == misses
+
+
 def test_raw_tensor_registration(client, tiny_base, tmp_path):
     tensor = torch.randn(3, tiny_base.spec.hidden_size) * 0.1
     info = client.register("rawtask", tensor)

@@ -15,7 +15,7 @@ if [[ "${1:-}" == "--prepare" ]]; then
     rm -rf "$ASSETS" && mkdir -p "$ASSETS/wheels" "$ASSETS/tokenizer"
     # What the GPU image lacks; grpcio itself stays the image's (1.84).
     .venv/bin/pip download --quiet --no-deps -d "$ASSETS/wheels" grpcio-health-checking==1.84.0 \
-        grpcio-reflection==1.84.0 pytest pluggy iniconfig hypothesis sortedcontainers prometheus-client tqdm
+        grpcio-reflection==1.84.0 pytest pluggy iniconfig prometheus-client tqdm
     # The default model's tokenizer, so the random-weight model tokenizes like the real one.
     .venv/bin/python - "$ASSETS/tokenizer" <<'PY'
 import sys
@@ -41,7 +41,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
     | tee -a "$OUT/gpu.txt"
 
-$PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_engine.py 2>&1 | tee "$OUT/tests.txt"
+# The detokenizer's property test needs hypothesis (a CPython-version-specific wheel) and no GPU: CI runs it.
+$PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_engine.py -k "not detokenizing" 2>&1 \
+    | tee "$OUT/tests.txt"
 
 # The issue's workload: batch 64, 64 input + 128 new tokens, 20 virtual tokens, 8 tasks.
 $PY -m softprompt.client.cli bench --random-weights scripts/llama-3.2-1b-config.json --model "$ASSETS/tokenizer" \

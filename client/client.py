@@ -50,12 +50,16 @@ _Response = TypeVar("_Response")
 
 
 class _BaseClient:
-    """What both clients share: the target, the default deadline and the token's call metadata."""
+    """What both clients share: the target, the default deadline, the token's call metadata and the
+    channel's credentials and options."""
 
-    def __init__(self, target: str, timeout: float | None, token: str | None) -> None:
+    def __init__(self, target: str, timeout: float | None, token: str | None, tls: TlsOptions | bool | None,
+                 credentials: grpc.ChannelCredentials | None, options: ChannelOptions | None) -> None:
         self.target = target
         self.timeout = timeout
         self._metadata = bearer_metadata(token)
+        self._credentials, tls_options = channel_credentials(tls, credentials)
+        self._options = [*(options or ()), *tls_options]
 
     def _deadline(self, timeout: float | None) -> float | None:
         """The per-call timeout if given, else the client's default (None: no deadline)."""
@@ -90,13 +94,11 @@ class Client(_BaseClient):
         token: str | None = None,
         tls: TlsOptions | bool | None = None,
     ) -> None:
-        super().__init__(target, timeout, token)
-        credentials, tls_options = channel_credentials(tls, credentials)
-        options = [*(options or ()), *tls_options]
-        if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=options)
+        super().__init__(target, timeout, token, tls, credentials, options)
+        if self._credentials is None:
+            self._channel = grpc.insecure_channel(target, options=self._options)
         else:
-            self._channel = grpc.secure_channel(target, credentials, options=options)
+            self._channel = grpc.secure_channel(target, self._credentials, options=self._options)
         self._inference = pb_grpc.InferenceStub(self._channel)
         self._registry = pb_grpc.RegistryStub(self._channel)
         self._training = pb_grpc.TrainingStub(self._channel)
@@ -428,13 +430,11 @@ class AsyncClient(_BaseClient):
         token: str | None = None,
         tls: TlsOptions | bool | None = None,
     ) -> None:
-        super().__init__(target, timeout, token)
-        credentials, tls_options = channel_credentials(tls, credentials)
-        options = [*(options or ()), *tls_options]
-        if credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options=options)
+        super().__init__(target, timeout, token, tls, credentials, options)
+        if self._credentials is None:
+            self._channel = grpc.aio.insecure_channel(target, options=self._options)
         else:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
+            self._channel = grpc.aio.secure_channel(target, self._credentials, options=self._options)
         self._inference = pb_grpc.InferenceStub(self._channel)
         self._registry = pb_grpc.RegistryStub(self._channel)
         self._training = pb_grpc.TrainingStub(self._channel)

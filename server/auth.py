@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from softprompt.server import handlers
 from softprompt.server.tokens import BARE_MODEL_TASK, Role, TokenEntry, TokenTable
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ def _refusing(handler: grpc.RpcMethodHandler, method: str, refusal: _Refusal) ->
         context.abort(refusal.code, refusal.message)
 
     # The request is left unparsed: a refused caller's bytes are never decoded.
-    return _same_kind(handler, refuse, parse=False)
+    return handlers.rebuild(handler, refuse, None)
 
 
 def _checked(handler: grpc.RpcMethodHandler, method: str, entry: TokenEntry, rule: Rule) -> grpc.RpcMethodHandler:
@@ -208,7 +209,7 @@ def _checked(handler: grpc.RpcMethodHandler, method: str, entry: TokenEntry, rul
             response = inner_unary(request, context)
             return rule.visible(response, entry) if rule.visible else response
 
-        return _same_kind(handler, unary_unary)
+        return handlers.rebuild(handler, unary_unary, handler.request_deserializer)
     if handler.unary_stream is not None:
         inner_stream = handler.unary_stream
 
@@ -216,7 +217,7 @@ def _checked(handler: grpc.RpcMethodHandler, method: str, entry: TokenEntry, rul
             check(request, context)
             yield from inner_stream(request, context)
 
-        return _same_kind(handler, unary_stream)
+        return handlers.rebuild(handler, unary_stream, handler.request_deserializer)
     # A request stream cannot be checked per task before it is read; no softprompt RPC has one.
     return _refusing(handler, method, _Refusal(grpc.StatusCode.PERMISSION_DENIED,
                                                f"{_short(method)} is not open to task-limited tokens"))
@@ -225,21 +226,3 @@ def _checked(handler: grpc.RpcMethodHandler, method: str, entry: TokenEntry, rul
 def _task_refusal(task: str, entry: TokenEntry) -> str:
     what = "the bare base model (task '-')" if task == BARE_MODEL_TASK else f"task {task!r}"
     return f"this token may not use {what}: it is limited to tasks matching {' '.join(entry.task_patterns)}"
-
-
-_FACTORIES = (
-    ("unary_unary", grpc.unary_unary_rpc_method_handler),
-    ("unary_stream", grpc.unary_stream_rpc_method_handler),
-    ("stream_unary", grpc.stream_unary_rpc_method_handler),
-    ("stream_stream", grpc.stream_stream_rpc_method_handler),
-)
-
-
-def _same_kind(handler: grpc.RpcMethodHandler, behaviour: Callable[..., Any], *,
-               parse: bool = True) -> grpc.RpcMethodHandler:
-    """A handler of the same streaming kind and message types as `handler`, running `behaviour`."""
-    for kind, factory in _FACTORIES:
-        if getattr(handler, kind) is not None:
-            return factory(behaviour, request_deserializer=handler.request_deserializer if parse else None,
-                           response_serializer=handler.response_serializer)
-    raise ValueError(f"a method handler without behaviour: {handler!r}")

@@ -265,7 +265,7 @@ class Engine:
         owner = None if self._resident_owner is None else self._resident_owner()
         rows = len(batch) + sum(len(b) for b in others)
         need = self._columns_needed(batch.sequences + [s for b in others for s in b.sequences])
-        if owner is None or owner is batch:
+        if owner is None:
             if self._resident is None:
                 self._resident = KvArena.empty(batch.kv, power_of_two(rows), batch.kv.t + need)
             arena = self._resident

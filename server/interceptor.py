@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from softprompt.server import handlers
 from softprompt.server.logs import REQUEST_ID
 from softprompt.server.metrics import Metrics
 
@@ -92,19 +93,8 @@ class ObservingInterceptor(grpc.ServerInterceptor):
             return None
         method = handler_call_details.method
         rid = request_id(handler_call_details.invocation_metadata)
-        kind = (handler.request_streaming, handler.response_streaming)
-        wrap, make = {
-            (False, False): (self._unary, grpc.unary_unary_rpc_method_handler),
-            (True, False): (self._unary, grpc.stream_unary_rpc_method_handler),
-            (False, True): (self._streaming, grpc.unary_stream_rpc_method_handler),
-            (True, True): (self._streaming, grpc.stream_stream_rpc_method_handler),
-        }[kind]
-        behavior = {
-            (False, False): handler.unary_unary, (True, False): handler.stream_unary,
-            (False, True): handler.unary_stream, (True, True): handler.stream_stream,
-        }[kind]
-        return make(wrap(behavior, method, rid), request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer)
+        wrap = self._streaming if handler.response_streaming else self._unary
+        return handlers.rebuild(handler, wrap(handlers.behaviour(handler), method, rid), handler.request_deserializer)
 
     def _unary(self, behavior: Callable[[Any, grpc.ServicerContext], Any], method: str,
                rid: str) -> Callable[[Any, grpc.ServicerContext], Any]:

@@ -14,10 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from softprompt.server.training import STATES, TrainingJobs
+
 if TYPE_CHECKING:
     from softprompt.server.prompt_cache import DeviceLru
     from softprompt.server.scheduler import Scheduler
-    from softprompt.server.training import TrainingJobs
 
 # The first MAX_TASK_LABELS distinct tasks served get their own `task` label value; any later one
 # counts under OTHER_TASK, so a registry of thousands of tasks cannot create thousands of series.
@@ -25,8 +26,6 @@ MAX_TASK_LABELS = 32
 # Registry names start with a letter or digit, so these two never collide with a real task.
 BASE_TASK = "_base"  # requests for the bare model (empty task)
 OTHER_TASK = "_other"
-
-TRAINING_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
 @dataclass(frozen=True)
@@ -133,7 +132,7 @@ def snapshot_reader(scheduler: Scheduler, caches: dict[str, DeviceLru], jobs: Tr
     """A function reading the serving parts' state (for `Metrics.watch`); `caches` maps a label to an LRU."""
 
     def read() -> Snapshot:
-        states = dict.fromkeys(TRAINING_STATES, 0)
+        states = dict.fromkeys(STATES, 0)
         for job in jobs.list():
             states[job.state] = states.get(job.state, 0) + 1
         stats = scheduler.stats

@@ -30,6 +30,7 @@ from softprompt.server.scheduler import Scheduler
 log = logging.getLogger(__name__)
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 FINISHED = frozenset({SUCCEEDED, FAILED, CANCELLED})
 _KEEP_FINISHED = 100  # finished jobs remembered for Get/List
 

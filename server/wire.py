@@ -14,6 +14,8 @@ from typing import Any
 
 import grpc
 
+from softprompt.server import handlers
+
 
 class _Undecodable:
     """Stands in for a request that did not decode."""
@@ -56,14 +58,7 @@ class DecodeErrorInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation: Callable[[Any], Any], handler_call_details: Any) -> Any:
         handler = continuation(handler_call_details)
-        # Only gRPC's own handler tuples can be rebuilt; anything else passes through untouched.
-        if handler is None or handler.request_streaming or not hasattr(handler, "_replace"):
+        if handler is None or handler.request_streaming:
             return handler
-        method = handler_call_details.method
-        if handler.unary_unary is not None:
-            return handler._replace(request_deserializer=_tolerant(handler.request_deserializer),
-                                    unary_unary=_guard(method, handler.unary_unary))
-        if handler.unary_stream is not None:
-            return handler._replace(request_deserializer=_tolerant(handler.request_deserializer),
-                                    unary_stream=_guard(method, handler.unary_stream))
-        return handler
+        return handlers.rebuild(handler, _guard(handler_call_details.method, handlers.behaviour(handler)),
+                                _tolerant(handler.request_deserializer))

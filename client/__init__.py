@@ -44,6 +44,7 @@ from softprompt.client.types import (
     Usage,
 )
 from softprompt.prompts.options import TrainingOptions
+from softprompt.prompts.outcomes import FinishReason, TrainingState
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -52,6 +53,7 @@ __all__ = [
     "TlsOptions",
     "GenerateResult",
     "StreamChunk",
+    "FinishReason",
     "Usage",
     "PromptInfo",
     "ModelInfo",
@@ -61,6 +63,7 @@ __all__ = [
     "LabelScore",
     "TrainingOptions",
     "TrainingJob",
+    "TrainingState",
     "TrainingProgress",
     "EvalMetrics",
     "SoftpromptError",

@@ -1,12 +1,14 @@
 """Conversions from protobuf responses to the client's dataclasses.
 
 Protobuf stays at the edge: only this module and `softprompt.client.requests` touch generated
-message classes, so the public API speaks plain Python types.
+message classes, so the public API speaks plain Python types. Finish reasons and training states
+map through `softprompt.protos.enums`, the table the server uses too.
 """
 
 from __future__ import annotations
 
 from softprompt.protos import softprompt_pb2 as pb
+from softprompt.protos.enums import finish_reason_from_pb, training_state_from_pb
 from softprompt.client.types import (
     ClassifyResult,
     EvalMetrics,
@@ -22,26 +24,6 @@ from softprompt.client.types import (
     Usage,
 )
 
-_FINISH_REASONS: dict[int, str] = {
-    pb.FINISH_REASON_LENGTH: "length",
-    pb.FINISH_REASON_STOP: "stop",
-    pb.FINISH_REASON_EOS: "eos",
-}
-
-_TRAINING_STATES: dict[int, str] = {
-    pb.TRAINING_STATE_QUEUED: "queued",
-    pb.TRAINING_STATE_RUNNING: "running",
-    pb.TRAINING_STATE_SUCCEEDED: "succeeded",
-    pb.TRAINING_STATE_FAILED: "failed",
-    pb.TRAINING_STATE_CANCELLED: "cancelled",
-}
-
-
-def finish_reason(value: int) -> str | None:
-    """Returns "length", "stop" or "eos", or None for FINISH_REASON_UNSPECIFIED."""
-    return _FINISH_REASONS.get(value)
-
-
 def usage(msg: pb.Usage) -> Usage:
     """Converts a Usage message."""
     return Usage(
@@ -56,7 +38,7 @@ def generate_result(msg: pb.GenerateResponse) -> GenerateResult:
     return GenerateResult(
         text=msg.text,
         token_ids=list(msg.token_ids),
-        finish_reason=finish_reason(msg.finish_reason) or "",
+        finish_reason=finish_reason_from_pb(msg.finish_reason) or "",  # "": the server did not say
         usage=usage(msg.usage),
         prompt_version=msg.prompt_version,
     )
@@ -67,7 +49,7 @@ def stream_chunk(msg: pb.GenerateStreamResponse) -> StreamChunk:
     return StreamChunk(
         text=msg.text,
         token_ids=list(msg.token_ids),
-        finish_reason=finish_reason(msg.finish_reason),
+        finish_reason=finish_reason_from_pb(msg.finish_reason),
         usage=usage(msg.usage) if msg.HasField("usage") else None,
         prompt_version=msg.prompt_version,
     )
@@ -151,11 +133,6 @@ def deleted_refs(msg: pb.DeletePromptResponse) -> list[str]:
     return list(msg.deleted)
 
 
-def training_state(value: int) -> str:
-    """Returns "queued", "running", "succeeded", "failed" or "cancelled"; "" for UNSPECIFIED."""
-    return _TRAINING_STATES.get(value, "")
-
-
 def eval_metrics(msg: pb.EvalMetrics) -> EvalMetrics:
     """Converts an EvalMetrics message; accuracy is None unless the server set it."""
     return EvalMetrics(
@@ -185,7 +162,7 @@ def training_job(msg: pb.TrainingJob) -> TrainingJob:
     return TrainingJob(
         job_id=msg.job_id,
         task=msg.task,
-        state=training_state(msg.state),
+        state=training_state_from_pb(msg.state) or "",  # "": the server did not say
         phase=msg.phase,
         progress=training_progress(msg.progress),
         before=eval_metrics(msg.before) if msg.HasField("before") else None,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from softprompt.protos import softprompt_pb2 as pb
+from softprompt.protos.options import options_to_pb
 from softprompt.client.sources import PeftFiles, PromptSource, RawMatrix, load_source
 from softprompt.prompts.options import TrainingOptions
 
@@ -181,9 +182,7 @@ def training_jsonl(data: TrainingData) -> bytes:
 
 def training_options(options: TrainingOptions) -> pb.TrainingOptions:
     """Converts TrainingOptions, setting every field (seed and eval_fraction included, even at 0)."""
-    # The dataclass and the message name their fields alike, so a field missing from either side
-    # fails here loudly. Keyword construction also marks the proto3-optional fields as present.
-    return pb.TrainingOptions(**options.to_dict())
+    return options_to_pb(options)
 
 
 def train_request(

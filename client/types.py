@@ -7,6 +7,9 @@ so callers never handle generated protobuf classes and can use `dataclasses.asdi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+from softprompt.prompts.outcomes import FinishReason, TrainingState
 
 __all__ = [
     "Usage",
@@ -22,10 +25,6 @@ __all__ = [
     "TrainingProgress",
     "TrainingJob",
 ]
-
-# The TrainingJob states after which a job never changes again.
-_FINISHED_STATES = frozenset({"succeeded", "failed", "cancelled"})
-
 
 @dataclass(frozen=True)
 class Usage:
@@ -49,14 +48,15 @@ class GenerateResult:
     Attributes:
         text: the generated text (a matched stop sequence is not included).
         token_ids: the generated token ids.
-        finish_reason: "length", "stop" or "eos" ("" if the server did not say).
+        finish_reason: FinishReason.LENGTH, STOP or EOS (equal to "length", "stop", "eos"); "" if the
+            server did not say.
         usage: token counts.
         prompt_version: the prompt version actually used, e.g. "sentiment@3"; "" for the bare model.
     """
 
     text: str
     token_ids: list[int]
-    finish_reason: str
+    finish_reason: FinishReason | Literal[""]
     usage: Usage
     prompt_version: str
 
@@ -68,14 +68,14 @@ class StreamChunk:
     Attributes:
         text: the text produced since the previous chunk.
         token_ids: the tokens produced since the previous chunk.
-        finish_reason: "length", "stop" or "eos" on the last chunk; None before it.
+        finish_reason: FinishReason.LENGTH, STOP or EOS on the last chunk; None before it.
         usage: token counts, on the last chunk only.
         prompt_version: the prompt version used, e.g. "sentiment@3"; "" for the bare model.
     """
 
     text: str
     token_ids: list[int]
-    finish_reason: str | None
+    finish_reason: FinishReason | None
     usage: Usage | None
     prompt_version: str
 
@@ -265,7 +265,8 @@ class TrainingJob:
     Attributes:
         job_id: identifies the job on the server (jobs live until the server restarts).
         task: the task the trained prompt is registered under.
-        state: "queued", "running", "succeeded", "failed" or "cancelled" ("" if the server did not say).
+        state: a TrainingState (equal to "queued", "running", "succeeded", "failed" or "cancelled");
+            "" if the server did not say.
         phase: what the job is doing now, e.g. "training", "evaluating", "registering".
         progress: steps, losses and speed so far.
         before: held-out metrics of the initial prompt; None until measured.
@@ -282,7 +283,7 @@ class TrainingJob:
 
     job_id: str
     task: str
-    state: str
+    state: TrainingState | Literal[""]
     phase: str
     progress: TrainingProgress
     before: EvalMetrics | None
@@ -299,4 +300,4 @@ class TrainingJob:
     @property
     def done(self) -> bool:
         """Whether the job has ended (succeeded, failed or cancelled); it will not change again."""
-        return self.state in _FINISHED_STATES
+        return isinstance(self.state, TrainingState) and self.state.finished

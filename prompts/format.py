@@ -1,12 +1,14 @@
-"""The PEFT prompt-tuning folder format: parsing uploads, validating tensors, writing and reading versions.
+"""The PEFT prompt-tuning folder format: parsing uploads, validating tensors, a version's files as bytes.
 
-This is the only module that knows the on-disk layout of a stored prompt version. A version folder holds:
+This is the only module that knows the files of a stored prompt version (the store keeps them by name;
+`write_peft_folder` exports them as a folder). A version holds:
 
 - ``adapter_config.json``: a PEFT ``PROMPT_TUNING`` config, so ``PeftModel.from_pretrained(base, folder)``
   loads the folder as-is;
 - ``adapter_model.safetensors``: one float32 tensor ``prompt_embeddings`` of shape
   ``[num_virtual_tokens, hidden_size]`` (metadata ``{"format": "pt"}``, as PEFT writes it);
-- ``softprompt.json``: softprompt's own metadata (name, version, checksum, provenance).
+- ``softprompt.json``: softprompt's own metadata (name, version, checksum, provenance);
+- trained versions only: ``training.json`` (the run's report) and ``loss.png`` (its loss curve).
 
 Uploaded bytes are untrusted: they are parsed only as safetensors, never unpickled, and every failure is
 reported as an `InvalidPromptError` whose message says what is wrong and how to fix it.
@@ -16,12 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -157,18 +158,48 @@ def validate_embeddings(t: torch.Tensor, base: BaseModelSpec, *, max_virtual_tok
     return out
 
 
-def check_base_model(claimed_fingerprint: str, base: BaseModelSpec, *, force: bool) -> None:
-    """Refuses a prompt whose claimed base-model fingerprint differs from `base`'s, unless `force`.
+class StoredPrompt(Protocol):
+    """What `check_base_model` reads of a stored version (a `registry.PromptVersion`)."""
 
-    An empty claim means "unknown" and is accepted. Raises `BaseModelMismatchError`.
+    @property
+    def ref(self) -> str: ...
+    @property
+    def hidden_size(self) -> int: ...
+    @property
+    def base_model_fingerprint(self) -> str: ...
+    @property
+    def base_model_id(self) -> str: ...
+
+
+def check_base_model(prompt: str | StoredPrompt, base: BaseModelSpec, *, force: bool = False) -> None:
+    """Refuses a prompt made for another base model than `base`, unless `force`; raises `BaseModelMismatchError`.
+
+    The one compatibility rule, for both moments a prompt meets the base model. `prompt` is either the
+    fingerprint an upload claims (empty means "unknown" and is accepted; the message offers `force`), or a
+    stored version about to be served: its width must be the model's hidden size and the fingerprint it
+    recorded (empty: unknown) must be the model's.
     """
-    if not claimed_fingerprint or force:
+    if isinstance(prompt, str):
+        if prompt and not force and prompt != base.fingerprint:
+            raise BaseModelMismatchError(
+                f"the prompt was made for the base model with fingerprint {prompt}, but this server "
+                f"serves {base.model_id} with fingerprint {base.fingerprint}: register a prompt trained on this "
+                f"base model, or pass force=True (CLI: --force) to register it anyway"
+            )
         return
-    if claimed_fingerprint != base.fingerprint:
+    # A wrong width cannot be served whatever `force` says.
+    if prompt.hidden_size != base.hidden_size:
         raise BaseModelMismatchError(
-            f"the prompt was made for the base model with fingerprint {claimed_fingerprint}, but this server "
-            f"serves {base.model_id} with fingerprint {base.fingerprint}: register a prompt trained on this "
-            f"base model, or pass force=True (CLI: --force) to register it anyway"
+            f"{prompt.ref} has width {prompt.hidden_size} but this server's base model {base.model_id} has "
+            f"hidden size {base.hidden_size}: serve it with the base model it was trained for"
+        )
+    if prompt.base_model_fingerprint and not force and prompt.base_model_fingerprint != base.fingerprint:
+        # Registration records the serving model's fingerprint, so only a store shared with another
+        # base model lands here.
+        raise BaseModelMismatchError(
+            f"{prompt.ref} was made for base model {prompt.base_model_id or '?'} (fingerprint "
+            f"{prompt.base_model_fingerprint}), but this server runs {base.model_id} (fingerprint "
+            f"{base.fingerprint}): re-register it here with force, or serve it with its own base model"
         )
 
 
@@ -430,59 +461,22 @@ def peft_config_for(prompt: PromptTensor, base: BaseModelSpec) -> dict[str, Any]
     }
 
 
-def _write_durably(path: Path, data: bytes) -> None:
-    # The caller publishes the folder with a rename; fsyncing each file first means a crash after the
-    # rename can never expose a complete-looking version with empty or partial files.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(directory: Path) -> None:
-    """Makes the entries of `directory` (creations, renames, deletions) durable."""
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _json_bytes(obj: Mapping[str, Any]) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def write_version_files(directory: Path, prompt: PromptTensor, base: BaseModelSpec, metadata: dict) -> str:
-    """Writes a version's three files into `directory` (which must exist) and returns the weights' sha256.
-
-    Each file is fsynced, and so is the folder. `metadata` goes into ``softprompt.json`` with the
-    checksum added under "sha256".
-    """
+def adapter_files(prompt: PromptTensor, base: BaseModelSpec) -> dict[str, bytes]:
+    """A version's PEFT adapter by file name: ``adapter_model.safetensors`` and ``adapter_config.json``."""
     from safetensors.torch import save as save_safetensors
 
-    directory = Path(directory)
     embeddings = prompt.embeddings.detach().to(device="cpu", dtype=torch.float32).contiguous()
     weights = save_safetensors({TENSOR_NAME: embeddings}, metadata={"format": "pt"})
-    sha256 = hashlib.sha256(weights).hexdigest()
-    _write_durably(directory / PEFT_WEIGHTS, weights)
-    _write_durably(directory / PEFT_CONFIG, _json_bytes(peft_config_for(prompt, base)))
-    _write_durably(directory / METADATA, _json_bytes({**metadata, "sha256": sha256}))
-    fsync_dir(directory)
-    return sha256
+    return {PEFT_WEIGHTS: weights, PEFT_CONFIG: _json_bytes(peft_config_for(prompt, base))}
 
 
-def write_attachments(directory: Path, files: Mapping[str, bytes]) -> None:
-    """Writes a version's extra files (e.g. a trained version's report and loss plot) durably."""
-    for name, data in files.items():
-        if name not in ATTACHMENTS:
-            raise ValueError(f"a version may carry only {', '.join(ATTACHMENTS)}, not {name!r}")
-        _write_durably(Path(directory) / name, data)
-    fsync_dir(Path(directory))
+def metadata_bytes(metadata: Mapping[str, Any]) -> bytes:
+    """A version's metadata as stored in ``softprompt.json``."""
+    return _json_bytes(metadata)
 
 
 def report_bytes(report: Mapping[str, Any]) -> bytes:
@@ -490,60 +484,96 @@ def report_bytes(report: Mapping[str, Any]) -> bytes:
     return _json_bytes(report)
 
 
-def write_metadata(directory: Path, metadata: Mapping[str, Any]) -> None:
-    """Replaces ``softprompt.json`` in `directory` atomically and durably."""
+def check_attachments(files: Mapping[str, bytes]) -> None:
+    """Refuses (ValueError) extra files a version may not carry; see `ATTACHMENTS`."""
+    for name in files:
+        if name not in ATTACHMENTS:
+            raise ValueError(f"a version may carry only {', '.join(ATTACHMENTS)}, not {name!r}")
+
+
+def write_peft_folder(directory: str | Path, files: Mapping[str, bytes]) -> Path:
+    """Writes a version's files (name -> bytes) into `directory`, created if missing; returns the folder.
+
+    Files of the same names are replaced. With a version's files, ``PeftModel.from_pretrained(base,
+    directory)`` loads the folder as-is.
+    """
     directory = Path(directory)
-    tmp = directory / (METADATA + ".tmp")
-    _write_durably(tmp, _json_bytes(metadata))
-    os.replace(tmp, directory / METADATA)
-    fsync_dir(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        if Path(name).name != name or name in (".", ".."):
+            raise ValueError(f"{name!r} is not a plain file name")
+        (directory / name).write_bytes(data)
+    return directory
 
 
-def read_metadata(directory: Path) -> dict[str, Any]:
-    """Reads ``softprompt.json``; FileNotFoundError if absent, `CorruptPromptError` if unreadable."""
-    path = Path(directory) / METADATA
-    raw = path.read_bytes()
+def write_version_files(directory: str | Path, prompt: PromptTensor, base: BaseModelSpec, metadata: dict) -> str:
+    """Writes a complete version folder for `prompt` into `directory` and returns the weights' sha256.
+
+    `metadata` goes into ``softprompt.json`` with the checksum added under "sha256".
+    """
+    files = adapter_files(prompt, base)
+    sha256 = hashlib.sha256(files[PEFT_WEIGHTS]).hexdigest()
+    files[METADATA] = metadata_bytes({**metadata, "sha256": sha256})
+    write_peft_folder(directory, files)
+    return sha256
+
+
+_FIX_STORED = "delete this version and register the prompt again"
+
+
+def parse_metadata(raw: bytes, *, where: str) -> dict[str, Any]:
+    """Parses the bytes of ``softprompt.json`` (read from `where`); `CorruptPromptError` if unreadable."""
     try:
         metadata = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptPromptError(
-            f"{path} is damaged ({e}): delete this version and register the prompt again"
-        ) from None
+        raise CorruptPromptError(f"{where} is damaged ({e}): {_FIX_STORED}") from None
     if not isinstance(metadata, dict):
-        raise CorruptPromptError(f"{path} is not a JSON object: delete this version and register the prompt again")
+        raise CorruptPromptError(f"{where} is not a JSON object: {_FIX_STORED}")
     return metadata
 
 
-def read_embeddings(directory: Path, expected_sha256: str) -> torch.Tensor:
-    """Loads a stored version's prompt matrix after checking the weights file against `expected_sha256`.
+def read_metadata(directory: str | Path) -> dict[str, Any]:
+    """Reads a version folder's ``softprompt.json``; FileNotFoundError if absent, `CorruptPromptError` if damaged."""
+    path = Path(directory) / METADATA
+    return parse_metadata(path.read_bytes(), where=str(path))
+
+
+def missing_weights_error(where: str) -> CorruptPromptError:
+    """The error for a version whose weights file (at `where`) is gone."""
+    return CorruptPromptError(f"{where} is missing: {_FIX_STORED}")
+
+
+def parse_embeddings(data: bytes, expected_sha256: str, *, where: str) -> torch.Tensor:
+    """A stored version's prompt matrix from its weights (read from `where`), checked against `expected_sha256`.
 
     Returns a float32, contiguous ``[num_virtual_tokens, hidden]`` tensor. Raises `CorruptPromptError`
-    if the file is missing, differs from its checksum, or does not hold one finite 2-D float32 tensor.
+    if the bytes differ from their checksum or do not hold one finite 2-D float32 tensor.
     """
     from safetensors.torch import load as load_safetensors
 
-    path = Path(directory) / PEFT_WEIGHTS
-    fix = "delete this version and register the prompt again"
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise CorruptPromptError(f"{path} is missing: {fix}") from None
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected_sha256:
         raise CorruptPromptError(
-            f"{path} has sha256 {actual} but the registry recorded {expected_sha256}: the file was modified "
-            f"or damaged on disk; {fix}"
+            f"{where} has sha256 {actual} but the registry recorded {expected_sha256}: the file was modified "
+            f"or damaged on disk; {_FIX_STORED}"
         )
     try:
         tensors = load_safetensors(data)
     except Exception as e:  # checksum matched, so the file was written broken; any parser error is corruption
-        raise CorruptPromptError(f"{path} cannot be parsed ({type(e).__name__}: {e}): {fix}") from None
+        raise CorruptPromptError(f"{where} cannot be parsed ({type(e).__name__}: {e}): {_FIX_STORED}") from None
     tensor = tensors.get(TENSOR_NAME)
     if len(tensors) != 1 or tensor is None or tensor.dim() != 2 or tensor.dtype != torch.float32:
-        raise CorruptPromptError(
-            f"{path} does not hold exactly one 2-D float32 tensor {TENSOR_NAME!r}: {fix}"
-        )
+        raise CorruptPromptError(f"{where} does not hold exactly one 2-D float32 tensor {TENSOR_NAME!r}: {_FIX_STORED}")
     if not bool(torch.isfinite(tensor).all()):
-        raise CorruptPromptError(f"{path} holds NaN or Inf values: {fix}")
+        raise CorruptPromptError(f"{where} holds NaN or Inf values: {_FIX_STORED}")
     return tensor.contiguous()
 
+
+def read_embeddings(directory: str | Path, expected_sha256: str) -> torch.Tensor:
+    """`parse_embeddings` of a version folder's weights file; `CorruptPromptError` also if it is missing."""
+    path = Path(directory) / PEFT_WEIGHTS
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise missing_weights_error(str(path)) from None
+    return parse_embeddings(data, expected_sha256, where=str(path))

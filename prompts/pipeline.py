@@ -19,7 +19,8 @@ from softprompt.prompts.data import Example, check_eval_labels, labels_of, split
 from softprompt.prompts.errors import InvalidPromptError, RegistryConflictError, TrainingDataError
 from softprompt.prompts.options import TrainingOptions, init_kind
 from softprompt.prompts.plot import loss_plot_png
-from softprompt.prompts.registry import PromptRef, PromptVersion, Registry, validate_alias, validate_name
+from softprompt.prompts.refs import PromptRef, validate_alias, validate_name
+from softprompt.prompts.registry import PromptVersion, Registry
 from softprompt.prompts.train import EvalResult, Progress, PromptTrainer, TrainingResult
 
 log = logging.getLogger(__name__)

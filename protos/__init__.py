@@ -1,0 +1,5 @@
+"""The wire contract: `softprompt.proto` (package softprompt.v1), its generated stubs, and the conversions of
+the types both sides share (`enums`: finish reasons and training states; `options`: TrainingOptions).
+
+Imports only protobuf, grpc and the torch-free `softprompt.prompts` modules.
+"""

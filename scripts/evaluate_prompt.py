@@ -20,7 +20,7 @@ from softprompt.prompts.data import labels_of, load_jsonl
 from softprompt.prompts.options import TrainingOptions
 from softprompt.prompts.registry import Registry
 from softprompt.prompts.train import PromptTrainer
-from softprompt.server.model import load_base_model
+from softprompt.server.app.loading import load_base_model
 
 
 def main() -> None:

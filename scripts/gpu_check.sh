@@ -19,7 +19,7 @@ if [[ "${1:-}" == "--prepare" ]]; then
     # The default model's tokenizer, so the random-weight model tokenizes like the real one.
     .venv/bin/python - "$ASSETS/tokenizer" <<'PY'
 import sys
-from softprompt.server.model import default_cache_dir, resolve_model_path
+from softprompt.server.app.loading import default_cache_dir, resolve_model_path
 from transformers import AutoTokenizer
 AutoTokenizer.from_pretrained(resolve_model_path(None, default_cache_dir())[0]).save_pretrained(sys.argv[1])
 PY
@@ -32,7 +32,7 @@ mkdir -p "$OUT"
 work=$(mktemp -d)
 # The package lives in top-level folders mapped to softprompt.*; link them under one import root.
 mkdir -p "$work/src/softprompt"
-for part in server client protos prompts; do ln -s "$PWD/$part" "$work/src/softprompt/$part"; done
+for part in server client protos prompts benchmarks; do ln -s "$PWD/$part" "$work/src/softprompt/$part"; done
 for wheel in "$ASSETS"/wheels/*.whl; do
     $PY -m pip install --quiet --no-index --no-deps --target "$work/deps" "$wheel" || echo "not installed: $wheel"
 done
@@ -46,6 +46,6 @@ $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_engine.py -k "
     | tee "$OUT/tests.txt"
 
 # The issue's workload: batch 64, 64 input + 128 new tokens, 20 virtual tokens, 8 tasks.
-$PY -m softprompt.client.cli bench --random-weights scripts/llama-3.2-1b-config.json --model "$ASSETS/tokenizer" \
+$PY -m softprompt.benchmarks.cli --random-weights scripts/llama-3.2-1b-config.json --model "$ASSETS/tokenizer" \
     --device cuda --requests 64 --clients 64 --batch-size 64 --tasks 8 --virtual-tokens 20 --input-tokens 64 \
     --new-tokens 128 --skip a,f --json "$OUT/bench-1b.json" 2>"$OUT/bench-1b.log" | tee "$OUT/bench-1b.txt"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
 
-from softprompt.server.model import load_base_model
+from softprompt.server.app.loading import load_base_model
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from conftest import running_server
+from helpers import running_server
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -26,10 +26,11 @@ from softprompt.client import errors as client_errors
 from softprompt.client.cli import main as cli_main
 from softprompt.protos import softprompt_pb2 as pb
 from softprompt.protos import softprompt_pb2_grpc as pb_grpc
-from softprompt.server import auth, security
-from softprompt.server.cli import main as serve_main
-from softprompt.server.config import ServerConfig
-from softprompt.server.tokens import (
+from softprompt.server.grpc_api.interceptors import auth
+from softprompt.server.grpc_api import exposure as security
+from softprompt.server.app.serve_cli import main as serve_main
+from softprompt.server.app.config import ServerConfig
+from softprompt.server.access.tokens import (
     Role,
     TokenEntry,
     TokenFileError,
@@ -37,7 +38,7 @@ from softprompt.server.tokens import (
     format_entry,
     hash_token,
 )
-from test_training import synthetic
+from helpers import synthetic
 
 ADMIN = "admin-token-0123456789abcdef"
 INFER = "infer-token-0123456789abcdef"
@@ -403,7 +404,7 @@ def test_server_refuses_to_bind_everywhere_without_tokens(tiny_base, tmp_path):
 
 
 def test_no_tokens_on_localhost_logs_it(tiny_base, tmp_path, caplog):
-    caplog.set_level("INFO", logger="softprompt.server.security")
+    caplog.set_level("INFO", logger="softprompt.server.grpc_api.exposure")
     with running_server(tiny_base, tmp_path) as (_, address), Client(address, timeout=60) as client:
         assert client.model_info().hidden_size == tiny_base.spec.hidden_size
     assert "requires no token" in caplog.text

@@ -12,8 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import engine_rows, reference_greedy, run_to_end
+from softprompt.benchmarks.cli import main
+from softprompt.benchmarks.methods import METHODS
 from softprompt.client.cli import main as cli_main
-from softprompt.server.bench import METHODS, main
+from softprompt.server.core.engine import Engine, StepTimings
 
 
 def test_bench_runs_every_method_on_the_tiny_model(
@@ -41,6 +44,22 @@ def test_bench_runs_every_method_on_the_tiny_model(
 
 def test_cli_hands_bench_its_argv(monkeypatch: pytest.MonkeyPatch) -> None:
     received: list[list[str]] = []
-    monkeypatch.setattr("softprompt.server.bench.main", lambda argv: received.append(argv) or 0)
+    monkeypatch.setattr("softprompt.benchmarks.cli.main", lambda argv: received.append(argv) or 0)
     assert cli_main(["bench", "--requests", "2", "--help"]) == 0
     assert received == [["--requests", "2", "--help"]]
+
+
+def test_engine_options_the_bench_uses(tiny_base) -> None:
+    """ignore_eos runs a row past an end-of-sequence token to max_new_tokens; StepTimings counts every step part."""
+    timings = StepTimings()
+    engine = Engine(tiny_base, ignore_eos=True, timings=timings)
+    seq = engine_rows(engine, tiny_base, 1, max_new=5)[0]
+    expected = reference_greedy(tiny_base.model, seq.prompt, seq.input_ids, 5, frozenset())
+    engine.eos_ids = frozenset({expected[0]})  # the row's first token ends a sequence, unless ignored
+    batch, events = engine.prefill([seq])
+    assert events[0].finish_reason is None
+    run_to_end(engine, batch)
+    assert seq.generated == expected and seq.finish_reason == "length"
+    calls = {part: n for part, (n, seconds) in timings.snapshot().items()}
+    assert calls == {"prefill": 1, "decode": 4, "emit": 5, "filter": 4, "concatenate": 0}
+    assert all(seconds >= 0 for _, seconds in timings.snapshot().values())

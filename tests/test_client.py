@@ -783,9 +783,9 @@ def test_cli_serve_passes_argv_through(
         received.append(argv)
         return 3
 
-    module = types.ModuleType("softprompt.server.cli")
+    module = types.ModuleType("softprompt.server.app.serve_cli")
     module.main = fake_serve_main  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "softprompt.server.cli", module)
+    monkeypatch.setitem(sys.modules, "softprompt.server.app.serve_cli", module)
     assert main(["serve", "--port", "0", "--help"]) == 3
     assert main(["--json", "--server", "x:1", "serve", "list"]) == 3
     assert received == [["--port", "0", "--help"], ["list"]]

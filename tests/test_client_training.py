@@ -34,8 +34,9 @@ from softprompt.client import (
     TrainingOptions,
     TrainingProgress,
 )
-from softprompt.client import cli, convert, requests
+from softprompt.client import convert, requests
 from softprompt.client.cli import build_parser, main
+from softprompt.client.cli.render import ProgressLine
 from softprompt.prompts import options as options_module
 from softprompt.protos import softprompt_pb2 as pb
 from softprompt.protos import softprompt_pb2_grpc as pb_grpc
@@ -444,16 +445,16 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
 
 @pytest.fixture
 def local_trainer(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
-    """Stands in for softprompt.server.train_local; returns the keyword arguments of each call."""
+    """Stands in for softprompt.server.jobs.local; returns the keyword arguments of each call."""
     calls: list[dict[str, Any]] = []
 
     def run_local_training(**kwargs: Any) -> int:
         calls.append(kwargs)
         return 0
 
-    module = types.ModuleType("softprompt.server.train_local")
+    module = types.ModuleType("softprompt.server.jobs.local")
     module.run_local_training = run_local_training  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "softprompt.server.train_local", module)
+    monkeypatch.setitem(sys.modules, "softprompt.server.jobs.local", module)
     return calls
 
 
@@ -509,13 +510,13 @@ def test_train_usage_errors(
 def test_local_training_without_server_extras(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    module = types.ModuleType("softprompt.server.train_local")
+    module = types.ModuleType("softprompt.server.jobs.local")
 
     def run_local_training(**kwargs: Any) -> int:
         raise ModuleNotFoundError("No module named 'torch'", name="torch")
 
     module.run_local_training = run_local_training  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "softprompt.server.train_local", module)
+    monkeypatch.setitem(sys.modules, "softprompt.server.jobs.local", module)
     code, _, err = run_cli(capsys, "train", "--task", "t", "--data", "d.jsonl", "--store", "s")
     assert code == 1 and "softprompt train --store" in err and "softprompt[server]" in err
 
@@ -674,7 +675,7 @@ def _running(step: int, phase: str = "training") -> TrainingJob:
 
 def test_progress_line_on_a_terminal_rewrites_one_line() -> None:
     screen = _Terminal()
-    with cli._ProgressLine(screen) as progress:
+    with ProgressLine(screen) as progress:
         progress.update(_running(1))
         progress.update(convert.training_job(_job_pb("j", pb.TRAINING_STATE_QUEUED)))
     first = "training  step 1/4  loss 1.0000  2.50 steps/s  3s"
@@ -684,7 +685,7 @@ def test_progress_line_on_a_terminal_rewrites_one_line() -> None:
 def test_progress_lines_without_a_terminal_are_throttled() -> None:
     now = [0.0]
     stream = io.StringIO()
-    with cli._ProgressLine(stream, interval=2.0, clock=lambda: now[0]) as progress:
+    with ProgressLine(stream, interval=2.0, clock=lambda: now[0]) as progress:
         for t, job in [(0.0, _running(1)), (1.0, _running(2)), (2.5, _running(3)),
                        (2.6, _running(3, "evaluating")), (2.7, _running(3, "evaluating"))]:
             now[0] = t

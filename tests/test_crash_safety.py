@@ -23,9 +23,9 @@ from pathlib import Path
 import crash_writer
 import pytest
 import torch
-from conftest import running_server
+from helpers import running_server
 from crash_writer import ALIAS, TASK, prompt_for, read_report
-from reliability_helpers import expected_ids, torch_threads
+from helpers import expected_ids, torch_threads
 from softprompt.client import Client
 from softprompt.prompts import format as fmt
 from softprompt.prompts.registry import LocalStore, Registry

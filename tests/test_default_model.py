@@ -11,11 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from conftest import reference_greedy
+from helpers import reference_greedy
 from softprompt.client import Client
-from softprompt.server.app import build_app, shutdown, start
-from softprompt.server.config import ServerConfig
-from softprompt.server.model import load_base_model
+from softprompt.server.app.server import build_app, shutdown, start
+from softprompt.server.app.config import ServerConfig
+from softprompt.server.app.loading import load_base_model
 
 pytestmark = pytest.mark.slow
 

@@ -25,10 +25,10 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from reliability_helpers import expected_ids, torch_threads, wait_until
+from helpers import expected_ids, torch_threads, wait_until
 from softprompt.protos import softprompt_pb2 as pb
 from softprompt.protos import softprompt_pb2_grpc as pb_grpc
-from test_training import synthetic, to_jsonl
+from helpers import synthetic, to_jsonl
 
 TIMEOUT_S = 300.0  # only a hang reaches it
 LONG = 100  # tokens per in-flight stream: far more than the few steps that run before the worker parks
@@ -118,8 +118,8 @@ def _probe(stub: pb_grpc.InferenceStub) -> grpc.StatusCode:
 
 
 def _start_server(base: Any, store: Path, **settings: Any) -> tuple[Any, Any, Any, str]:
-    from softprompt.server.app import build_app, start
-    from softprompt.server.config import ServerConfig
+    from softprompt.server.app.server import build_app, start
+    from softprompt.server.app.config import ServerConfig
 
     app = build_app(ServerConfig(port=0, store=store, **settings), base=base)
     server, port, health = start(app)
@@ -143,7 +143,7 @@ def _start_training(channel: grpc.Channel, task: str) -> str:
 
 
 def test_shutdown_drains_in_flight_streams_and_stops_training(tiny_base, tmp_path) -> None:
-    from softprompt.server.app import shutdown
+    from softprompt.server.app.server import shutdown
 
     store = tmp_path / "store"
     app, server, health, address = _start_server(tiny_base, store, max_batch_size=4, max_new_tokens=LONG,
@@ -198,7 +198,7 @@ def test_shutdown_drains_in_flight_streams_and_stops_training(tiny_base, tmp_pat
 
 
 def test_requests_still_held_after_the_grace_period_get_unavailable(tiny_base, tmp_path) -> None:
-    from softprompt.server.app import shutdown
+    from softprompt.server.app.server import shutdown
 
     app, server, health, address = _start_server(tiny_base, tmp_path / "store", max_batch_size=4,
                                                  max_new_tokens=LONG, batch_wait_ms=0)
@@ -298,7 +298,7 @@ def test_softprompt_serve_drains_a_sigterm_that_arrives_while_loading(tiny_model
     # lead to an orderly shutdown and exit status 0, not the default action (killed by SIGTERM).
     serve = ServeProcess(tiny_model_dir, tmp_path)
     try:
-        serve.wait_for_log(r"logger=softprompt\.server\.model loading")
+        serve.wait_for_log(r"logger=softprompt\.server\.app\.loading loading")
         serve.proc.send_signal(signal.SIGTERM)
         assert serve.exit_code() == 0, serve.log()
         assert "shutting down" in serve.log()

@@ -5,55 +5,28 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import reference_greedy
-from softprompt.server.engine import Engine, Sequence
-from softprompt.server.sampling import SamplingParams
-from softprompt.server.text import TextTracker
-
-TEXTS = ["the quick brown fox", "hello", "a soft prompt is a small matrix of", "one frozen model serves"]
-
-
-def _prompts(base, seed: int = 1) -> list[torch.Tensor | None]:
-    hidden = base.model.config.hidden_size
-    scale = base.model.get_input_embeddings().weight.std()
-    g = torch.Generator().manual_seed(seed)
-    return [None, torch.randn(5, hidden, generator=g) * scale * 4, torch.randn(9, hidden, generator=g) * scale * 4]
-
-
-def _rows(engine: Engine, base, count: int, max_new: int = 12) -> list[Sequence]:
-    prompts = _prompts(base)
-    rows = []
-    for i in range(count):
-        seq = Sequence(request_id=i, input_ids=base.tokenizer(TEXTS[i % 4]).input_ids,
-                       params=SamplingParams(max_new_tokens=max_new + i), prompt=prompts[i % 3])
-        engine.start(seq)
-        rows.append(seq)
-    return rows
-
-
-def _run(engine: Engine, batch) -> None:
-    while batch is not None:
-        engine.decode(batch)
-        batch = engine.filter(batch, [i for i, s in enumerate(batch.sequences) if s.finish_reason is None])
-
+from helpers import TEXTS, engine_prompts, engine_rows, reference_greedy, run_to_end
+from softprompt.server.core.engine import Engine, Sequence
+from softprompt.server.core.sampling import SamplingParams
+from softprompt.server.core.text import TextTracker
 
 def test_single_rows_match_reference(tiny_base):
     engine = Engine(tiny_base)
-    for seq in _rows(engine, tiny_base, 3):
+    for seq in engine_rows(engine, tiny_base, 3):
         batch, _ = engine.prefill([seq])
-        _run(engine, batch)
+        run_to_end(engine, batch)
         expected = reference_greedy(tiny_base.model, seq.prompt, seq.input_ids, seq.params.max_new_tokens, engine.eos_ids)
         assert seq.generated == expected
 
 
 def test_mixed_batch_with_joins_and_leaves_matches_reference(tiny_base):
     engine = Engine(tiny_base)
-    rows = _rows(engine, tiny_base, 8)
+    rows = engine_rows(engine, tiny_base, 8)
     batch, _ = engine.prefill(rows[:3])
     for _ in range(2):
         engine.decode(batch)
     late, _ = engine.prefill(rows[3:])  # rows of all three kinds join a batch already two steps in
-    _run(engine, engine.concatenate([batch, late]))
+    run_to_end(engine, engine.concatenate([batch, late]))
     for seq in rows:
         expected = reference_greedy(tiny_base.model, seq.prompt, seq.input_ids, seq.params.max_new_tokens, engine.eos_ids)
         assert seq.generated == expected, f"row {seq.request_id} differs from the no-cache reference"
@@ -63,16 +36,16 @@ def test_mixed_batch_with_joins_and_leaves_matches_reference(tiny_base):
 def test_wrong_positions_would_be_caught(tiny_base):
     """Guards the guard: a prompt of a different row gives different tokens, so the checks above can fail."""
     engine = Engine(tiny_base)
-    a, b = _rows(engine, tiny_base, 3)[1:3]
+    a, b = engine_rows(engine, tiny_base, 3)[1:3]
     swapped = reference_greedy(tiny_base.model, b.prompt, a.input_ids, a.params.max_new_tokens, engine.eos_ids)
     batch, _ = engine.prefill([a])
-    _run(engine, batch)
+    run_to_end(engine, batch)
     assert a.generated != swapped
 
 
 def test_eos_finishes_row(tiny_base):
     engine = Engine(tiny_base)
-    seq = _rows(engine, tiny_base, 1, max_new=40)[0]
+    seq = engine_rows(engine, tiny_base, 1, max_new=40)[0]
     first = reference_greedy(tiny_base.model, seq.prompt, seq.input_ids, 1, engine.eos_ids)[0]
     engine.eos_ids = frozenset({first})  # make the row's first token its end-of-sequence token
     batch, events = engine.prefill([seq])
@@ -88,9 +61,9 @@ def test_seeded_sampling_is_batch_invariant(tiny_base):
     def sample(with_others: bool) -> list[int]:
         seq = Sequence(request_id=0, input_ids=tiny_base.tokenizer("hello").input_ids, params=params)
         engine.start(seq)
-        rows = [seq] + (_rows(engine, tiny_base, 3) if with_others else [])
+        rows = [seq] + (engine_rows(engine, tiny_base, 3) if with_others else [])
         batch, _ = engine.prefill(rows)
-        _run(engine, batch)
+        run_to_end(engine, batch)
         return seq.generated
 
     assert sample(False) == sample(True)
@@ -141,7 +114,7 @@ def test_cached_prefixes_give_the_reference_and_are_reused(tiny_base):
             engine.start(seq)
             rows.append(seq)
         batch, _ = engine.prefill(rows)
-        _run(engine, batch)
+        run_to_end(engine, batch)
         for seq in rows:
             expected = reference_greedy(tiny_base.model, seq.prompt, seq.input_ids, 6, engine.eos_ids)
             assert seq.generated == expected, f"round {round_}, row {seq.request_id}"
@@ -162,7 +135,7 @@ def _check(engine: Engine, base, rows: list[Sequence]) -> None:
 def test_graph_shaped_steps_match_reference(tiny_base):
     """The bucketed shapes a CUDA graph replays (padding rows, masked padding columns) change no token."""
     engine = Engine(tiny_base, pad_shapes=True)
-    rows = _rows(engine, tiny_base, 7)
+    rows = engine_rows(engine, tiny_base, 7)
     batch, _ = engine.prefill(rows[:3])
     for _ in range(3):
         engine.decode(batch)
@@ -171,7 +144,7 @@ def test_graph_shaped_steps_match_reference(tiny_base):
     batch = engine.filter(batch, [0, 2, 3, 4])  # a row leaves from the middle
     batch = engine.concatenate([batch, engine.prefill(rows[5:])[0]])
     assert engine.shape_of(batch) == (8, 64)  # 6 live rows padded to 8, width to one column block
-    _run(engine, batch)
+    run_to_end(engine, batch)
     assert [len(s.generated) for s in rows] == [12, 5, 14, 15, 16, 17, 18]
     _check(engine, tiny_base, rows)
 
@@ -181,40 +154,40 @@ def test_joining_rows_longer_than_the_batch_shift_it(tiny_base):
     engine = Engine(tiny_base)
     short = Sequence(request_id=0, input_ids=tiny_base.tokenizer("hi").input_ids, params=SamplingParams(max_new_tokens=20))
     long = Sequence(request_id=1, input_ids=tiny_base.tokenizer(TEXTS[2] * 3).input_ids,
-                    params=SamplingParams(max_new_tokens=5), prompt=_prompts(tiny_base)[2])
+                    params=SamplingParams(max_new_tokens=5), prompt=engine_prompts(tiny_base)[2])
     for seq in (short, long):
         engine.start(seq)
     batch, _ = engine.prefill([short])
     engine.decode(batch)
     batch = engine.concatenate([batch, engine.prefill([long])[0]])
     assert batch.kv.t == long.length  # the running row (3 columns) was shifted to the joiner's 78
-    _run(engine, batch)
+    run_to_end(engine, batch)
     _check(engine, tiny_base, [short, long])
 
 
 def test_arena_grows_and_is_reused_across_batches(tiny_base):
     engine = Engine(tiny_base)
-    first = _rows(engine, tiny_base, 1, max_new=3)
+    first = engine_rows(engine, tiny_base, 1, max_new=3)
     batch, _ = engine.prefill(first)
     engine.decode(batch)
     arena = batch.kv
-    late = _rows(engine, tiny_base, 3, max_new=90)[1:]  # more rows and more columns than reserved
+    late = engine_rows(engine, tiny_base, 3, max_new=90)[1:]  # more rows and more columns than reserved
     batch = engine.concatenate([batch, engine.prefill(late)[0]])
     assert batch.kv is arena and arena.generation == 1 and arena.capacity_rows >= 3
-    _run(engine, batch)
+    run_to_end(engine, batch)
     _check(engine, tiny_base, first + late)
-    again = _rows(engine, tiny_base, 2)
+    again = engine_rows(engine, tiny_base, 2)
     batch, _ = engine.prefill(again)
     engine.decode(batch)
     assert batch.kv is arena and arena.generation == 1  # the drained arena's buffers serve the next batch
-    _run(engine, batch)
+    run_to_end(engine, batch)
     _check(engine, tiny_base, again)
 
 
 def test_two_live_batches_decode_independently(tiny_base):
     """While one batch holds the long-lived arena, another gets its own; interleaved steps stay exact."""
     engine = Engine(tiny_base)
-    rows = _rows(engine, tiny_base, 4)
+    rows = engine_rows(engine, tiny_base, 4)
     a, _ = engine.prefill(rows[:2])
     b, _ = engine.prefill(rows[2:])
     while a is not None or b is not None:
@@ -254,7 +227,7 @@ def test_scoring_over_cached_prefixes_equals_a_full_forward(tiny_base):
     from softprompt.prompts.inject import score_continuations
 
     engine = Engine(tiny_base, prefix_cache_bytes=1 << 20)
-    prompts = _prompts(tiny_base)
+    prompts = engine_prompts(tiny_base)
     keys = [None, ("five", 1, "a"), ("nine", 1, "b")]
     tok = tiny_base.tokenizer
     rows = [(i % 3, tok(TEXTS[i % 4]).input_ids, tok(label).input_ids)

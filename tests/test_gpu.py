@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import reference_greedy
-from softprompt.server.engine import Engine
-from softprompt.server.model import load_base_model
-from test_engine import _rows, _run
+from helpers import reference_greedy
+from softprompt.server.core.engine import Engine
+from softprompt.server.app.loading import load_base_model
+from helpers import engine_rows, run_to_end
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -26,12 +26,12 @@ def cuda_base(tiny_model_dir):
 def test_cuda_graph_steps_match_the_reference(cuda_base):
     engine = Engine(cuda_base)
     assert engine._step.graphs, "CUDA graphs are on by default on a GPU"
-    rows = _rows(engine, cuda_base, 7)
+    rows = engine_rows(engine, cuda_base, 7)
     batch, _ = engine.prefill(rows[:3])
     for _ in range(3):
         engine.decode(batch)
     batch = engine.concatenate([batch, engine.prefill(rows[3:])[0]])
-    _run(engine, batch)
+    run_to_end(engine, batch)
     for seq in rows:
         expected = reference_greedy(cuda_base.model, seq.prompt, seq.input_ids, seq.params.max_new_tokens,
                                     engine.eos_ids)
@@ -45,9 +45,9 @@ def test_bfloat16_graphs_give_the_eager_tokens(tiny_model_dir):
     outputs = []
     for graphs in (True, False):
         engine = Engine(base, cuda_graphs=graphs, pad_shapes=True)
-        rows = _rows(engine, base, 6)
+        rows = engine_rows(engine, base, 6)
         batch, _ = engine.prefill(rows)
-        _run(engine, batch)
+        run_to_end(engine, batch)
         outputs.append([seq.generated for seq in rows])
         assert engine._step.graphs is graphs
     assert outputs[0] == outputs[1]

@@ -24,10 +24,10 @@ from typing import Any
 import grpc
 import pytest
 import torch
-from conftest import running_server
+from helpers import running_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reliability_helpers import expected_ids, torch_threads, wait_until
+from helpers import expected_ids, torch_threads, wait_until
 from safetensors.torch import save as save_safetensors
 from softprompt.protos import softprompt_pb2 as pb
 from softprompt.protos import softprompt_pb2_grpc as pb_grpc

@@ -25,8 +25,8 @@ from typing import Any
 import grpc
 import pytest
 import torch
-from conftest import running_server
-from reliability_helpers import expected_ids, torch_threads, wait_until
+from helpers import running_server
+from helpers import expected_ids, torch_threads, wait_until
 from softprompt.protos import softprompt_pb2 as pb
 from softprompt.protos import softprompt_pb2_grpc as pb_grpc
 

@@ -22,14 +22,14 @@ import grpc
 import pytest
 import torch
 
-from conftest import running_server
+from helpers import running_server
 from softprompt.client import Client
 from softprompt.client import errors as client_errors
 from softprompt.protos import softprompt_pb2 as pb
 from softprompt.protos import softprompt_pb2_grpc as pb_grpc
-from softprompt.server import logs
-from softprompt.server.interceptor import REQUEST_ID_KEY, ObservingInterceptor
-from softprompt.server.metrics import BASE_TASK, MAX_TASK_LABELS, OTHER_TASK, NoMetrics, TaskLabels, create_metrics
+from softprompt.server.observability import logs
+from softprompt.server.grpc_api.interceptors.observing import REQUEST_ID_KEY, ObservingInterceptor
+from softprompt.server.observability.metrics import BASE_TASK, MAX_TASK_LABELS, OTHER_TASK, NoMetrics, TaskLabels, create_metrics
 
 INFERENCE = "softprompt.v1.Inference"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -161,7 +161,7 @@ def test_request_id_is_echoed_and_logged(server, stub, caplog):
     _, call = stub.Generate.with_call(request, metadata=((REQUEST_ID_KEY, "trace-abc.123"),), timeout=60)
     assert dict(call.initial_metadata())[REQUEST_ID_KEY] == "trace-abc.123"
     done = [r for r in caplog.records if getattr(r, "request_id", None) == "trace-abc.123"]
-    assert any(r.name == "softprompt.server.service" and "rpc=Generate" in r.getMessage() for r in done)
+    assert any(r.name == "softprompt.server.grpc_api.servicers" and "rpc=Generate" in r.getMessage() for r in done)
 
     # Streams carry it from their first message; errors carry it too, and their status line is logged.
     stream = stub.GenerateStream(request, metadata=((REQUEST_ID_KEY, "stream-1"),), timeout=60)
@@ -184,13 +184,13 @@ def test_request_id_is_generated_when_missing_or_unsafe(stub):
 
 def test_log_line_format():
     formatter = logs.KeyValueFormatter()
-    record = logging.LogRecord("softprompt.server.service", logging.INFO, __file__, 1, "rpc=%s ms=%d", ("Generate", 3),
+    record = logging.LogRecord("softprompt.server.grpc_api.servicers", logging.INFO, __file__, 1, "rpc=%s ms=%d", ("Generate", 3),
                                None)
     record.request_id = "abc123"
-    assert re.fullmatch(r"ts=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z level=INFO logger=softprompt\.server\.service "
+    assert re.fullmatch(r"ts=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z level=INFO logger=softprompt\.server\.grpc_api\.servicers "
                         r"request_id=abc123 rpc=Generate ms=3", formatter.format(record))
-    plain = logging.LogRecord("softprompt.server.app", logging.WARNING, __file__, 1, "hello", (), None)
-    assert formatter.format(plain).endswith(" level=WARNING logger=softprompt.server.app hello")
+    plain = logging.LogRecord("softprompt.server.app.server", logging.WARNING, __file__, 1, "hello", (), None)
+    assert formatter.format(plain).endswith(" level=WARNING logger=softprompt.server.app.server hello")
 
 
 def test_endpoint_stops_with_the_server(tiny_base, tmp_path):
@@ -266,7 +266,7 @@ def test_interceptor_records_the_final_status_of_every_ending(fake):
 
 def test_missing_prometheus_client_is_reported(monkeypatch):
     monkeypatch.setitem(sys.modules, "prometheus_client", None)
-    monkeypatch.delitem(sys.modules, "softprompt.server.prometheus", raising=False)
+    monkeypatch.delitem(sys.modules, "softprompt.server.observability.prometheus", raising=False)
     assert isinstance(create_metrics(False), NoMetrics)
     with pytest.raises(RuntimeError, match="prometheus_client"):
         create_metrics(True)
@@ -278,9 +278,9 @@ def test_server_runs_without_prometheus_client(tiny_model_dir, tmp_path):
         import sys
         sys.modules["prometheus_client"] = None  # any import of it now fails
         sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parent)!r})
-        from conftest import running_server
+        from helpers import running_server
         from softprompt.client import Client
-        from softprompt.server.model import load_base_model
+        from softprompt.server.app.loading import load_base_model
 
         base = load_base_model({str(tiny_model_dir)!r}, device="cpu")
         with running_server(base, {str(tmp_path / "store")!r}) as (app, address):

@@ -1,11 +1,14 @@
-"""Tests of softprompt.prompts.registry on real folders, with real PEFT loading and real processes."""
+"""Tests of softprompt.prompts.registry on real folders, with real PEFT loading and real processes, and on a
+store in memory."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
 import os
+import threading
 import time
 from datetime import datetime
 
@@ -23,7 +26,8 @@ from softprompt.prompts.errors import (
     PromptNotFoundError,
     RegistryConflictError,
 )
-from softprompt.prompts.registry import LocalStore, PromptRef, PromptVersion, Registry
+from softprompt.prompts.refs import PromptRef
+from softprompt.prompts.registry import LocalStore, MissingVersionError, PromptStore, PromptVersion, Registry
 
 HIDDEN = 32
 # The base model facts without building a model: enough for everything but PEFT loading.
@@ -85,7 +89,7 @@ def test_register_and_resolve(reg):
     assert torch.equal(reg.load_embeddings(v1), p1.embeddings)
     assert torch.equal(reg.load_embeddings(reg.resolve("sentiment")), p2.embeddings)
     # The checksum is the weights file's, so clients can verify downloads.
-    weights = reg.version_dir(v1) / fmt.PEFT_WEIGHTS
+    weights = reg.store.version_dir("sentiment", 1) / fmt.PEFT_WEIGHTS
     assert v1.sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert reg.tasks() == ["sentiment"]
 
@@ -397,7 +401,7 @@ def test_page_token_from_another_listing(reg):
 
 
 @pytest.mark.parametrize("source_type", ["PROMPT_TUNING", "P_TUNING", "RAW"])
-def test_version_dir_loads_with_peft(tmp_path, source_type):
+def test_version_folder_and_export_load_with_peft(tmp_path, source_type):
     from peft import PeftModel
 
     model = tiny_llama(0)
@@ -406,9 +410,13 @@ def test_version_dir_loads_with_peft(tmp_path, source_type):
     prompt = make_prompt(3, rows=5, source_type=source_type)
     v = reg.register("t", prompt, base)
     assert v.source_type == source_type
-    peft_model = PeftModel.from_pretrained(model, reg.version_dir(v))
-    assert torch.equal(peft_model.get_prompt_embedding_to_save("default"), prompt.embeddings)
-    assert torch.equal(peft_model.prompt_encoder["default"].embedding.weight, prompt.embeddings)
+    # The local store's own version folder and an exported copy both load as-is.
+    exported = reg.export("t@1", tmp_path / "exported")
+    assert sorted(p.name for p in exported.iterdir()) == sorted([fmt.PEFT_CONFIG, fmt.PEFT_WEIGHTS, fmt.METADATA])
+    for folder in (reg.store.version_dir("t", v.version), exported):
+        peft_model = PeftModel.from_pretrained(tiny_llama(0), folder)
+        assert torch.equal(peft_model.get_prompt_embedding_to_save("default"), prompt.embeddings)
+        assert torch.equal(peft_model.prompt_encoder["default"].embedding.weight, prompt.embeddings)
     # The loaded adapter prepends exactly our tensor.
     ids = torch.tensor([[3, 1, 4, 1, 5]])
     with torch.no_grad():
@@ -418,15 +426,17 @@ def test_version_dir_loads_with_peft(tmp_path, source_type):
     assert torch.allclose(got, expected, atol=1e-5)
 
 
-def test_corrupt_weights_detected_on_load(reg):
+def test_corrupt_weights_detected_on_load(reg, tmp_path):
     v = reg.register("t", make_prompt(0), SPEC)
-    weights = reg.version_dir(v) / fmt.PEFT_WEIGHTS
+    weights = reg.store.version_dir("t", 1) / fmt.PEFT_WEIGHTS
     data = bytearray(weights.read_bytes())
     data[-3] ^= 0x40
     weights.write_bytes(bytes(data))
     with pytest.raises(CorruptPromptError) as e:
         reg.load_embeddings(v)
     assert "sha256" in str(e.value) and "register the prompt again" in str(e.value)
+    with pytest.raises(CorruptPromptError):
+        reg.export(v, tmp_path / "exported")
     weights.unlink()
     with pytest.raises(CorruptPromptError):
         reg.load_embeddings(v)
@@ -451,12 +461,12 @@ def test_copied_version_folder_is_detected(reg):
     assert "moved or copied" in str(e.value)
 
 
-def test_deleted_version_cannot_be_loaded(reg):
+def test_deleted_version_cannot_be_loaded(reg, tmp_path):
     v = reg.register("t", make_prompt(0), SPEC)
     reg.register("t", make_prompt(1), SPEC)
     reg.delete("t@1")
     with pytest.raises(PromptNotFoundError):
-        reg.version_dir(v)
+        reg.export(v, tmp_path / "exported")
     with pytest.raises(PromptNotFoundError):
         reg.load_embeddings(v)
 
@@ -488,7 +498,8 @@ def test_failed_publish_leaves_no_version(reg, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(LocalStore, "publish", crash)
+    # Fails after the number was allocated, where the staged version would be renamed into place.
+    monkeypatch.setattr(LocalStore, "_move_into_place", crash)
     with pytest.raises(OSError):
         reg.register("t", make_prompt(1), SPEC)
     monkeypatch.undo()
@@ -563,3 +574,114 @@ def test_threads_share_a_registry(tmp_path):
     with ThreadPoolExecutor(8) as pool:
         versions = list(pool.map(lambda i: reg.register("t", make_prompt(i), SPEC).version, range(24)))
     assert sorted(versions) == list(range(1, 25))
+
+
+def test_aliases_never_point_at_deleted_versions(reg):
+    """Alias moves racing forced deletes: every alias still points at a stored version afterwards."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for seed in range(12):
+        reg.register("t", make_prompt(seed), SPEC)
+
+    def move() -> None:
+        for v in range(1, 13):
+            with contextlib.suppress(PromptNotFoundError):
+                reg.set_alias("t", "prod", v)
+
+    def delete() -> None:
+        for v in range(1, 12):
+            reg.delete(f"t@{v}", force=True)
+
+    with ThreadPoolExecutor(2) as pool:
+        for future in [pool.submit(move), pool.submit(delete)]:
+            future.result()
+    assert reg.store.versions("t") == [12]
+    assert set(reg.store.read_aliases("t").values()) <= {12}
+
+
+# ---------------------------------------------------------------- any store
+
+
+class MemoryStore(PromptStore):
+    """A store in a dict, to show the registry needs nothing of a store but the `PromptStore` interface."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counters: dict[str, int] = {}
+        self.tasks: dict[str, dict[int, dict[str, bytes]]] = {}
+        self.aliases: dict[str, dict[str, int]] = {}
+
+    def task_names(self) -> list[str]:
+        return sorted(self.tasks)
+
+    def versions(self, name: str) -> list[int]:
+        return sorted(self.tasks.get(name, {}))
+
+    def _files(self, name: str, version: int) -> dict[str, bytes]:
+        try:
+            return self.tasks[name][version]
+        except KeyError:
+            raise MissingVersionError(f"{name}@{version}") from None
+
+    def file_names(self, name: str, version: int) -> list[str]:
+        return sorted(self._files(name, version))
+
+    def read_file(self, name: str, version: int, filename: str) -> bytes:
+        return self._files(name, version)[filename]
+
+    def read_aliases(self, name: str) -> dict[str, int]:
+        return dict(self.aliases.get(name, {}))
+
+    def location(self, name: str, version: int | None = None, filename: str | None = None) -> str:
+        return "/".join(["memory:", name, *([str(version)] if version else []), *([filename] if filename else [])])
+
+    def publish(self, name, files, numbered) -> int:
+        with self.lock:
+            version = self.counters[name] = self.counters.get(name, 0) + 1
+            self.tasks.setdefault(name, {})[version] = {**files, **numbered(version)}
+        return version
+
+    def swap_aliases(self, name, expected, new) -> bool:
+        with self.lock:
+            stored = self.tasks.get(name, {})
+            if self.read_aliases(name) != expected or any(v not in stored for v in new.values()):
+                return False
+            self.aliases[name] = dict(new)
+        return True
+
+    def delete_version(self, name: str, version: int) -> bool:
+        with self.lock:
+            self._files(name, version)
+            if version in self.aliases.get(name, {}).values():
+                return False
+            del self.tasks[name][version]
+        return True
+
+    def clean_stale_temp(self, max_age_s: float = 0.0) -> list[str]:
+        return []
+
+
+def test_registry_on_another_store(tmp_path):
+    reg = Registry(store=MemoryStore())
+    v1 = reg.register("t", make_prompt(1), SPEC, attachments={fmt.TRAINING_REPORT: b"{}\n"})
+    reg.register("t", make_prompt(2), SPEC)
+    assert reg.resolve("t").version == 2 and reg.resolve("t@1") == v1
+    assert torch.equal(reg.load_embeddings(v1), make_prompt(1).embeddings)
+    assert reg.attachments(v1) == {fmt.TRAINING_REPORT: b"{}\n"} and reg.attachments(reg.resolve("t")) == {}
+    reg.set_alias("t", "prod", 1)
+    with pytest.raises(RegistryConflictError):
+        reg.set_alias("t", "prod", 2, expected=None)
+    with pytest.raises(RegistryConflictError):
+        reg.delete("t@1")
+    folder = reg.export("t@prod", tmp_path / "exported")
+    assert torch.equal(fmt.read_embeddings(folder, v1.sha256), make_prompt(1).embeddings)
+    assert fmt.read_metadata(folder) == {**v1.to_metadata(), "init": None}
+    assert reg.delete("t@1", force=True) == ["t@1"]
+    assert refs(reg.list_page()[0]) == ["t@2"]
+    assert reg.delete("t", all_versions=True) == ["t@2"]
+    assert reg.register("t", make_prompt(3), SPEC).version == 3
+    # Errors name where the damaged file lives, in the store's own terms.
+    reg.store.tasks["t"][3][fmt.PEFT_WEIGHTS] = b"damaged"
+    with pytest.raises(CorruptPromptError) as e:
+        reg.load_embeddings(reg.resolve("t"))
+    assert "memory:/t/3/adapter_model.safetensors has sha256" in str(e.value)

@@ -12,10 +12,11 @@ import torch
 from softprompt.client import Client
 from softprompt.client import errors as client_errors
 from softprompt.prompts import errors as prompt_errors
-from softprompt.server import errors
-from softprompt.server.app import build_app, create_server
-from softprompt.server.config import ServerConfig
-from softprompt.server.types import DecodingOptions, GenerationRequest
+from softprompt.server.core import errors
+from softprompt.server.grpc_api import status
+from softprompt.server.app.server import build_app, create_server
+from softprompt.server.app.config import ServerConfig
+from softprompt.server.core.types import DecodingOptions, GenerationRequest
 
 
 @pytest.fixture
@@ -135,4 +136,4 @@ def _wait_for(condition, timeout: float = 10.0) -> None:
     (RuntimeError("x"), grpc.StatusCode.INTERNAL),
 ])
 def test_status_table(exc, code):
-    assert errors.status_for(exc) == code
+    assert status.status_for(exc) == code

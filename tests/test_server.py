@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import make_peft_adapter, reference_greedy, running_server
+from helpers import make_peft_adapter, reference_greedy, running_server
 from softprompt.client import Client
 from softprompt.client import errors as client_errors
 

@@ -7,7 +7,6 @@ label that cue stands for, so a prompt can learn it and a held-out set measures 
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -20,25 +19,7 @@ from softprompt.prompts.pipeline import execute, plan
 from softprompt.prompts.registry import Registry
 from softprompt.prompts.train import PromptTrainer, TrainingCancelled
 
-WORDS = "the quick brown fox jumps over lazy dog movie film".split()
-CUES = {"positive": "great", "negative": "awful"}
-FAST = dict(num_virtual_tokens=4, learning_rate=0.1, batch_size=8, patience=0)
-
-
-def synthetic(n: int, seed: int) -> list[Example]:
-    """Inputs of four random words and a cue; the target is the cue's label."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        label = rng.choice(sorted(CUES))
-        words = " ".join(rng.choice(WORDS) for _ in range(4))
-        out.append(Example(f"{words} {CUES[label]}", label))
-    return out
-
-
-def to_jsonl(examples: list[Example]) -> str:
-    return "".join(json.dumps({"input": e.input, "target": e.target}) + "\n" for e in examples)
-
+from helpers import FAST, synthetic, to_jsonl
 
 def test_training_lowers_held_out_loss_and_raises_accuracy(tiny_base):
     options = TrainingOptions(epochs=12, eval_every=8, **FAST)
@@ -81,7 +62,7 @@ def test_trained_prompt_serves_exactly_as_it_trained(tiny_base):
 
 def test_exact_match_is_what_greedy_generation_produces(tiny_base):
     """A teacher-forced row counts as an exact match exactly when greedy decoding reproduces it."""
-    from conftest import reference_greedy
+    from helpers import reference_greedy
 
     torch.manual_seed(1)
     prompt = torch.randn(3, tiny_base.model.config.hidden_size) * 0.5
@@ -107,7 +88,7 @@ def test_trained_version_loads_in_peft_with_the_same_logits(tiny_base, tiny_mode
     trainer = PromptTrainer(tiny_base.model, tiny_base.tokenizer, options)
     p = plan(registry, tiny_base.spec, "sent", synthetic(32, 3), synthetic(8, 4), options)
     outcome = execute(p, trainer, registry, tiny_base.spec)
-    version_dir = registry.version_dir(outcome.version)
+    version_dir = registry.export(outcome.version, tmp_path / "exported")
     assert (version_dir / "training.json").exists() and (version_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
     report = json.loads((version_dir / "training.json").read_text())
     assert report["options"]["num_virtual_tokens"] == 4 and report["data"]["train_examples"] == 32
@@ -124,8 +105,8 @@ def test_trained_version_loads_in_peft_with_the_same_logits(tiny_base, tiny_mode
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
 
     # The serving engine (cached prefix KV, decode steps) generates what PEFT's own forward picks greedily.
-    from softprompt.server.engine import Engine, Sequence
-    from softprompt.server.sampling import SamplingParams
+    from softprompt.server.core.engine import Engine, Sequence
+    from softprompt.server.core.sampling import SamplingParams
 
     engine = Engine(tiny_base, prefix_cache_bytes=1 << 20)
     seq = Sequence(request_id=1, input_ids=ids[0].tolist(), params=SamplingParams(max_new_tokens=5), prompt=prompt,

@@ -14,13 +14,13 @@ import grpc
 import pytest
 import torch
 
-from conftest import make_peft_adapter, reference_greedy, running_server
+from helpers import make_peft_adapter, reference_greedy, running_server
 from softprompt.client import Client, TrainingOptions
 from softprompt.client import errors as client_errors
 from softprompt.protos import softprompt_pb2 as pb
 from softprompt.protos import softprompt_pb2_grpc as pb_grpc
-from test_training import synthetic as _synthetic
-from test_training import to_jsonl
+from helpers import synthetic as _synthetic
+from helpers import to_jsonl
 
 
 
@@ -62,6 +62,9 @@ def test_server_side_job_registers_a_version_that_serves(client, server, tiny_ba
     assert done.state == "succeeded", done.error
     assert done.after.loss < done.before.loss and done.promoted
     assert done.version.ref == "sent@1" and done.version.metrics["eval_loss"] == pytest.approx(done.after.loss)
+    # Warmed like an upload: the version's tensor and prefix are cached before the job reports success.
+    key = (done.version.name, done.version.version, done.version.sha256)
+    assert key in app.prompts.lru._items and key in app.admission.engine.prefixes._items
     info = client.get_prompt("sent@prod")
     assert info.version == 1 and info.description == "cue words" and info.tags == {"team": "qa"}
     assert any(j.job_id == job.job_id for j in client.list_training_jobs())

@@ -1,0 +1,435 @@
+"""`Registry`: versioned soft prompts per task, with aliases, on top of any `PromptStore`.
+
+Each task holds immutable numbered versions (``name@3``) and movable aliases (``name@prod``); a bare
+name means the newest version. The registry owns names, metadata, checksums, references and listings;
+the store (`store.PromptStore`, e.g. the folder-backed `local.LocalStore`) owns durability, atomicity and
+numbering, and deals in names and bytes only.
+
+Names: a task name matches ``[A-Za-z0-9][A-Za-z0-9._-]{0,63}`` (ASCII only; it is one safe path component,
+so "..", "." and ".tmp" are impossible; names are case-sensitive; all-digit names are allowed because
+the version always follows "@"). An alias matches ``[A-Za-z][A-Za-z0-9_-]{0,31}``, so it can never be read
+as a version number; "latest" is reserved and means the newest version.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from softprompt.prompts import format as fmt
+from softprompt.prompts.base import BaseModelSpec
+from softprompt.prompts.errors import (
+    CorruptPromptError,
+    InvalidNameError,
+    PromptNotFoundError,
+    RegistryConflictError,
+)
+from softprompt.prompts.refs import NAME_RE, PromptRef, validate_alias, validate_name, validate_version
+from softprompt.prompts.registry.local import LocalStore
+from softprompt.prompts.registry.store import MissingVersionError, PromptStore
+from softprompt.prompts.registry.version import METADATA_FORMAT, PromptVersion
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+_ANY = object()  # set_alias without a compare-and-swap
+
+
+def _now_rfc3339() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _join(items: list[str]) -> str:
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _summarize(values: list[Any], limit: int = 20) -> str:
+    shown = [str(v) for v in values[:limit]]
+    if len(values) > limit:
+        shown.append(f"{len(values) - limit} more")
+    return _join(shown)
+
+
+class Registry:
+    """Versioned soft prompts per task, with aliases, on top of a `PromptStore`.
+
+    Safe to share between threads and between processes using the same store.
+    """
+
+    def __init__(self, root: str | Path | None = None, *, store: PromptStore | None = None) -> None:
+        """Opens the store `store`, or a `LocalStore` on the folder `root` (exactly one of the two)."""
+        if (root is None) == (store is None):
+            raise ValueError("give exactly one of root or store")
+        self.store: PromptStore = store if store is not None else LocalStore(root)  # type: ignore[arg-type]
+
+    # -- writes
+
+    def register(
+        self,
+        name: str,
+        prompt: fmt.PromptTensor,
+        base: BaseModelSpec,
+        *,
+        description: str = "",
+        tags: Mapping[str, str] | None = None,
+        base_model_fingerprint: str | None = None,
+        metrics: Mapping[str, float] | None = None,
+        attachments: Mapping[str, bytes] | None = None,
+    ) -> PromptVersion:
+        """Stores `prompt` as the next version of task `name` and returns it.
+
+        `base_model_fingerprint` is what to record as the prompt's base model (None or "" records
+        ``base.fingerprint``); compatibility checks belong to the caller (`format.check_base_model`).
+        A trained prompt passes its held-out `metrics` and `attachments` (its training report and loss
+        plot as bytes, see `format.ATTACHMENTS`), published with the weights as files of the version.
+        """
+        validate_name(name)
+        if not isinstance(description, str):
+            raise TypeError(f"description must be a string, got {type(description).__name__}")
+        tags = dict(tags or {})
+        for key, value in tags.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise TypeError(f"tags must map strings to strings, got {key!r}: {value!r}")
+        fmt.check_attachments(attachments or {})
+        # The prompt was validated when parsed; re-checking keeps a bad tensor built in code out of the store.
+        rows = int(prompt.embeddings.shape[0]) if prompt.embeddings.dim() else 1
+        embeddings = fmt.validate_embeddings(prompt.embeddings, base, max_virtual_tokens=max(1, rows))
+        prompt = fmt.PromptTensor(embeddings=embeddings, source_type=prompt.source_type, init=prompt.init)
+        files = {**fmt.adapter_files(prompt, base), **(attachments or {})}
+        metadata: dict[str, Any] = {
+            "format": METADATA_FORMAT,
+            "name": name,
+            "num_virtual_tokens": prompt.num_virtual_tokens,
+            "hidden_size": prompt.hidden_size,
+            "sha256": hashlib.sha256(files[fmt.PEFT_WEIGHTS]).hexdigest(),
+            "base_model_fingerprint": base_model_fingerprint or base.fingerprint,
+            "base_model_id": base.model_id,
+            "description": description,
+            "tags": tags,
+            "source_type": prompt.source_type,
+            "init": prompt.init,
+            "metrics": {k: float(v) for k, v in (metrics or {}).items()},
+        }
+
+        def numbered(version: int) -> dict[str, bytes]:
+            metadata.update(version=version, created_at=_now_rfc3339())
+            return {fmt.METADATA: fmt.metadata_bytes(metadata)}
+
+        self.store.clean_stale_temp()
+        version = self.store.publish(name, files, numbered)
+        return PromptVersion.from_metadata(metadata, where=f"{name}@{version}")
+
+    def set_alias(self, name: str, alias: str, version: int, *, expected: int | None | object = _ANY) -> PromptVersion:
+        """Points ``name@alias`` at `version` (creating or moving the alias) and returns that version.
+
+        With `expected` (a version, or None for "no such alias yet") the move happens only if the alias
+        still points there, else `RegistryConflictError`: a quality gate that compared against one
+        version never overwrites a move made meanwhile.
+        """
+        validate_name(name)
+        validate_alias(alias)
+        validate_version(version)
+        self._require_task(name)
+        # Each failed swap means another writer changed the table or deleted the version meanwhile, so
+        # the loop always makes progress; looking again re-checks everything against the new state.
+        while True:
+            existing = self.store.versions(name)
+            if version not in existing:
+                raise PromptNotFoundError(
+                    f"cannot point {name}@{alias} at version {version}: {self._describe_task(name, existing)}"
+                )
+            aliases = self.store.read_aliases(name)
+            if expected is not _ANY and aliases.get(alias) != expected:
+                current = f"version {aliases[alias]}" if alias in aliases else "nothing"
+                raise RegistryConflictError(
+                    f"{name}@{alias} now points at {current}, not {expected}: it was moved meanwhile; compare again"
+                )
+            if self.store.swap_aliases(name, aliases, {**aliases, alias: version}):
+                return self.resolve(PromptRef(name, version=version))
+
+    def delete(self, ref: str, *, all_versions: bool = False, force: bool = False) -> list[str]:
+        """Deletes one version ("name@N") or, with `all_versions`, every version and alias of a task.
+
+        Returns the deleted refs, ascending. Deleting a version that aliases point at raises
+        `RegistryConflictError` unless `force`, which removes those aliases too. Deleting a whole task
+        removes its aliases without needing `force`. Version numbers are never reused afterwards.
+        """
+        parsed = PromptRef.parse(ref) if isinstance(ref, str) else ref
+        name = parsed.name
+        if all_versions:
+            if "@" in str(ref):
+                raise InvalidNameError(
+                    f"deleting all versions takes a bare task name: pass {name!r}, not {str(ref)!r}"
+                )
+            return [f"{name}@{v}" for v in self._delete_task(name)]
+        if parsed.version is None:
+            raise InvalidNameError(
+                f"delete needs an exact version such as '{name}@3' (got {str(ref)!r}); to delete every version "
+                f"of {name!r}, pass all_versions=True (CLI: --all)"
+            )
+        version = parsed.version
+        self._require_task(name)
+        # As in set_alias, every failed step means another writer made progress; look again.
+        while True:
+            existing = self.store.versions(name)
+            if version not in existing:
+                raise PromptNotFoundError(f"{name}@{version} does not exist: {self._describe_task(name, existing)}")
+            aliases = self.store.read_aliases(name)
+            pointing = sorted(a for a, v in aliases.items() if v == version)
+            if pointing and not force:
+                raise RegistryConflictError(
+                    f"{name}@{version} is the target of alias(es) {_join(pointing)}: move them first "
+                    f"(set_alias) or pass force=True (CLI: --force) to delete the version and those aliases"
+                )
+            if pointing and not self.store.swap_aliases(
+                name, aliases, {a: v for a, v in aliases.items() if v != version}
+            ):
+                continue
+            try:
+                if self.store.delete_version(name, version):
+                    return [f"{name}@{version}"]
+            except MissingVersionError:
+                continue  # deleted meanwhile: the next look reports it
+
+    def _delete_task(self, name: str) -> list[int]:
+        """Deletes every version and alias of task `name`; returns the deleted versions, ascending."""
+        self._require_task(name)
+        remaining = self.store.versions(name)
+        aliases = self.store.read_aliases(name)
+        if not remaining and not aliases:
+            raise PromptNotFoundError(self._describe_missing_task(name))
+        deleted: list[int] = []
+        while True:
+            # Aliases go first, so a crash midway never leaves an alias pointing at nothing.
+            if aliases and not self.store.swap_aliases(name, aliases, {}):
+                aliases = self.store.read_aliases(name)
+                continue
+            refused = []
+            for v in remaining:
+                try:
+                    (deleted if self.store.delete_version(name, v) else refused).append(v)
+                except MissingVersionError:
+                    continue  # another deleter was faster
+            if not refused:
+                return deleted
+            # An alias was pointed at these meanwhile: clear the aliases again.
+            remaining = refused
+            aliases = self.store.read_aliases(name)
+
+    def export(self, ref: str | PromptRef | PromptVersion, directory: str | Path) -> Path:
+        """Writes a version's files into `directory` (created if missing) and returns the folder.
+
+        The folder loads with ``peft.PeftModel.from_pretrained(base_model, folder)`` and also holds the
+        version's ``softprompt.json`` and, for a trained version, its report and loss plot. The weights
+        are checked against their checksum first (`CorruptPromptError`); `PromptNotFoundError` if the
+        version was deleted.
+        """
+        version = ref if isinstance(ref, PromptVersion) else self.resolve(ref)
+        try:
+            files = {f: self.store.read_file(version.name, version.version, f)
+                     for f in self.store.file_names(version.name, version.version)}
+        except MissingVersionError:
+            raise self._deleted(version) from None
+        if fmt.PEFT_WEIGHTS not in files:
+            raise fmt.missing_weights_error(self._where(version, fmt.PEFT_WEIGHTS))
+        self._check_embeddings(version, files[fmt.PEFT_WEIGHTS])
+        return fmt.write_peft_folder(directory, files)
+
+    # -- reads
+
+
+    def resolve(self, ref: str | PromptRef) -> PromptVersion:
+        """The version a reference names: newest for a bare name, else the given version or alias."""
+        parsed = PromptRef.parse(ref) if isinstance(ref, str) else ref
+        name = parsed.name
+        # A concurrent delete can remove the chosen version between listing and reading; retrying picks
+        # the next newest for a bare name and reports "not found" otherwise.
+        for _ in range(3):
+            existing = self.store.versions(name)
+            aliases = self.store.read_aliases(name)
+            if parsed.alias is not None:
+                if parsed.alias not in aliases:
+                    raise PromptNotFoundError(
+                        f"{name} has no alias {parsed.alias!r}: {self._describe_task(name, existing, aliases)}"
+                    )
+                version = aliases[parsed.alias]
+            elif parsed.version is not None:
+                version = parsed.version
+            elif existing:
+                version = existing[-1]
+            else:
+                raise PromptNotFoundError(self._describe_missing_task(name))
+            if version not in existing:
+                raise PromptNotFoundError(
+                    f"{parsed} does not exist: {self._describe_task(name, existing, aliases)}"
+                )
+            try:
+                return self._read_version(name, version, aliases)
+            except FileNotFoundError:
+                if parsed.version is not None or parsed.alias is not None:
+                    break
+        raise PromptNotFoundError(f"{parsed} was deleted while it was being read; retry the request")
+
+    def load_embeddings(self, version: PromptVersion) -> torch.Tensor:
+        """The version's prompt matrix, checked against its recorded sha256 and shape.
+
+        Raises `PromptNotFoundError` if the version was deleted and `CorruptPromptError` if its files
+        no longer match their metadata.
+        """
+        try:
+            data = self.store.read_file(version.name, version.version, fmt.PEFT_WEIGHTS)
+        except MissingVersionError:
+            raise self._deleted(version) from None
+        except FileNotFoundError:
+            raise fmt.missing_weights_error(self._where(version, fmt.PEFT_WEIGHTS)) from None
+        return self._check_embeddings(version, data)
+
+    def attachments(self, version: PromptVersion) -> dict[str, bytes]:
+        """The version's extra files by name (those of `format.ATTACHMENTS` it carries); {} if none.
+
+        Raises `PromptNotFoundError` if the version was deleted.
+        """
+        try:
+            names = [f for f in self.store.file_names(version.name, version.version) if f in fmt.ATTACHMENTS]
+            return {f: self.store.read_file(version.name, version.version, f) for f in names}
+        except MissingVersionError:
+            raise self._deleted(version) from None
+
+    def tasks(self) -> list[str]:
+        """Names of tasks with at least one version, sorted."""
+        return [name for name in self.store.task_names() if self.store.versions(name)]
+
+    def list_page(
+        self, name: str | None = None, page_size: int = DEFAULT_PAGE_SIZE, page_token: str = ""
+    ) -> tuple[list[PromptVersion], str]:
+        """One page of versions: tasks sorted by name, each task's versions newest first.
+
+        `name` limits the listing to one task (None or "": all tasks). `page_size` 0 means the default
+        (100); it is capped at 1000. The returned token is "" on the last page; otherwise pass it back
+        to continue. Tokens record the last key returned, so pages stay consistent while versions are
+        added or deleted: nothing listed twice, and nothing that existed throughout is skipped (a version
+        registered meanwhile appears only if it sorts after the token). A malformed token, or one from
+        another listing, raises `InvalidNameError`.
+        """
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 0:
+            raise InvalidNameError(f"page_size must be a non-negative integer, got {page_size!r}")
+        page_size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        only = validate_name(name) if name else ""
+        after = self._decode_token(page_token, only) if page_token else None
+
+        names = [only] if only else self.store.task_names()
+        page: list[PromptVersion] = []
+        for task in names:
+            if after is not None and task < after[0]:
+                continue
+            versions = sorted(self.store.versions(task), reverse=True)
+            if after is not None and task == after[0]:
+                versions = [v for v in versions if v < after[1]]
+            if not versions:
+                continue
+            aliases = self.store.read_aliases(task)
+            for v in versions:
+                if len(page) == page_size:
+                    last = page[-1]
+                    return page, self._encode_token(only, last.name, last.version)
+                try:
+                    page.append(self._read_version(task, v, aliases))
+                except FileNotFoundError:
+                    continue  # deleted since the listing
+                except CorruptPromptError as e:
+                    # One damaged version must not hide the rest; resolving it reports the damage.
+                    log.warning("skipping %s@%s in listing: %s", task, v, e)
+        return page, ""
+
+    # -- helpers
+
+    def _read_version(self, name: str, version: int, aliases: Mapping[str, int]) -> PromptVersion:
+        # FileNotFoundError (the version was deleted since it was listed) is for the caller to handle.
+        raw = self.store.read_file(name, version, fmt.METADATA)
+        metadata = fmt.parse_metadata(raw, where=self.store.location(name, version, fmt.METADATA))
+        pointing = tuple(sorted(a for a, v in aliases.items() if v == version))
+        result = PromptVersion.from_metadata(metadata, where=f"{name}@{version}", aliases=pointing)
+        if result.name != name or result.version != version:
+            raise CorruptPromptError(
+                f"the folder of {name}@{version} holds metadata for {result.ref}: it was moved or copied by hand; "
+                f"delete it and register the prompt again"
+            )
+        return result
+
+    def _check_embeddings(self, version: PromptVersion, weights: bytes) -> torch.Tensor:
+        tensor = fmt.parse_embeddings(weights, version.sha256, where=self._where(version, fmt.PEFT_WEIGHTS))
+        if tuple(tensor.shape) != (version.num_virtual_tokens, version.hidden_size):
+            raise CorruptPromptError(
+                f"{version.ref} holds a {list(tensor.shape)} tensor but its metadata says "
+                f"[{version.num_virtual_tokens}, {version.hidden_size}]: delete this version and register it again"
+            )
+        return tensor
+
+    def _where(self, version: PromptVersion, filename: str) -> str:
+        return self.store.location(version.name, version.version, filename)
+
+    @staticmethod
+    def _deleted(version: PromptVersion) -> PromptNotFoundError:
+        return PromptNotFoundError(f"{version.ref} no longer exists (it was deleted): resolve the task again")
+
+    @staticmethod
+    def _encode_token(only: str, name: str, version: int) -> str:
+        raw = json.dumps({"f": only, "n": name, "v": version}, separators=(",", ":")).encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @staticmethod
+    def _decode_token(token: str, only: str) -> tuple[str, int]:
+        bad = (
+            f"invalid page token {token[:40]!r}: pass the next_page_token of the previous response unchanged, "
+            f"or an empty token to start from the first page"
+        )
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+            data = json.loads(raw.decode("utf-8"))
+            filt, name, version = data["f"], data["n"], data["v"]
+        except (binascii.Error, ValueError, UnicodeDecodeError, KeyError, TypeError):
+            raise InvalidNameError(bad) from None
+        if not isinstance(filt, str) or not isinstance(name, str) or NAME_RE.fullmatch(name) is None:
+            raise InvalidNameError(bad)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise InvalidNameError(bad)
+        if filt != only:
+            raise InvalidNameError(
+                f"the page token belongs to a listing of {filt or 'all tasks'!r}, not of {only or 'all tasks'!r}: "
+                f"repeat the same name with each page, or start again with an empty token"
+            )
+        return name, version
+
+    def _require_task(self, name: str) -> None:
+        # Checked first, so a typo gets the plain "no such task" message; the caller re-checks what it
+        # needs against the store's state when it writes.
+        if not self.store.versions(name):
+            raise PromptNotFoundError(self._describe_missing_task(name))
+
+    def _describe_missing_task(self, name: str) -> str:
+        known = self.tasks()
+        if not known:
+            return f"no task named {name!r}: the registry is empty; register a prompt first"
+        return f"no task named {name!r}; registered tasks: {_summarize(known)}"
+
+    def _describe_task(self, name: str, existing: list[int], aliases: Mapping[str, int] | None = None) -> str:
+        if not existing:
+            return self._describe_missing_task(name)
+        if aliases is None:
+            aliases = self.store.read_aliases(name)
+        text = f"task {name!r} has version{'s' if len(existing) > 1 else ''} {_summarize(existing)}"
+        if aliases:
+            text += f" and alias{'es' if len(aliases) > 1 else ''} {_summarize(sorted(aliases))}"
+        return text

@@ -1,0 +1,147 @@
+"""Server settings: one frozen dataclass, built once from command-line flags."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+from pathlib import Path
+
+
+def default_store_dir() -> Path:
+    """$XDG_DATA_HOME/softprompt/prompts or ~/.local/share/softprompt/prompts."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "softprompt" / "prompts"
+
+
+def setting(default: Any, help: str) -> Any:
+    """A settings field with its `--help` text beside it: `add_arguments` builds each flag from these."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `softprompt serve` can be told. Defaults suit the embedded default model on a laptop."""
+
+    host: str = setting("127.0.0.1", 'address to bind (use 0.0.0.0 to accept remote clients)')
+    port: int = setting(50051, 'port to listen on; 0 picks a free one and logs it')
+    model: str | None = setting(
+        None,
+        'Hugging Face model id or local folder; default: the embedded SmolLM2-135M-Instruct',
+    )
+    device: str | None = setting(None, 'torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)')
+    dtype: str | None = setting(None, 'float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)')
+    store: Path | None = setting(None, 'prompt registry folder (default: ~/.local/share/softprompt/prompts)')
+    cache_dir: Path | None = setting(None, 'where the converted default model is kept (default: ~/.cache/softprompt)')
+    max_batch_size: int = setting(32, 'most requests decoded together in one step')
+    max_queued_requests: int = setting(256, 'requests waiting beyond the running batch before RESOURCE_EXHAUSTED')
+    max_new_tokens: int = setting(1024, 'largest max_new_tokens a request may ask for')
+    default_max_new_tokens: int = setting(64, 'max_new_tokens when a request leaves it at 0')
+    max_input_tokens: int = setting(2048, 'longest input, in tokens, after the chat template')
+    max_virtual_tokens: int = setting(256, 'longest soft prompt accepted at registration')
+    max_prefill_tokens: int = setting(
+        4096,
+        'most prompt+input positions prefilled in one step (bounds latency spikes)',
+    )
+    batch_wait_ms: float = setting(2.0, 'when idle, how long to gather arriving requests into one prefill')
+    prompt_cache_mb: float = setting(256.0, 'device memory for cached prompt tensors (LRU)')
+    prefix_cache_mb: float = setting(
+        1024.0,
+        "device memory for the cached keys/values of prompts' virtual tokens (LRU); a cached prompt's virtual"
+        ' tokens are not recomputed at prefill',
+    )
+    max_upload_mb: float = setting(64.0, 'largest RegisterPrompt upload')
+    max_stop_sequences: int = setting(16, 'most stop sequences per request')
+    max_labels: int = setting(64, 'most candidate labels per Classify request')
+    train_share: float = setting(
+        0.25,
+        "share of the model's time training jobs get while requests are being served (an idle server gives "
+        'them all of it)',
+    )
+    train_unit_rows: int = setting(
+        2,
+        'training examples per unit of work between two serving steps (smaller: shorter pauses in serving, '
+        'slower training; the result is the same)',
+    )
+    max_training_jobs: int = setting(
+        8,
+        'training jobs queued or running before TrainPrompt answers RESOURCE_EXHAUSTED',
+    )
+    cuda_graphs: bool = setting(
+        True,
+        'on a GPU, replay decode steps from captured CUDA graphs (--no-cuda-graphs: run them eagerly)',
+    )
+    workers: int = setting(0, 'gRPC threads, i.e. RPCs in flight before RESOURCE_EXHAUSTED (0: batch + queue + 8)')
+    auth_tokens: Path | None = setting(
+        None,
+        'file of bearer tokens with roles (see README, Security); without it the server requires no token and'
+        ' listens on localhost only',
+    )
+    tls_cert: Path | None = setting(None, 'PEM certificate chain the server presents (with --tls-key)')
+    tls_key: Path | None = setting(None, 'PEM private key of --tls-cert')
+    tls_client_ca: Path | None = setting(None, 'PEM CA bundle: require client certificates signed by it (mutual TLS)')
+    metrics_port: int | None = setting(
+        None,
+        'serve Prometheus metrics over HTTP on this port (/metrics); 0 picks a free port',
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_queued_requests", "max_new_tokens", "default_max_new_tokens",
+                     "max_input_tokens", "max_virtual_tokens", "max_prefill_tokens", "max_labels",
+                     "max_training_jobs", "train_unit_rows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.default_max_new_tokens > self.max_new_tokens:
+            raise ValueError("default_max_new_tokens must not exceed max_new_tokens")
+        if not 0.0 < self.train_share <= 1.0:
+            raise ValueError(f"train_share must be within (0, 1], got {self.train_share}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be 0..65535, got {self.metrics_port}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be 0..65535 (0 picks a free port), got {self.port}")
+
+    @property
+    def store_dir(self) -> Path:
+        """The prompt store folder in effect."""
+        return self.store or default_store_dir()
+
+    @property
+    def rpc_workers(self) -> int:
+        """gRPC threads: a synchronous server holds one per RPC in flight, queued ones included."""
+        return self.workers or self.max_batch_size + self.max_queued_requests + 8
+
+    @property
+    def max_upload_bytes(self) -> int:
+        """Largest accepted RegisterPrompt message, in bytes."""
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds one flag per ServerConfig field, with its default and help."""
+    defaults = ServerConfig()
+    for f in fields(ServerConfig):
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=default,
+                                action=argparse.BooleanOptionalAction, help=f.metadata["help"] + f" (default: {default})")
+            continue
+        kind = {int: int, float: float}.get(type(default), str)
+        shown = "" if default is None else f" (default: {default})"
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=default,
+                            help=f.metadata["help"] + shown)
+
+
+def from_args(args: argparse.Namespace) -> ServerConfig:
+    """Builds the config from parsed flags."""
+    values = {f.name: getattr(args, f.name) for f in fields(ServerConfig)}
+    if values["metrics_port"] is not None:
+        values["metrics_port"] = int(values["metrics_port"])
+    for name in ("store", "cache_dir", "auth_tokens", "tls_cert", "tls_key", "tls_client_ca"):
+        if values[name] is not None:
+            values[name] = Path(values[name]).expanduser()
+    return ServerConfig(**values)

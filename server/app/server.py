@@ -1,0 +1,179 @@
+"""Wires the parts together: `build_app` loads the model, `create_server` binds gRPC, `serve` runs it."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from softprompt.prompts.registry import Registry
+from softprompt.protos import softprompt_pb2 as pb
+from softprompt.protos import softprompt_pb2_grpc as pb_grpc
+from softprompt.server.grpc_api.interceptors import auth
+from softprompt.server.grpc_api import exposure as security
+from softprompt.server.core.admission import Admission
+from softprompt.server.app.config import ServerConfig
+from softprompt.server.core.engine import Engine
+from softprompt.server.core.errors import TrainingJobNotFoundError
+from softprompt.server.grpc_api.interceptors.observing import ObservingInterceptor
+from softprompt.server.observability.metrics import Metrics, NoMetrics, create_metrics, snapshot_reader
+from softprompt.server.app.loading import load_base_model
+from softprompt.server.core.model import BaseModel
+from softprompt.server.core.prompt_cache import PromptCache
+from softprompt.server.core.scheduler import Scheduler
+from softprompt.server.grpc_api.servicers import InferenceServicer, RegistryServicer, TrainingServicer
+from softprompt.server.jobs.training import TrainingJobs
+from softprompt.server.grpc_api.interceptors.decoding import DecodeErrorInterceptor
+from softprompt.server.service import Services
+from softprompt.server.service.inference import InferenceService
+from softprompt.server.service.prompts import PromptService
+from softprompt.server.service.training import TrainingService
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
+# gRPC itself refuses messages past twice the upload limit (at least its 4 MiB default); between the two
+# RegisterPrompt answers with a message naming the flag to raise.
+_HARD_MESSAGE_FACTOR = 2
+
+
+@dataclass
+class App:
+    """The serving parts, built once per process."""
+
+    config: ServerConfig
+    base: BaseModel
+    registry: Registry
+    prompts: PromptCache
+    admission: Admission
+    scheduler: Scheduler
+    jobs: TrainingJobs
+    services: Services  # what the transports serve
+    metrics: Metrics = field(default_factory=NoMetrics)
+    metrics_port: int | None = None  # the bound /metrics port, once `start` serves it
+
+
+def build_app(config: ServerConfig, base: BaseModel | None = None) -> App:
+    """Loads the base model (unless given) and builds registry, caches, engine, scheduler, jobs and services."""
+    base = base or load_base_model(config.model, device=config.device, dtype=config.dtype, cache_dir=config.cache_dir)
+    engine = Engine(base, prefix_cache_bytes=int(config.prefix_cache_mb * 1024 * 1024),
+                    cuda_graphs=config.cuda_graphs and base.device.type == "cuda")
+    registry = Registry(config.store_dir)
+    prompts = PromptCache(int(config.prompt_cache_mb * 1024 * 1024), base.device, base.dtype)
+    scheduler = Scheduler(
+        engine,
+        max_batch_size=config.max_batch_size,
+        max_queued=config.max_queued_requests,
+        max_prefill_tokens=config.max_prefill_tokens,
+        batch_wait_s=config.batch_wait_ms / 1000,
+        side_share=config.train_share,
+    )
+    admission = Admission(engine, registry, prompts, config)
+    prompt_service = PromptService(registry, admission, engine, prompts, scheduler,
+                                   max_virtual_tokens=config.max_virtual_tokens)
+    # Versions that training jobs register are warmed like uploads.
+    jobs = TrainingJobs(base, registry, scheduler, max_jobs=config.max_training_jobs,
+                        max_virtual_tokens=config.max_virtual_tokens, unit_rows=config.train_unit_rows,
+                        on_registered=prompt_service.warm)
+    # prometheus_client is imported only here and only with --metrics-port: it is optional.
+    metrics = create_metrics(config.metrics_port is not None)
+    metrics.watch(snapshot_reader(scheduler, {"prompt": prompts.lru, "prefix": engine.prefixes}, jobs))
+    services = Services(InferenceService(admission, scheduler, base, config, metrics), prompt_service,
+                        TrainingService(jobs))
+    return App(config, base, registry, prompts, admission, scheduler, jobs, services, metrics)
+
+
+def create_server(app: App) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """Creates a started-ready gRPC server with every service, health and reflection; returns the bound port."""
+    cfg = app.config
+    exposure = security.prepare(cfg)
+    interceptors = [] if exposure.tokens is None else [auth.AuthInterceptor(exposure.tokens, auth.rules(_job_task(app.jobs)))]
+    limit = max(4 << 20, cfg.max_upload_bytes * _HARD_MESSAGE_FACTOR)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=cfg.rpc_workers, thread_name_prefix="softprompt-rpc"),
+        # Past this many RPCs in flight gRPC answers RESOURCE_EXHAUSTED itself, before any thread blocks.
+        maximum_concurrent_rpcs=cfg.rpc_workers,
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+        # Observing first: it also counts (and ids) the RPCs that authentication refuses.
+        # Then undecodable request bytes answer INVALID_ARGUMENT (gRPC itself would say INTERNAL).
+        interceptors=[ObservingInterceptor(app.metrics), DecodeErrorInterceptor(), *interceptors],
+    )
+    services = app.services
+    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(services.inference), server)
+    pb_grpc.add_RegistryServicer_to_server(RegistryServicer(services.prompts, cfg.max_upload_bytes), server)
+    pb_grpc.add_TrainingServicer_to_server(TrainingServicer(services.training, cfg.max_upload_bytes), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", *SERVICE_NAMES):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"{cfg.host}:{cfg.port}"
+    if exposure.credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, exposure.credentials)
+    if port == 0:
+        raise OSError(f"could not bind {cfg.host}:{cfg.port}: is another server using the port?")
+    security.log_exposure(cfg, exposure, port)
+    return server, port, health_servicer
+
+
+def _job_task(jobs: TrainingJobs) -> auth.JobTask:
+    def task(job_id: str) -> str | None:
+        try:
+            return jobs.get(job_id).task
+        except TrainingJobNotFoundError:
+            return None
+    return task
+
+
+def start(app: App) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """Starts the scheduler and a gRPC server for `app`."""
+    server, port, health_servicer = create_server(app)
+    if app.config.metrics_port is not None:
+        app.metrics_port = app.metrics.serve(app.config.host, app.config.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", app.config.host, app.metrics_port)
+    app.scheduler.start()
+    app.jobs.start()
+    server.start()
+    return server, port, health_servicer
+
+
+def shutdown(app: App, server: grpc.Server, health_servicer: health.HealthServicer, grace_s: float) -> None:
+    """Drains: new requests refused and health NOT_SERVING at once, training jobs stopped, in-flight
+    requests given up to `grace_s` to finish (then failed with UNAVAILABLE), then the port closed."""
+    # Admission closes before health flips, so nothing is admitted once health says NOT_SERVING; it also
+    # stops a training job at its next unit of work rather than letting it queue more behind the drain.
+    app.scheduler.stop_admitting()
+    health_servicer.enter_graceful_shutdown()
+    app.jobs.close()
+    app.scheduler.close(grace_s)
+    server.stop(grace=1.0).wait()
+    app.metrics.close()
+
+
+def serve(config: ServerConfig, grace_s: float = 30.0) -> None:
+    """Runs the server until SIGINT or SIGTERM, then drains."""
+    # Handlers first: a SIGTERM that lands while the model loads or right after the port opens (an
+    # orchestrator cancelling a rollout) must drain, not kill the process with the default action.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    app = build_app(config)
+    server, port, health_servicer = start(app)
+    spec = app.base.spec
+    log.info("serving %s (%s, %s, fingerprint %s) on %s:%d; prompt store %s", spec.model_id, app.base.device,
+             str(app.base.dtype).removeprefix("torch."), spec.fingerprint, config.host, port, config.store_dir)
+    # Never one untimed wait: Python runs signal handlers only in the main thread, and a signal the kernel
+    # hands to one of the many other threads does not interrupt a blocked wait here, so SIGTERM would be
+    # lost until some other signal arrived. Waking up twice a second lets the handler run.
+    while not stop.wait(0.5):
+        pass
+    log.info("shutting down: finishing in-flight requests for up to %.0f s", grace_s)
+    shutdown(app, server, health_servicer, grace_s)

@@ -1,0 +1,393 @@
+"""Queues admitted requests and runs them in one continuously batched loop on a single worker thread.
+
+The worker owns the model. Each iteration it drops rows whose client left or whose deadline
+passed, scores waiting Classify requests (all tasks in one forward), prefills newly arrived
+requests (of any tasks) and merges them into the running batch, then decodes one token for every
+row. A request joins at the next step and leaves the moment it finishes; nothing waits for a
+whole batch to drain.
+
+Training jobs hand the worker small units of model work (`call`). An idle worker runs them back
+to back; while requests are being served they get at most `side_share` of the worker's time, one
+unit between two decode steps, so serving slows by a bounded share instead of stalling.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from softprompt.server.core.admission import Admitted, AdmittedScoring
+from softprompt.server.core.engine import Batch, Engine, TokenEvent
+from softprompt.server.core.errors import CancelledError, DeadlineError, OverloadedError, ShuttingDownError
+from softprompt.server.core.types import GenerationResult, StreamChunk, Usage
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass
+class _Failed:
+    error: BaseException
+
+
+class Handle:
+    """The caller's side of a queued request: read its chunks, or cancel it."""
+
+    def __init__(self, admitted: Admitted, withdraw: Callable[[Handle], None] | None = None) -> None:
+        self.admitted = admitted
+        self._events: queue.SimpleQueue[StreamChunk | _Failed] = queue.SimpleQueue()
+        self.cancelled = threading.Event()
+        self._withdraw = withdraw
+
+    def cancel(self) -> None:
+        """Drops the request: at once if it is still queued, else at the worker's next step (the client went away)."""
+        self.cancelled.set()
+        if self._withdraw is not None:
+            self._withdraw(self)
+
+    def chunks(self) -> Iterator[StreamChunk]:
+        """Yields chunks as tokens are produced; the last has finish_reason. Raises the request's error."""
+        while True:
+            event = self._events.get()
+            if isinstance(event, _Failed):
+                raise event.error
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    def result(self) -> GenerationResult:
+        """Waits for the whole generation."""
+        return GenerationResult.from_chunks(self.chunks())
+
+    def _put(self, event: StreamChunk | _Failed) -> None:
+        self._events.put(event)
+
+
+@dataclass
+class SchedulerStats:
+    """Counters for logs and benchmarks."""
+
+    steps: int = 0
+    prefills: int = 0
+    max_batch: int = 0
+    side_units: int = 0
+
+
+@dataclass
+class _Scoring:
+    admitted: AdmittedScoring
+    future: Future[list[float]]
+
+
+@dataclass
+class _SideJob:
+    fn: Callable[[], Any]
+    future: Future[Any]
+
+
+@dataclass
+class _Work:
+    new: list[Handle]
+    scoring: list[_Scoring]
+    side: _SideJob | None
+
+
+@dataclass
+class _State:
+    waiting: deque[Handle] = field(default_factory=deque)
+    running: dict[int, Handle] = field(default_factory=dict)
+    scoring: deque[_Scoring] = field(default_factory=deque)
+    side: deque[_SideJob] = field(default_factory=deque)
+    # Worker seconds spent serving and on side jobs since the worker was last idle.
+    serve_s: float = 0.0
+    side_s: float = 0.0
+    last_side_s: float = 0.0  # the latest side job's duration
+
+
+class Scheduler:
+    """Admission queue plus the worker loop; thread-safe `submit`."""
+
+    def __init__(self, engine: Engine, *, max_batch_size: int, max_queued: int, max_prefill_tokens: int,
+                 batch_wait_s: float = 0.0, side_share: float = 0.25) -> None:
+        self.engine = engine
+        self.side_share = side_share
+        self.max_batch_size = max_batch_size
+        self.max_queued = max_queued
+        self.max_prefill_tokens = max_prefill_tokens
+        self.batch_wait_s = batch_wait_s
+        self.stats = SchedulerStats()
+        self._state = _State()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="softprompt-worker", daemon=True)
+
+    def start(self) -> None:
+        """Starts the worker thread."""
+        self._thread.start()
+
+    def submit(self, admitted: Admitted) -> Handle:
+        """Queues a request; raises OverloadedError when the queue is full."""
+        handle = Handle(admitted, self._withdraw)
+        with self._cond:
+            self._check_room()
+            self._state.waiting.append(handle)
+            self._cond.notify()
+        return handle
+
+    def submit_scoring(self, admitted: AdmittedScoring) -> Future[list[float]]:
+        """Queues a Classify request; the future gives each label's log-probability (cancel() drops it)."""
+        job = _Scoring(admitted, Future())
+        with self._cond:
+            self._check_room()
+            self._state.scoring.append(job)
+            self._cond.notify()
+        return job.future
+
+    def call(self, fn: Callable[[], T], timeout: float | None = None) -> T:
+        """Runs `fn` on the worker thread (which owns the model) between serving steps; returns its result.
+
+        Past `timeout` seconds raises TimeoutError; `fn` still runs when the worker gets to it.
+        """
+        job = _SideJob(fn, Future())
+        with self._cond:
+            if self._closed:
+                raise ShuttingDownError("the server is shutting down: training stopped")
+            self._state.side.append(job)
+            self._cond.notify()
+        return job.future.result(timeout)
+
+    def _withdraw(self, handle: Handle) -> None:
+        """Takes a cancelled request out of the queue, so it stops holding a queue slot while the batch is full."""
+        with self._cond:
+            try:
+                self._state.waiting.remove(handle)
+            except ValueError:
+                return  # already taken by the worker, which drops it at its next step
+        self._fail(handle, CancelledError("the client cancelled the request"))
+
+    def queue_depth(self) -> int:
+        """Requests waiting to join the batch or to be scored."""
+        return len(self._state.waiting) + len(self._state.scoring)
+
+    def batch_size(self) -> int:
+        """Requests in the running batch (a lock-free read, for metrics)."""
+        return len(self._state.running)
+
+    def _check_room(self) -> None:
+        if self._closed:
+            raise ShuttingDownError("the server is shutting down and takes no new requests: retry on another replica")
+        if self.queue_depth() >= self.max_queued:
+            raise OverloadedError(
+                f"the server is at capacity ({self.queue_depth()} requests queued): retry with backoff"
+            )
+
+    def stop_admitting(self) -> None:
+        """Refuses new requests and side jobs from now on (ShuttingDownError); queued and running ones go on."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def close(self, grace_s: float = 0.0) -> None:
+        """Stops taking requests, lets running ones finish for up to `grace_s`, then fails the rest."""
+        self.stop_admitting()
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and (self._state.waiting or self._state.running or self._state.scoring):
+            time.sleep(0.01)
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        else:
+            self._fail_remaining()
+
+    # ------------------------------------------------------------------ worker
+
+    def _run(self) -> None:
+        batch: Batch | None = None
+        while True:
+            work = self._take_work(batch)
+            if work is None:
+                break
+            started = time.monotonic()
+            try:
+                if work.scoring:
+                    self._score(work.scoring)
+                batch = self._step(batch, work.new)
+            except Exception as exc:  # noqa: BLE001 - one bad step must not kill the server
+                victims = {id(h): h for h in [*self._state.running.values(), *work.new]}
+                log.exception("engine step failed; failing %d requests", len(victims) + len(work.scoring))
+                for handle in victims.values():
+                    self._fail(handle, exc)
+                for job in work.scoring:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                batch = None
+            self._state.serve_s += time.monotonic() - started
+            if work.side is not None:
+                self._run_side(work.side)
+        self._fail_remaining()
+
+    def _run_side(self, job: _SideJob) -> None:
+        started = time.monotonic()
+        try:
+            job.future.set_result(job.fn())
+        except BaseException as exc:  # noqa: BLE001 - the caller (a training job) decides what failed
+            job.future.set_exception(exc)
+        self._state.last_side_s = time.monotonic() - started
+        self._state.side_s += self._state.last_side_s
+        self.stats.side_units += 1
+
+    def _fail_remaining(self) -> None:
+        with self._cond:
+            left = [*self._state.running.values(), *self._state.waiting]
+            self._state.waiting.clear()
+            scoring, side = list(self._state.scoring), list(self._state.side)
+            self._state.scoring.clear()
+            self._state.side.clear()
+        error = ShuttingDownError("the server shut down before this request finished: retry")
+        for handle in left:
+            self._fail(handle, error)
+        for job in [*scoring, *side]:
+            if not job.future.done():
+                job.future.set_exception(error)
+
+    def _take_work(self, batch: Batch | None) -> _Work | None:
+        """Waits for work, then takes the arrivals that fit, waiting Classify requests and maybe a side job."""
+        state = self._state
+        with self._cond:
+            while not self._stop and batch is None and not (state.waiting or state.scoring or state.side):
+                self._cond.wait()
+            if self._stop:
+                return None
+            if batch is None and state.waiting and self.batch_wait_s > 0:
+                # Idle server: gather a burst of arrivals into one prefill.
+                until = time.monotonic() + self.batch_wait_s
+                while len(state.waiting) < self.max_batch_size and (left := until - time.monotonic()) > 0:
+                    self._cond.wait(left)
+            room = self.max_batch_size - (0 if batch is None else len(batch))
+            taken: list[Handle] = []
+            budget = self.max_prefill_tokens
+            while state.waiting and len(taken) < room:
+                length = state.waiting[0].admitted.sequence.length
+                if taken and length > budget:
+                    break
+                budget -= length
+                taken.append(state.waiting.popleft())
+            scoring = list(state.scoring)
+            state.scoring.clear()
+            idle = batch is None and not taken and not scoring
+            if idle:
+                # The side job that ran last may have delayed the requests about to arrive: count it
+                # against the next busy period, so serving gets its share from the first step.
+                state.serve_s, state.side_s = 0.0, state.last_side_s
+            side = None
+            if state.side and (idle or state.side_s <= self.side_share * (state.serve_s + state.side_s)):
+                side = state.side.popleft()
+            return _Work(taken, scoring, side)
+
+    def _score(self, jobs: list[_Scoring]) -> None:
+        """Scores every label row of the waiting Classify requests, packed into prefill-sized forwards."""
+        now = time.monotonic()
+        live = []
+        for job in jobs:
+            deadline = job.admitted.deadline
+            if not job.future.set_running_or_notify_cancel():
+                continue
+            if deadline is not None and now >= deadline:
+                job.future.set_exception(DeadlineError("deadline exceeded while queued: raise the deadline"))
+                continue
+            live.append(job)
+        rows = [(job, j) for job in live for j in range(len(job.admitted.label_ids))]
+        results: dict[int, list[float]] = {id(job): [0.0] * len(job.admitted.label_ids) for job in live}
+        for chunk in self._prefill_chunks(rows):
+            values = self.engine.score(
+                [job.admitted.prompt for job, _ in chunk],
+                [job.admitted.prompt_key for job, _ in chunk],
+                [job.admitted.input_ids for job, _ in chunk],
+                [job.admitted.label_ids[j] for job, j in chunk],
+            )
+            for (job, j), value in zip(chunk, values):
+                results[id(job)][j] = value
+        for job in live:
+            job.future.set_result(results[id(job)])
+
+    def _prefill_chunks(self, rows: list[tuple[_Scoring, int]]) -> Iterator[list[tuple[_Scoring, int]]]:
+        chunk: list[tuple[_Scoring, int]] = []
+        budget = self.max_prefill_tokens
+        for job, j in rows:
+            a = job.admitted
+            length = (0 if a.prompt is None else int(a.prompt.shape[0])) + len(a.input_ids) + len(a.label_ids[j])
+            if chunk and (length > budget or len(chunk) >= self.max_batch_size):
+                yield chunk
+                chunk, budget = [], self.max_prefill_tokens
+            chunk.append((job, j))
+            budget -= length
+        if chunk:
+            yield chunk
+
+    def _step(self, batch: Batch | None, new: list[Handle]) -> Batch | None:
+        now = time.monotonic()
+        new = [h for h in new if self._still_wanted(h, now)]
+        if batch is not None:
+            batch = self._drop_unwanted(batch, now)
+        if new:
+            for h in new:
+                self._state.running[h.admitted.sequence.request_id] = h
+            fresh, events = self.engine.prefill([h.admitted.sequence for h in new])
+            self.stats.prefills += 1
+            self._dispatch(events)
+            fresh = self._keep_unfinished(fresh)
+            parts = [b for b in (batch, fresh) if b is not None]
+            batch = self.engine.concatenate(parts) if parts else None
+        if batch is not None:
+            self.stats.max_batch = max(self.stats.max_batch, len(batch))
+            events = self.engine.decode(batch)
+            self.stats.steps += 1
+            self._dispatch(events)
+            batch = self._keep_unfinished(batch)
+        return batch
+
+    def _still_wanted(self, handle: Handle, now: float) -> bool:
+        if handle.cancelled.is_set():
+            self._fail(handle, CancelledError("the client cancelled the request"))
+            return False
+        deadline = handle.admitted.deadline
+        if deadline is not None and now >= deadline:
+            generated = len(handle.admitted.sequence.generated)
+            self._fail(handle, DeadlineError(
+                f"deadline exceeded after {generated} generated tokens: raise the deadline or lower max_new_tokens"
+            ))
+            return False
+        return True
+
+    def _drop_unwanted(self, batch: Batch, now: float) -> Batch | None:
+        keep = [i for i, s in enumerate(batch.sequences) if self._still_wanted(self._state.running[s.request_id], now)]
+        return self.engine.filter(batch, keep)
+
+    def _keep_unfinished(self, batch: Batch) -> Batch | None:
+        return self.engine.filter(batch, [i for i, s in enumerate(batch.sequences) if s.finish_reason is None])
+
+    def _dispatch(self, events: list[TokenEvent]) -> None:
+        for event in events:
+            handle = self._state.running[event.request_id]
+            seq = handle.admitted.sequence
+            usage = None
+            if event.finish_reason is not None:
+                del self._state.running[event.request_id]
+                usage = Usage(len(seq.input_ids), seq.num_virtual_tokens, len(seq.generated))
+            handle._put(StreamChunk(event.text, (event.token_id,), handle.admitted.prompt_version,
+                                    event.finish_reason, usage))
+
+    def _fail(self, handle: Handle, error: BaseException) -> None:
+        self._state.running.pop(handle.admitted.sequence.request_id, None)
+        handle._put(_Failed(error))

@@ -1,0 +1,133 @@
+"""`Metrics` for Prometheus: counters and histograms fed per request, gauges read at scrape time, /metrics over HTTP.
+
+Imported only when --metrics-port is given (prometheus_client is optional). Each instance has its
+own CollectorRegistry, so several servers in one process (tests) never share or clash on series.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from softprompt.server.observability.metrics import Snapshot, TaskLabels
+
+# Whole RPCs run from milliseconds (admin calls) to minutes (long generations, watched training jobs).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+# The first token waits for admission, the queue and one prefill: usually well under a second.
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def _split(method: str) -> tuple[str, str]:
+    """`/softprompt.v1.Inference/Generate` -> (`softprompt.v1.Inference`, `Generate`)."""
+    service, _, name = method.lstrip("/").rpartition("/")
+    return service, name
+
+
+class _StateCollector:
+    """Turns a scrape-time `Snapshot` into metric families."""
+
+    def __init__(self, read: Callable[[], Snapshot]) -> None:
+        self._read = read
+
+    def describe(self) -> list[Metric]:
+        # Declaring nothing keeps registration from calling collect() before the server runs.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._read()
+        yield GaugeMetricFamily("softprompt_queue_depth", "Requests waiting to join the batch or to be scored",
+                                value=s.queue_depth)
+        yield GaugeMetricFamily("softprompt_batch_size", "Requests in the running (decoding) batch",
+                                value=s.batch_size)
+        yield CounterMetricFamily("softprompt_decode_steps", "Decode steps run over the batch", value=s.decode_steps)
+        yield CounterMetricFamily("softprompt_prefills", "Prefill forwards run for arriving requests",
+                                  value=s.prefills)
+        yield CounterMetricFamily("softprompt_training_units", "Units of training work run on the worker",
+                                  value=s.training_units)
+        families = {
+            "hits": CounterMetricFamily("softprompt_cache_hits", "Cache lookups that found their entry",
+                                        labels=["cache"]),
+            "misses": CounterMetricFamily("softprompt_cache_misses", "Cache lookups that did not",
+                                          labels=["cache"]),
+            "loads": CounterMetricFamily("softprompt_cache_loads",
+                                         "Entries made after a miss and kept (prompt: read from the registry; "
+                                         "prefix: keys/values computed)", labels=["cache"]),
+            "entries": GaugeMetricFamily("softprompt_cache_entries", "Entries held", labels=["cache"]),
+            "bytes": GaugeMetricFamily("softprompt_cache_bytes", "Device bytes held", labels=["cache"]),
+        }
+        for name, counts in s.caches.items():
+            for field, family in families.items():
+                family.add_metric([name], getattr(counts, field))
+        yield from families.values()
+        jobs = GaugeMetricFamily("softprompt_training_jobs", "Training jobs the server remembers, by state",
+                                 labels=["state"])
+        for state, count in s.training_jobs.items():
+            jobs.add_metric([state.value], count)
+        yield jobs
+
+
+class PrometheusMetrics:
+    """The Prometheus `Metrics`: see README, Observability, for every name."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._tasks = TaskLabels()
+        r = self.registry
+        self._rpcs = Counter("softprompt_rpc_requests", "RPCs finished, by service, method and status code",
+                             ["service", "method", "code"], registry=r)
+        self._latency = Histogram("softprompt_rpc_duration_seconds", "RPC duration, from arrival to status",
+                                  ["service", "method"], buckets=LATENCY_BUCKETS, registry=r)
+        self._ttft = Histogram("softprompt_time_to_first_token_seconds",
+                               "From a generation RPC's arrival to its first token", ["method"],
+                               buckets=TTFT_BUCKETS, registry=r)
+        self._tokens = Counter("softprompt_generated_tokens", "Tokens generated, all tasks", registry=r)
+        self._task_requests = Counter("softprompt_task_requests",
+                                      "Generate, GenerateStream and Classify requests admitted, by task", ["task"],
+                                      registry=r)
+        self._task_tokens = Counter("softprompt_task_generated_tokens", "Tokens generated, by task", ["task"],
+                                    registry=r)
+        self._httpd: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def rpc_done(self, method: str, code: str, seconds: float) -> None:
+        """Counts an ended RPC and records its duration."""
+        service, name = _split(method)
+        self._rpcs.labels(service, name, code).inc()
+        self._latency.labels(service, name).observe(seconds)
+
+    def first_token(self, method: str, seconds: float) -> None:
+        """Records a generation's time to first token."""
+        self._ttft.labels(_split(method)[1] or method).observe(seconds)
+
+    def task_request(self, task: str) -> None:
+        """Counts an admitted request under its (bounded) task label."""
+        self._task_requests.labels(self._tasks(task)).inc()
+
+    def tokens_generated(self, task: str, count: int) -> None:
+        """Adds a generation's tokens, in total and under its task label."""
+        if count:
+            self._tokens.inc(count)
+            self._task_tokens.labels(self._tasks(task)).inc(count)
+
+    def watch(self, snapshot: Callable[[], Snapshot]) -> None:
+        """Registers the scrape-time reader of queue, batch, cache and training-job state."""
+        self.registry.register(_StateCollector(snapshot))
+
+    def serve(self, host: str, port: int) -> int:
+        """Serves /metrics on `host:port` in a daemon thread; returns the bound port."""
+        # gRPC takes "[::]"; the HTTP server wants the bare address.
+        self._httpd, self._thread = start_http_server(port, addr=host.strip("[]"), registry=self.registry)
+        return int(self._httpd.server_port)
+
+    def close(self) -> None:
+        """Stops serving /metrics and frees the port."""
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            if self._thread is not None:
+                self._thread.join(timeout=5)
+            self._httpd = self._thread = None

@@ -1,0 +1,134 @@
+"""Generation, classification, tokenization and the model's description, as a transport calls them.
+
+A request is admitted (checked, resolved, tokenized) in the caller's thread and queued on the
+scheduler; the caller reads the answer from what is returned and cancels it when its client goes away.
+The per-task request and token metrics are recorded here, so every transport counts alike.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from softprompt.server.app.config import ServerConfig
+from softprompt.server.core.admission import Admission, AdmittedScoring
+from softprompt.server.core.model import BaseModel
+from softprompt.server.core.scheduler import Handle, Scheduler
+from softprompt.server.core.types import ClassifyRequest, ClassifyResult, GenerationRequest, StreamChunk, Tokenization
+from softprompt.server.observability.metrics import Metrics, NoMetrics
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The server's request limits, as a client needs them to size its requests."""
+
+    max_new_tokens: int
+    default_max_new_tokens: int
+    max_input_tokens: int
+    max_virtual_tokens: int
+    max_batch_size: int
+    max_queued_requests: int
+    max_upload_bytes: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The served base model and the server's limits."""
+
+    model_id: str
+    hidden_size: int
+    dtype: str  # "bfloat16", "float32", ...
+    device: str  # "cuda:0", "cpu", ...
+    max_sequence_length: int
+    vocab_size: int
+    fingerprint: str  # identifies the weights; prompts record the fingerprint they were made for
+    has_chat_template: bool
+    limits: Limits
+
+
+@dataclass(frozen=True)
+class PendingClassification:
+    """A queued Classify request: wait for its result, or cancel it."""
+
+    admitted: AdmittedScoring
+    future: Future[list[float]]
+
+    @property
+    def prompt_version(self) -> str:
+        """The version scoring uses ("name@3"; "" for the bare model)."""
+        return self.admitted.prompt_version
+
+    def cancel(self) -> None:
+        """Drops the request if the worker has not scored it yet."""
+        self.future.cancel()
+
+    def result(self) -> ClassifyResult:
+        """Waits for the scores; raises the request's error."""
+        return self.admitted.result(self.future.result())
+
+
+class InferenceService:
+    """Generate (whole or streamed), Classify, Tokenize and ModelInfo."""
+
+    def __init__(self, admission: Admission, scheduler: Scheduler, base: BaseModel, config: ServerConfig,
+                 metrics: Metrics | None = None) -> None:
+        self.admission = admission
+        self.scheduler = scheduler
+        self.base = base
+        self.config = config
+        self.metrics = metrics or NoMetrics()
+
+    def generate(self, request: GenerationRequest) -> Handle:
+        """Admits and queues a generation; read it with `stream`, and cancel the handle if the client leaves."""
+        handle = self.scheduler.submit(self.admission.admit(request))
+        self.metrics.task_request(handle.admitted.prompt_version)
+        return handle
+
+    def stream(self, handle: Handle, endpoint: str, started: float) -> Iterator[StreamChunk]:
+        """The handle's chunks, recording time to first token (since `started`, time.monotonic(), under
+        `endpoint`) and the tokens produced, also for a request that fails or is abandoned midway."""
+        generated = 0
+        try:
+            for chunk in handle.chunks():
+                if not generated:
+                    self.metrics.first_token(endpoint, time.monotonic() - started)
+                generated += len(chunk.token_ids)
+                yield chunk
+        finally:
+            self.metrics.tokens_generated(handle.admitted.prompt_version, generated)
+
+    def classify(self, request: ClassifyRequest) -> PendingClassification:
+        """Admits and queues a Classify request; cancel it if the client leaves."""
+        admitted = self.admission.admit_classify(request)
+        pending = PendingClassification(admitted, self.scheduler.submit_scoring(admitted))
+        self.metrics.task_request(admitted.prompt_version)
+        return pending
+
+    def tokenize(self, text: str, *, chat: bool = False) -> Tokenization:
+        """Tokenizes like generation does: the chat template if asked, else the tokenizer's defaults."""
+        return self.admission.tokenize(text, chat=chat)
+
+    def model_info(self) -> ModelInfo:
+        """The served model and the limits requests must keep to."""
+        base, cfg = self.base, self.config
+        return ModelInfo(
+            model_id=base.spec.model_id,
+            hidden_size=base.spec.hidden_size,
+            dtype=str(base.dtype).removeprefix("torch."),
+            device=str(base.device),
+            max_sequence_length=base.max_sequence_length,
+            vocab_size=base.spec.vocab_size,
+            fingerprint=base.spec.fingerprint,
+            has_chat_template=bool(getattr(base.tokenizer, "chat_template", None)),
+            limits=Limits(
+                max_new_tokens=cfg.max_new_tokens,
+                default_max_new_tokens=cfg.default_max_new_tokens,
+                max_input_tokens=cfg.max_input_tokens,
+                max_virtual_tokens=cfg.max_virtual_tokens,
+                max_batch_size=cfg.max_batch_size,
+                max_queued_requests=cfg.max_queued_requests,
+                max_upload_bytes=cfg.max_upload_bytes,
+            ),
+        )

@@ -1,0 +1,134 @@
+"""Prompt versions as a transport sees them: register an upload, warm it, get, list, alias and delete.
+
+Uploads arrive as the dataclasses below (no protobuf). Registering checks the upload against the base
+model and the server's limits, stores it, and prepares it on the device so its first request costs what
+any cached version's does; deleting also drops the version from the prompt and prefix caches.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from softprompt.prompts import format as prompt_format
+from softprompt.prompts.errors import InvalidNameError
+from softprompt.prompts.refs import PromptRef
+from softprompt.prompts.registry import PromptVersion, Registry
+from softprompt.server.core.admission import Admission
+from softprompt.server.core.engine import Engine
+from softprompt.server.core.prompt_cache import PromptCache
+from softprompt.server.core.scheduler import Scheduler
+from softprompt.server.observability.logs import RequestIdFilter
+from softprompt.server.service.metadata import check_description
+
+log = logging.getLogger(__name__)
+log.addFilter(RequestIdFilter())
+
+# Registration waits this long for the worker to prepare the new version; a busier worker does it later.
+_WARM_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class PeftUpload:
+    """A PEFT prompt-tuning adapter: the text of adapter_config.json and the bytes of adapter_model.safetensors."""
+
+    config_json: str
+    safetensors: bytes
+
+
+@dataclass(frozen=True)
+class TensorUpload:
+    """A raw ``[num_virtual_tokens, hidden_size]`` matrix, row-major, little-endian."""
+
+    shape: tuple[int, ...]
+    dtype: str  # "float32", "float16" or "bfloat16"
+    data: bytes
+
+
+@dataclass(frozen=True)
+class PromptUpload:
+    """A prompt to register as the next version of task `name`.
+
+    `base_model_fingerprint` is the model the prompt claims to be made for ("" = unknown); `force`
+    registers it even when that, or the adapter's layer count, says another base model.
+    """
+
+    name: str
+    source: PeftUpload | TensorUpload
+    description: str = ""
+    tags: Mapping[str, str] = field(default_factory=dict)
+    base_model_fingerprint: str = ""
+    force: bool = False
+
+
+class PromptService:
+    """Registers, warms, inspects, lists, aliases and deletes prompt versions."""
+
+    def __init__(self, registry: Registry, admission: Admission, engine: Engine, prompts: PromptCache,
+                 scheduler: Scheduler, *, max_virtual_tokens: int) -> None:
+        self.registry = registry
+        self.admission = admission
+        self.engine = engine
+        self.prompts = prompts
+        self.scheduler = scheduler
+        self.base = engine.base.spec
+        self.max_virtual_tokens = max_virtual_tokens
+
+    def register(self, upload: PromptUpload) -> PromptVersion:
+        """Checks an upload, stores it as the task's next version and warms it; raises what the caller must fix."""
+        ref = PromptRef.parse(upload.name)
+        if ref.version is not None or ref.alias is not None:
+            raise InvalidNameError(f"register under a bare task name, not {upload.name!r}; versions are numbered by the server")
+        check_description(upload.description, upload.tags)
+        source = upload.source
+        if isinstance(source, PeftUpload):
+            prompt = prompt_format.parse_peft_adapter(source.config_json, source.safetensors, self.base,
+                                                      max_virtual_tokens=self.max_virtual_tokens, force=upload.force)
+        else:
+            prompt = prompt_format.parse_raw_tensor(list(source.shape), source.dtype, source.data, self.base,
+                                                    max_virtual_tokens=self.max_virtual_tokens)
+        prompt_format.check_base_model(upload.base_model_fingerprint, self.base, force=upload.force)
+        version = self.registry.register(ref.name, prompt, self.base, description=upload.description,
+                                         tags=dict(upload.tags))
+        log.info("registered %s (%d virtual tokens, sha256 %s)", version.ref, version.num_virtual_tokens, version.sha256[:12])
+        self.warm(version)
+        return version
+
+    def warm(self, version: PromptVersion) -> None:
+        """Loads a new version onto the device and computes its prefix keys and values on the worker, waiting
+        up to a few seconds, so the next request for it costs what a request for any cached version costs.
+
+        Never raises: the version is stored either way, and its first request does this work itself.
+        """
+        try:
+            prompt, _, key = self.admission.resolve(version.ref)
+            assert prompt is not None and key is not None
+            self.scheduler.call(lambda: self.engine.warm(prompt, key), timeout=_WARM_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - see above
+            log.warning("could not prepare %s ahead of its first request", version.ref, exc_info=True)
+
+    def get(self, ref: str) -> PromptVersion:
+        """The version a reference ("name", "name@3", "name@prod") names."""
+        return self.registry.resolve(ref)
+
+    def list_page(self, name: str | None, page_size: int = 0, page_token: str = "") -> tuple[list[PromptVersion], str]:
+        """One page of versions (of task `name`, or of all tasks) and the token of the next ("" after the last);
+        `page_size` 0 means the registry's default, and it caps larger sizes."""
+        return self.registry.list_page(name or None, page_size, page_token)
+
+    def delete(self, ref: str, *, all_versions: bool = False, force: bool = False) -> list[str]:
+        """Deletes a version (or, with `all_versions`, a whole task) and drops it from the caches; returns the
+        deleted refs."""
+        deleted = self.registry.delete(ref, all_versions=all_versions, force=force)
+        for gone in map(PromptRef.parse, deleted):
+            self.prompts.evict(gone.name, gone.version)
+            self.engine.prefixes.evict(gone.name, gone.version)
+        log.info("deleted %s", ", ".join(deleted))
+        return deleted
+
+    def set_alias(self, name: str, alias: str, version: int) -> PromptVersion:
+        """Points ``name@alias`` at `version` and returns that version."""
+        result = self.registry.set_alias(name, alias, version)
+        log.info("alias %s@%s -> %s", name, alias, result.ref)
+        return result

@@ -1,0 +1,211 @@
+"""Helpers the tests share: the tiny model, a running server, PEFT adapters, the no-cache reference, engine rows,
+synthetic training data, and the reliability tests' utilities. Tests import from here, never from each other.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from softprompt.prompts.data import Example
+from softprompt.server.core.engine import Engine, Sequence
+from softprompt.server.core.sampling import SamplingParams
+
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "a soft prompt is a small matrix of virtual token embeddings",
+    "one frozen model serves many tasks in a single batch",
+    "positive negative neutral review movie film great awful boring",
+    "translate english to french: hello world, how are you today?",
+    "0123456789 + - * / = ( ) [ ] { } , . ; : ! ? ' \" @ # $ % & _",
+] * 4
+
+
+def build_tiny_model_dir(path: Path, *, seed: int = 0) -> Path:
+    """Writes a tiny Llama model with a byte-level BPE tokenizer and a chat template to `path`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>", bos_token="<|endoftext|>"
+    )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    # Larger-than-default weights make the logits peaked, so greedy choices are far from ties.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8.0 if p.dim() > 1 else 1.0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@contextmanager
+def running_server(base, store: Path, **settings) -> Iterator[tuple[object, str]]:
+    """A real server for `base` on a free loopback port: yields (app, address), then drains it."""
+    from softprompt.server.app.server import build_app, shutdown, start
+    from softprompt.server.app.config import ServerConfig
+
+    app = build_app(ServerConfig(port=0, store=store, **settings), base=base)
+    grpc_server, port, health = start(app)
+    try:
+        yield app, f"127.0.0.1:{port}"
+    finally:
+        shutdown(app, grpc_server, health, grace_s=1.0)
+
+
+def make_peft_adapter(base_model, out_dir: Path, *, num_virtual_tokens: int, seed: int) -> Path:
+    """Saves a real PEFT prompt-tuning adapter with seeded random prompt vectors.
+
+    PEFT wraps `base_model`; pass a copy that is not used for serving.
+    """
+    from peft import PromptTuningConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens)
+    peft_model = get_peft_model(base_model, config)
+    with torch.no_grad():
+        emb = peft_model.prompt_encoder["default"].embedding.weight
+        # Scale like real token embeddings rather than N(0, 1).
+        scale = base_model.get_input_embeddings().weight.std()
+        emb.copy_(torch.randn_like(emb) * scale * 4)
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+def reference_greedy(model, prompt: torch.Tensor | None, input_ids: list[int], max_new_tokens: int, eos_ids) -> list[int]:
+    """The correctness reference: full forward over [prompt ; input ; generated], no KV cache, greedy."""
+    embed = model.get_input_embeddings()
+    generated: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            ids = torch.tensor([input_ids + generated], dtype=torch.long)
+            x = embed(ids)
+            if prompt is not None:
+                x = torch.cat([prompt[None].to(x.dtype), x], dim=1)
+            logits = model(inputs_embeds=x, use_cache=False).logits[0, -1]
+            token = int(logits.argmax())
+            generated.append(token)
+            if token in eos_ids:
+                break
+    return generated
+
+
+# ---------------------------------------------------------------- engine rows
+
+TEXTS = ["the quick brown fox", "hello", "a soft prompt is a small matrix of", "one frozen model serves"]
+
+
+def engine_prompts(base, seed: int = 1) -> list[torch.Tensor | None]:
+    hidden = base.model.config.hidden_size
+    scale = base.model.get_input_embeddings().weight.std()
+    g = torch.Generator().manual_seed(seed)
+    return [None, torch.randn(5, hidden, generator=g) * scale * 4, torch.randn(9, hidden, generator=g) * scale * 4]
+
+
+def engine_rows(engine: Engine, base, count: int, max_new: int = 12) -> list[Sequence]:
+    prompts = engine_prompts(base)
+    rows = []
+    for i in range(count):
+        seq = Sequence(request_id=i, input_ids=base.tokenizer(TEXTS[i % 4]).input_ids,
+                       params=SamplingParams(max_new_tokens=max_new + i), prompt=prompts[i % 3])
+        engine.start(seq)
+        rows.append(seq)
+    return rows
+
+
+def run_to_end(engine: Engine, batch) -> None:
+    while batch is not None:
+        engine.decode(batch)
+        batch = engine.filter(batch, [i for i, s in enumerate(batch.sequences) if s.finish_reason is None])
+
+
+# ---------------------------------------------------------------- synthetic training data
+
+WORDS = "the quick brown fox jumps over lazy dog movie film".split()
+CUES = {"positive": "great", "negative": "awful"}
+FAST = dict(num_virtual_tokens=4, learning_rate=0.1, batch_size=8, patience=0)
+
+
+def synthetic(n: int, seed: int) -> list[Example]:
+    """Inputs of four random words and a cue; the target is the cue's label."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        label = rng.choice(sorted(CUES))
+        words = " ".join(rng.choice(WORDS) for _ in range(4))
+        out.append(Example(f"{words} {CUES[label]}", label))
+    return out
+
+
+def to_jsonl(examples: list[Example]) -> str:
+    return "".join(json.dumps({"input": e.input, "target": e.target}) + "\n" for e in examples)
+
+
+# ---------------------------------------------------------------- reliability
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Runs the block with `n` intra-op torch threads, then restores the previous setting.
+
+    The tiny test model's matrices are far too small to gain from parallelism, and on a busy 2-core
+    runner OpenMP's spinning threads make each forward up to 100x slower; one thread keeps these
+    tests' run time bounded without changing any result.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 60.0, poll_s: float = 0.01) -> None:
+    """Polls `predicate` until it holds; the generous bound only turns a hang into a failure."""
+    end = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(poll_s)
+
+
+def expected_ids(base, prompt: torch.Tensor | None, text: str, max_new_tokens: int) -> list[int]:
+    """The reference greedy continuation of `text` under `prompt` (no KV cache, no batching)."""
+    ids = base.tokenizer(text).input_ids
+    return reference_greedy(base.model, prompt, ids, max_new_tokens, {base.tokenizer.eos_token_id})

@@ -41,7 +41,7 @@ def engine_config(s: Settings, work: Workload, store: Path) -> Any:
 def build_bench_app(s: Settings, base: BaseModel, work: Workload, store: Path) -> tuple[Any, StepTimings]:
     """An App on the shared model and prompt store, registering the prompts if the store has none yet;
     returns it with the timings its engine records into."""
-    from softprompt.prompts.format import PromptTensor
+    from softprompt.prompts.format.tensor import PromptTensor
     from softprompt.server.app.server import build_app
 
     app = build_app(engine_config(s, work, store), base=base)

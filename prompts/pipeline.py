@@ -13,10 +13,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from softprompt.prompts import format as fmt
 from softprompt.prompts.base import BaseModelSpec, spec_of
 from softprompt.prompts.data import Example, check_eval_labels, labels_of, split
 from softprompt.prompts.errors import InvalidPromptError, RegistryConflictError, TrainingDataError
+from softprompt.prompts.format.layout import LOSS_PLOT, TRAINING_REPORT
+from softprompt.prompts.format.stored import report_bytes
+from softprompt.prompts.format.tensor import PromptTensor
 from softprompt.prompts.options import TrainingOptions, init_kind
 from softprompt.prompts.plot import loss_plot_png
 from softprompt.prompts.refs import PromptRef, validate_alias, validate_name
@@ -129,16 +131,16 @@ def execute(
         "base_model": {"id": base.model_id, "fingerprint": base.fingerprint},
         "warm_start": None if p.warm_start is None else p.warm_start.ref,
     }
-    attachments = {fmt.TRAINING_REPORT: fmt.report_bytes(report)}
+    attachments = {TRAINING_REPORT: report_bytes(report)}
     if result.curve:
         try:
-            attachments[fmt.LOSS_PLOT] = loss_plot_png(result.curve, title=f"{p.task}: soft-prompt training",
-                                                       best_step=result.best_step)
+            attachments[LOSS_PLOT] = loss_plot_png(result.curve, title=f"{p.task}: soft-prompt training",
+                                                   best_step=result.best_step)
         except ImportError:
             log.warning("matplotlib is not installed, so %s gets no loss plot (pip install matplotlib)", p.task)
     version = registry.register(
         p.task,
-        fmt.PromptTensor(result.embeddings, source_type="PROMPT_TUNING", init=p.options.init),
+        PromptTensor(result.embeddings, source_type="PROMPT_TUNING", init=p.options.init),
         base,
         description=p.description,
         tags=p.tags,

@@ -14,8 +14,9 @@ import random
 
 import torch
 from safetensors.torch import save as save_safetensors
-from softprompt.prompts import format as fmt
 from softprompt.prompts.base import BaseModelSpec
+from softprompt.prompts.format.layout import TENSOR_NAME
+from softprompt.prompts.format.uploads import parse_peft_adapter
 from softprompt.prompts.registry import Registry
 
 TASK = "crash"
@@ -34,7 +35,7 @@ def adapter_for(seed: int, spec: BaseModelSpec) -> tuple[str, bytes]:
     tensor = prompt_for(seed, spec.hidden_size)
     config = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": tensor.shape[0],
               "token_dim": spec.hidden_size, "num_layers": spec.num_layers}
-    return json.dumps(config), save_safetensors({fmt.TENSOR_NAME: tensor}, metadata={"format": "pt"})
+    return json.dumps(config), save_safetensors({TENSOR_NAME: tensor}, metadata={"format": "pt"})
 
 
 def _report(fd: int, line: str) -> None:
@@ -56,7 +57,7 @@ def register_until_killed(root: str, spec: BaseModelSpec, report_path: str, firs
     _report(fd, "start")
     for seed in range(first_seed, first_seed + limit):
         config_json, weights = adapter_for(seed, spec)
-        prompt = fmt.parse_peft_adapter(config_json, weights, spec, max_virtual_tokens=32)
+        prompt = parse_peft_adapter(config_json, weights, spec, max_virtual_tokens=32)
         version = registry.register(TASK, prompt, spec, description=f"seed {seed}", tags={"seed": str(seed)})
         _report(fd, f"{version.version} {seed}")
         if rng.random() < 1 / 3:

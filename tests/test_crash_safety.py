@@ -27,13 +27,15 @@ from helpers import running_server
 from crash_writer import ALIAS, TASK, prompt_for, read_report
 from helpers import expected_ids, torch_threads
 from softprompt.client import Client
-from softprompt.prompts import format as fmt
+from softprompt.prompts.format.layout import METADATA, PEFT_CONFIG, PEFT_WEIGHTS
+from softprompt.prompts.format.tensor import PromptTensor
+from softprompt.prompts.format.uploads import parse_peft_adapter
 from softprompt.prompts.registry import LocalStore, Registry
 
 SEED = 20240611
 ROUNDS = 24  # two writers per round, both killed: 48 kills
 MAX_KILL_DELAY_S = 0.35
-VERSION_FILES = {fmt.PEFT_CONFIG, fmt.PEFT_WEIGHTS, fmt.METADATA}
+VERSION_FILES = {PEFT_CONFIG, PEFT_WEIGHTS, METADATA}
 TASK_FILES = {".lock", "counter", "aliases.json"}
 
 
@@ -134,9 +136,9 @@ def test_every_stored_version_is_complete_and_valid(crashed: CrashRun, tiny_base
         expected = prompt_for(seed, tiny_base.spec.hidden_size)
         assert torch.equal(registry.load_embeddings(info), expected)  # checks the recorded sha256 too
         # The stored folder is itself a valid PEFT upload for this base model.
-        parsed = fmt.parse_peft_adapter((folder / fmt.PEFT_CONFIG).read_text(),
-                                        (folder / fmt.PEFT_WEIGHTS).read_bytes(), tiny_base.spec,
-                                        max_virtual_tokens=32)
+        parsed = parse_peft_adapter((folder / PEFT_CONFIG).read_text(),
+                                    (folder / PEFT_WEIGHTS).read_bytes(), tiny_base.spec,
+                                    max_virtual_tokens=32)
         assert torch.equal(parsed.embeddings, expected)
     assert len(set(seeds)) == len(seeds), "one registration was published as two versions"
 
@@ -203,7 +205,7 @@ def test_concurrent_writers_get_distinct_versions_none_lost(crashed: CrashRun, c
 def test_killed_writer_leaves_no_lock_held(crashed: CrashRun, tiny_base) -> None:
     # flock dies with its holder: a fresh writer in this process is never blocked by a killed one.
     registry = Registry(crashed.root)
-    version = registry.register(TASK, fmt.PromptTensor(prompt_for(1, tiny_base.spec.hidden_size), "RAW"),
+    version = registry.register(TASK, PromptTensor(prompt_for(1, tiny_base.spec.hidden_size), "RAW"),
                                 tiny_base.spec, tags={"seed": "1"})
     assert version.version > max(crashed.reported, default=0)
     assert os.path.isdir(crashed.root / TASK / str(version.version))

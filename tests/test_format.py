@@ -1,4 +1,4 @@
-"""Tests of softprompt.prompts.format against real PEFT adapters saved by PEFT itself."""
+"""Tests of softprompt.prompts.format's modules against real PEFT adapters saved by PEFT itself."""
 
 from __future__ import annotations
 
@@ -13,9 +13,19 @@ import pytest
 import torch
 from safetensors.torch import save as save_safetensors
 
-from softprompt.prompts import format as fmt
 from softprompt.prompts.base import BaseModelSpec, spec_of
 from softprompt.prompts.errors import BaseModelMismatchError, CorruptPromptError, InvalidPromptError
+from softprompt.prompts.format.layout import METADATA, PEFT_CONFIG, PEFT_WEIGHTS, TENSOR_NAME
+from softprompt.prompts.format.stored import (
+    adapter_files,
+    metadata_bytes,
+    parse_embeddings,
+    parse_metadata,
+    peft_config_for,
+    write_peft_folder,
+)
+from softprompt.prompts.format.tensor import PromptTensor, check_base_model, validate_embeddings
+from softprompt.prompts.format.uploads import parse_peft_adapter, parse_raw_tensor
 
 TINY_LLAMA = dict(
     vocab_size=128,
@@ -51,7 +61,7 @@ def save_adapter(peft_config, out_dir: Path, *, seed: int = 1, model_seed: int =
     peft_model.save_pretrained(out_dir)
     # The tensor PEFT itself saves for prompt-learning adapters (for P-tuning: the encoder's output).
     expected = peft_model.get_prompt_embedding_to_save("default") if hasattr(peft_model, "prompt_encoder") else None
-    return (out_dir / fmt.PEFT_CONFIG).read_text(), (out_dir / fmt.PEFT_WEIGHTS).read_bytes(), expected
+    return (out_dir / PEFT_CONFIG).read_text(), (out_dir / PEFT_WEIGHTS).read_bytes(), expected
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +86,10 @@ def weights_of(**tensors: torch.Tensor) -> bytes:
     return save_safetensors(tensors, metadata={"format": "pt"})
 
 
-def parse(config: dict | str, weights: bytes, base: BaseModelSpec, **kw) -> fmt.PromptTensor:
+def parse(config: dict | str, weights: bytes, base: BaseModelSpec, **kw) -> PromptTensor:
     text = config if isinstance(config, str) else json.dumps(config)
     kw.setdefault("max_virtual_tokens", MAX_TOKENS)
-    return fmt.parse_peft_adapter(text, weights, base, **kw)
+    return parse_peft_adapter(text, weights, base, **kw)
 
 
 def assert_error(excinfo: pytest.ExceptionInfo, *fragments: str) -> None:
@@ -107,7 +117,7 @@ def test_parses_prompt_tuning_adapter(tmp_path, base, init):
 
 def test_accepts_config_as_bytes(base, prompt_tuning_adapter):
     config_text, weights, expected = prompt_tuning_adapter
-    prompt = fmt.parse_peft_adapter(config_text.encode(), weights, base, max_virtual_tokens=MAX_TOKENS)
+    prompt = parse_peft_adapter(config_text.encode(), weights, base, max_virtual_tokens=MAX_TOKENS)
     assert torch.equal(prompt.embeddings, expected)
 
 
@@ -130,9 +140,7 @@ def test_p_tuning_stored_as_prompt_tuning_gives_the_same_logits(tmp_path, base):
     config_text, weights, _ = save_adapter(cfg, tmp_path / "ptune")
     original = PeftModel.from_pretrained(tiny_llama(0), tmp_path / "ptune").eval()
     prompt = parse(config_text, weights, base)
-    stored = tmp_path / "stored"
-    stored.mkdir()
-    fmt.write_version_files(stored, prompt, base, {})
+    stored = write_peft_folder(tmp_path / "stored", adapter_files(prompt, base))
     reloaded = PeftModel.from_pretrained(tiny_llama(0), stored).eval()
     assert reloaded.peft_config["default"].peft_type == "PROMPT_TUNING"
     ids = torch.tensor([[5, 17, 42, 9]])
@@ -307,7 +315,7 @@ def test_bad_config_json(base, prompt_tuning_adapter, text, fragment):
 
 def test_config_not_utf8(base, prompt_tuning_adapter):
     with pytest.raises(InvalidPromptError) as e:
-        fmt.parse_peft_adapter(b"\xff\xfe{", prompt_tuning_adapter[1], base, max_virtual_tokens=MAX_TOKENS)
+        parse_peft_adapter(b"\xff\xfe{", prompt_tuning_adapter[1], base, max_virtual_tokens=MAX_TOKENS)
     assert_error(e, "UTF-8")
 
 
@@ -344,11 +352,11 @@ def test_width_error_wins_over_layer_mismatch(base):
 
 
 def test_check_base_model_fingerprint(base):
-    fmt.check_base_model("", base, force=False)
-    fmt.check_base_model(base.fingerprint, base, force=False)
-    fmt.check_base_model("0123456789abcdef", base, force=True)
+    check_base_model("", base, force=False)
+    check_base_model(base.fingerprint, base, force=False)
+    check_base_model("0123456789abcdef", base, force=True)
     with pytest.raises(BaseModelMismatchError) as e:
-        fmt.check_base_model("0123456789abcdef", base, force=False)
+        check_base_model("0123456789abcdef", base, force=False)
     assert_error(e, "0123456789abcdef", base.fingerprint, "tiny-llama", "force=True", "--force")
 
 
@@ -365,7 +373,7 @@ def raw_bytes(t: torch.Tensor) -> bytes:
 def test_raw_tensor_good(base, dtype):
     t = torch.randn(3, HIDDEN).to(getattr(torch, dtype))
     data = bytearray(raw_bytes(t))
-    prompt = fmt.parse_raw_tensor([3, HIDDEN], dtype, bytes(data), base, max_virtual_tokens=MAX_TOKENS)
+    prompt = parse_raw_tensor([3, HIDDEN], dtype, bytes(data), base, max_virtual_tokens=MAX_TOKENS)
     assert prompt.source_type == "RAW" and prompt.init is None
     assert prompt.embeddings.dtype == torch.float32 and prompt.embeddings.is_contiguous()
     assert torch.equal(prompt.embeddings, t.float())
@@ -374,7 +382,7 @@ def test_raw_tensor_good(base, dtype):
 def test_raw_tensor_does_not_share_the_callers_buffer(base):
     t = torch.randn(2, HIDDEN)
     data = bytearray(raw_bytes(t))
-    prompt = fmt.parse_raw_tensor((2, HIDDEN), "float32", data, base, max_virtual_tokens=MAX_TOKENS)
+    prompt = parse_raw_tensor((2, HIDDEN), "float32", data, base, max_virtual_tokens=MAX_TOKENS)
     data[:] = b"\x00" * len(data)
     assert torch.equal(prompt.embeddings, t)
 
@@ -384,34 +392,34 @@ def test_raw_tensor_wrong_byte_length(base, delta):
     data = raw_bytes(torch.randn(3, HIDDEN))
     data = data[:delta] if delta < 0 else data + b"\x00" * delta
     with pytest.raises(InvalidPromptError) as e:
-        fmt.parse_raw_tensor([3, HIDDEN], "float32", data, base, max_virtual_tokens=MAX_TOKENS)
+        parse_raw_tensor([3, HIDDEN], "float32", data, base, max_virtual_tokens=MAX_TOKENS)
     assert_error(e, f"has {len(data)} bytes", f"exactly {3 * HIDDEN * 4}", "row-major, little-endian")
 
 
 @pytest.mark.parametrize("dtype", ["int8", "float64", "fp32", "", "FLOAT32"])
 def test_raw_tensor_wrong_dtype_string(base, dtype):
     with pytest.raises(InvalidPromptError) as e:
-        fmt.parse_raw_tensor([1, HIDDEN], dtype, b"\x00" * 4 * HIDDEN, base, max_virtual_tokens=MAX_TOKENS)
+        parse_raw_tensor([1, HIDDEN], dtype, b"\x00" * 4 * HIDDEN, base, max_virtual_tokens=MAX_TOKENS)
     assert_error(e, repr(dtype), '"float32", "float16" or "bfloat16"')
 
 
 @pytest.mark.parametrize("shape", [[1, 3, HIDDEN], [3 * HIDDEN], []])
 def test_raw_tensor_wrong_rank(base, shape):
     with pytest.raises(InvalidPromptError) as e:
-        fmt.parse_raw_tensor(shape, "float32", b"\x00" * 12 * HIDDEN, base, max_virtual_tokens=MAX_TOKENS)
+        parse_raw_tensor(shape, "float32", b"\x00" * 12 * HIDDEN, base, max_virtual_tokens=MAX_TOKENS)
     assert_error(e, f"{len(shape)} dimension", "2-D")
 
 
 def test_raw_tensor_shape_checked_before_bytes(base):
     # A huge claimed shape must be refused from the shape alone, without allocating it.
     with pytest.raises(InvalidPromptError) as e:
-        fmt.parse_raw_tensor([10**12, HIDDEN], "float32", b"", base, max_virtual_tokens=MAX_TOKENS)
+        parse_raw_tensor([10**12, HIDDEN], "float32", b"", base, max_virtual_tokens=MAX_TOKENS)
     assert_error(e, "at most 16")
     with pytest.raises(InvalidPromptError) as e:
-        fmt.parse_raw_tensor([2, 10**12], "float32", b"", base, max_virtual_tokens=MAX_TOKENS)
+        parse_raw_tensor([2, 10**12], "float32", b"", base, max_virtual_tokens=MAX_TOKENS)
     assert_error(e, "hidden size")
     with pytest.raises(InvalidPromptError) as e:
-        fmt.parse_raw_tensor([0, HIDDEN], "float32", b"", base, max_virtual_tokens=MAX_TOKENS)
+        parse_raw_tensor([0, HIDDEN], "float32", b"", base, max_virtual_tokens=MAX_TOKENS)
     assert_error(e, "no virtual tokens")
 
 
@@ -419,7 +427,7 @@ def test_raw_tensor_nan(base):
     t = torch.randn(2, HIDDEN)
     t[1, 0] = float("nan")
     with pytest.raises(InvalidPromptError) as e:
-        fmt.parse_raw_tensor([2, HIDDEN], "float32", raw_bytes(t), base, max_virtual_tokens=MAX_TOKENS)
+        parse_raw_tensor([2, HIDDEN], "float32", raw_bytes(t), base, max_virtual_tokens=MAX_TOKENS)
     assert_error(e, "NaN", "virtual token 1")
 
 
@@ -428,7 +436,7 @@ def test_raw_tensor_nan(base):
 
 def test_validate_embeddings_returns_a_private_float32_copy(base):
     t = torch.randn(HIDDEN, 4).t()  # non-contiguous
-    out = fmt.validate_embeddings(t, base, max_virtual_tokens=MAX_TOKENS)
+    out = validate_embeddings(t, base, max_virtual_tokens=MAX_TOKENS)
     assert out.is_contiguous() and out.dtype == torch.float32 and torch.equal(out, t)
     t.zero_()
     assert not torch.equal(out, t)
@@ -436,12 +444,12 @@ def test_validate_embeddings_returns_a_private_float32_copy(base):
 
 def test_prompt_tensor_rejects_unknown_source_type():
     with pytest.raises(ValueError):
-        fmt.PromptTensor(torch.zeros(1, HIDDEN), "LORA")
+        PromptTensor(torch.zeros(1, HIDDEN), "LORA")
 
 
 def test_peft_config_has_the_keys_peft_writes(base, good_config):
-    prompt = fmt.PromptTensor(torch.randn(4, HIDDEN), "P_TUNING")
-    config = fmt.peft_config_for(prompt, base)
+    prompt = PromptTensor(torch.randn(4, HIDDEN), "P_TUNING")
+    config = peft_config_for(prompt, base)
     assert set(config) == set(good_config)
     for key in ("num_layers", "num_attention_heads", "num_virtual_tokens", "token_dim", "task_type", "peft_version"):
         assert config[key] == good_config[key], key
@@ -455,38 +463,36 @@ def test_write_and_read_version_files(tmp_path, base):
     from peft import PeftModel
     from safetensors import safe_open
 
-    prompt = fmt.PromptTensor(torch.randn(4, HIDDEN), "PROMPT_TUNING", init="TEXT")
-    sha = fmt.write_version_files(tmp_path, prompt, base, {"note": "x"})
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([fmt.PEFT_CONFIG, fmt.PEFT_WEIGHTS, fmt.METADATA])
-    assert sha == hashlib.sha256((tmp_path / fmt.PEFT_WEIGHTS).read_bytes()).hexdigest()
-    assert fmt.read_metadata(tmp_path) == {"note": "x", "sha256": sha}
-    with safe_open(str(tmp_path / fmt.PEFT_WEIGHTS), "pt") as f:
+    prompt = PromptTensor(torch.randn(4, HIDDEN), "PROMPT_TUNING", init="TEXT")
+    files = adapter_files(prompt, base)
+    sha = hashlib.sha256(files[PEFT_WEIGHTS]).hexdigest()
+    write_peft_folder(tmp_path, {**files, METADATA: metadata_bytes({"note": "x", "sha256": sha})})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([PEFT_CONFIG, PEFT_WEIGHTS, METADATA])
+    assert sha == hashlib.sha256((tmp_path / PEFT_WEIGHTS).read_bytes()).hexdigest()
+    assert parse_metadata((tmp_path / METADATA).read_bytes(), where=METADATA) == {"note": "x", "sha256": sha}
+    with safe_open(str(tmp_path / PEFT_WEIGHTS), "pt") as f:
         assert f.metadata() == {"format": "pt"}
-        assert list(f.keys()) == [fmt.TENSOR_NAME]
-    assert torch.equal(fmt.read_embeddings(tmp_path, sha), prompt.embeddings)
+        assert list(f.keys()) == [TENSOR_NAME]
+    weights = (tmp_path / PEFT_WEIGHTS).read_bytes()
+    assert torch.equal(parse_embeddings(weights, sha, where=PEFT_WEIGHTS), prompt.embeddings)
     peft_model = PeftModel.from_pretrained(tiny_llama(0), tmp_path)
     assert torch.equal(peft_model.get_prompt_embedding_to_save("default"), prompt.embeddings)
 
 
-def test_read_embeddings_detects_corruption(tmp_path, base):
-    prompt = fmt.PromptTensor(torch.randn(2, HIDDEN), "RAW")
-    sha = fmt.write_version_files(tmp_path, prompt, base, {})
+def test_read_embeddings_detects_corruption(base):
+    prompt = PromptTensor(torch.randn(2, HIDDEN), "RAW")
+    weights = adapter_files(prompt, base)[PEFT_WEIGHTS]
+    sha = hashlib.sha256(weights).hexdigest()
     with pytest.raises(CorruptPromptError) as e:
-        fmt.read_embeddings(tmp_path, "0" * 64)
+        parse_embeddings(weights, "0" * 64, where=PEFT_WEIGHTS)
     assert_error(e, "sha256", "register the prompt again")
-    weights = tmp_path / fmt.PEFT_WEIGHTS
-    data = bytearray(weights.read_bytes())
+    data = bytearray(weights)
     data[-1] ^= 0x01
-    weights.write_bytes(bytes(data))
     with pytest.raises(CorruptPromptError):
-        fmt.read_embeddings(tmp_path, sha)
-    weights.unlink()
-    with pytest.raises(CorruptPromptError) as e:
-        fmt.read_embeddings(tmp_path, sha)
-    assert_error(e, "missing")
+        parse_embeddings(bytes(data), sha, where=PEFT_WEIGHTS)
+    # A weights file gone from a store: test_registry's test_corrupt_weights_detected_on_load.
 
 
-def test_read_metadata_damaged(tmp_path):
-    (tmp_path / fmt.METADATA).write_text("{broken")
+def test_read_metadata_damaged():
     with pytest.raises(CorruptPromptError):
-        fmt.read_metadata(tmp_path)
+        parse_metadata(b"{broken", where=METADATA)

@@ -17,7 +17,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from softprompt.prompts import format as fmt
 from softprompt.prompts.base import BaseModelSpec, spec_of
 from softprompt.prompts.errors import (
     CorruptPromptError,
@@ -26,6 +25,9 @@ from softprompt.prompts.errors import (
     PromptNotFoundError,
     RegistryConflictError,
 )
+from softprompt.prompts.format.layout import METADATA, PEFT_CONFIG, PEFT_WEIGHTS, TRAINING_REPORT
+from softprompt.prompts.format.stored import parse_embeddings, parse_metadata
+from softprompt.prompts.format.tensor import PromptTensor
 from softprompt.prompts.refs import PromptRef
 from softprompt.prompts.registry import LocalStore, MissingVersionError, PromptStore, PromptVersion, Registry
 
@@ -53,9 +55,9 @@ def tiny_llama(seed: int = 0):
     return LlamaForCausalLM(config).eval()
 
 
-def make_prompt(seed: int, rows: int = 4, source_type: str = "PROMPT_TUNING") -> fmt.PromptTensor:
+def make_prompt(seed: int, rows: int = 4, source_type: str = "PROMPT_TUNING") -> PromptTensor:
     g = torch.Generator().manual_seed(seed)
-    return fmt.PromptTensor(torch.randn(rows, HIDDEN, generator=g), source_type)
+    return PromptTensor(torch.randn(rows, HIDDEN, generator=g), source_type)
 
 
 @pytest.fixture
@@ -89,7 +91,7 @@ def test_register_and_resolve(reg):
     assert torch.equal(reg.load_embeddings(v1), p1.embeddings)
     assert torch.equal(reg.load_embeddings(reg.resolve("sentiment")), p2.embeddings)
     # The checksum is the weights file's, so clients can verify downloads.
-    weights = reg.store.version_dir("sentiment", 1) / fmt.PEFT_WEIGHTS
+    weights = reg.store.version_dir("sentiment", 1) / PEFT_WEIGHTS
     assert v1.sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert reg.tasks() == ["sentiment"]
 
@@ -100,16 +102,16 @@ def test_metadata_survives_reopening(tmp_path):
     again = Registry(root).resolve("t@1")
     assert again == v
     assert again.base_model_fingerprint == "abc"
-    on_disk = json.loads((root / "t" / "1" / fmt.METADATA).read_text())
+    on_disk = json.loads((root / "t" / "1" / METADATA).read_text())
     assert on_disk["name"] == "t" and on_disk["version"] == 1 and on_disk["sha256"] == v.sha256
 
 
 def test_register_revalidates_the_tensor(reg):
-    bad = fmt.PromptTensor(torch.full((2, HIDDEN), float("nan")), "RAW")
+    bad = PromptTensor(torch.full((2, HIDDEN), float("nan")), "RAW")
     with pytest.raises(InvalidPromptError):
         reg.register("t", bad, SPEC)
     with pytest.raises(InvalidPromptError):
-        reg.register("t", fmt.PromptTensor(torch.randn(2, 7), "RAW"), SPEC)
+        reg.register("t", PromptTensor(torch.randn(2, 7), "RAW"), SPEC)
     assert reg.tasks() == []
     # Nothing half-written is left behind.
     assert list((reg.store.root / ".tmp").iterdir()) == []
@@ -412,7 +414,7 @@ def test_version_folder_and_export_load_with_peft(tmp_path, source_type):
     assert v.source_type == source_type
     # The local store's own version folder and an exported copy both load as-is.
     exported = reg.export("t@1", tmp_path / "exported")
-    assert sorted(p.name for p in exported.iterdir()) == sorted([fmt.PEFT_CONFIG, fmt.PEFT_WEIGHTS, fmt.METADATA])
+    assert sorted(p.name for p in exported.iterdir()) == sorted([PEFT_CONFIG, PEFT_WEIGHTS, METADATA])
     for folder in (reg.store.version_dir("t", v.version), exported):
         peft_model = PeftModel.from_pretrained(tiny_llama(0), folder)
         assert torch.equal(peft_model.get_prompt_embedding_to_save("default"), prompt.embeddings)
@@ -428,7 +430,7 @@ def test_version_folder_and_export_load_with_peft(tmp_path, source_type):
 
 def test_corrupt_weights_detected_on_load(reg, tmp_path):
     v = reg.register("t", make_prompt(0), SPEC)
-    weights = reg.store.version_dir("t", 1) / fmt.PEFT_WEIGHTS
+    weights = reg.store.version_dir("t", 1) / PEFT_WEIGHTS
     data = bytearray(weights.read_bytes())
     data[-3] ^= 0x40
     weights.write_bytes(bytes(data))
@@ -438,14 +440,14 @@ def test_corrupt_weights_detected_on_load(reg, tmp_path):
     with pytest.raises(CorruptPromptError):
         reg.export(v, tmp_path / "exported")
     weights.unlink()
-    with pytest.raises(CorruptPromptError):
+    with pytest.raises(CorruptPromptError, match="missing"):
         reg.load_embeddings(v)
 
 
 def test_corrupt_metadata_detected_on_resolve_and_skipped_in_listing(reg):
     reg.register("t", make_prompt(0), SPEC)
     reg.register("t", make_prompt(1), SPEC)
-    (reg.store.root / "t" / "2" / fmt.METADATA).write_text('{"name": "t"}')
+    (reg.store.root / "t" / "2" / METADATA).write_text('{"name": "t"}')
     with pytest.raises(CorruptPromptError):
         reg.resolve("t@2")
     assert refs(reg.list_page()[0]) == ["t@1"]
@@ -478,10 +480,10 @@ def test_leftover_temp_dirs_are_ignored_and_old_ones_cleaned(tmp_path):
     # A writer that crashed mid-write left a half-written staging folder, a fresh and an old one.
     fresh = root / ".tmp" / "stage-crashed"
     fresh.mkdir()
-    (fresh / fmt.PEFT_WEIGHTS).write_bytes(b"partial")
+    (fresh / PEFT_WEIGHTS).write_bytes(b"partial")
     old = root / ".tmp" / "stage-ancient"
     old.mkdir()
-    (old / fmt.PEFT_CONFIG).write_text("{")
+    (old / PEFT_CONFIG).write_text("{")
     an_hour_ago = time.time() - 2 * 3600
     os.utime(old, (an_hour_ago, an_hour_ago))
     assert reg.tasks() == ["t"]
@@ -663,25 +665,26 @@ class MemoryStore(PromptStore):
 
 def test_registry_on_another_store(tmp_path):
     reg = Registry(store=MemoryStore())
-    v1 = reg.register("t", make_prompt(1), SPEC, attachments={fmt.TRAINING_REPORT: b"{}\n"})
+    v1 = reg.register("t", make_prompt(1), SPEC, attachments={TRAINING_REPORT: b"{}\n"})
     reg.register("t", make_prompt(2), SPEC)
     assert reg.resolve("t").version == 2 and reg.resolve("t@1") == v1
     assert torch.equal(reg.load_embeddings(v1), make_prompt(1).embeddings)
-    assert reg.attachments(v1) == {fmt.TRAINING_REPORT: b"{}\n"} and reg.attachments(reg.resolve("t")) == {}
+    assert reg.attachments(v1) == {TRAINING_REPORT: b"{}\n"} and reg.attachments(reg.resolve("t")) == {}
     reg.set_alias("t", "prod", 1)
     with pytest.raises(RegistryConflictError):
         reg.set_alias("t", "prod", 2, expected=None)
     with pytest.raises(RegistryConflictError):
         reg.delete("t@1")
     folder = reg.export("t@prod", tmp_path / "exported")
-    assert torch.equal(fmt.read_embeddings(folder, v1.sha256), make_prompt(1).embeddings)
-    assert fmt.read_metadata(folder) == {**v1.to_metadata(), "init": None}
+    exported_weights = (folder / PEFT_WEIGHTS).read_bytes()
+    assert torch.equal(parse_embeddings(exported_weights, v1.sha256, where="export"), make_prompt(1).embeddings)
+    assert parse_metadata((folder / METADATA).read_bytes(), where="export") == {**v1.to_metadata(), "init": None}
     assert reg.delete("t@1", force=True) == ["t@1"]
     assert refs(reg.list_page()[0]) == ["t@2"]
     assert reg.delete("t", all_versions=True) == ["t@2"]
     assert reg.register("t", make_prompt(3), SPEC).version == 3
     # Errors name where the damaged file lives, in the store's own terms.
-    reg.store.tasks["t"][3][fmt.PEFT_WEIGHTS] = b"damaged"
+    reg.store.tasks["t"][3][PEFT_WEIGHTS] = b"damaged"
     with pytest.raises(CorruptPromptError) as e:
         reg.load_embeddings(reg.resolve("t"))
     assert "memory:/t/3/adapter_model.safetensors has sha256" in str(e.value)

@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 
-from softprompt.prompts import format as fmt
 from softprompt.prompts.base import BaseModelSpec
 from softprompt.prompts.errors import (
     CorruptPromptError,
@@ -33,6 +32,17 @@ from softprompt.prompts.errors import (
     PromptNotFoundError,
     RegistryConflictError,
 )
+from softprompt.prompts.format.layout import ATTACHMENTS, METADATA, PEFT_WEIGHTS
+from softprompt.prompts.format.stored import (
+    adapter_files,
+    check_attachments,
+    metadata_bytes,
+    missing_weights_error,
+    parse_embeddings,
+    parse_metadata,
+    write_peft_folder,
+)
+from softprompt.prompts.format.tensor import PromptTensor, validate_embeddings
 from softprompt.prompts.refs import NAME_RE, PromptRef, validate_alias, validate_name, validate_version
 from softprompt.prompts.registry.local import LocalStore
 from softprompt.prompts.registry.store import MissingVersionError, PromptStore
@@ -79,7 +89,7 @@ class Registry:
     def register(
         self,
         name: str,
-        prompt: fmt.PromptTensor,
+        prompt: PromptTensor,
         base: BaseModelSpec,
         *,
         description: str = "",
@@ -102,18 +112,18 @@ class Registry:
         for key, value in tags.items():
             if not isinstance(key, str) or not isinstance(value, str):
                 raise TypeError(f"tags must map strings to strings, got {key!r}: {value!r}")
-        fmt.check_attachments(attachments or {})
+        check_attachments(attachments or {})
         # The prompt was validated when parsed; re-checking keeps a bad tensor built in code out of the store.
         rows = int(prompt.embeddings.shape[0]) if prompt.embeddings.dim() else 1
-        embeddings = fmt.validate_embeddings(prompt.embeddings, base, max_virtual_tokens=max(1, rows))
-        prompt = fmt.PromptTensor(embeddings=embeddings, source_type=prompt.source_type, init=prompt.init)
-        files = {**fmt.adapter_files(prompt, base), **(attachments or {})}
+        embeddings = validate_embeddings(prompt.embeddings, base, max_virtual_tokens=max(1, rows))
+        prompt = PromptTensor(embeddings=embeddings, source_type=prompt.source_type, init=prompt.init)
+        files = {**adapter_files(prompt, base), **(attachments or {})}
         metadata: dict[str, Any] = {
             "format": METADATA_FORMAT,
             "name": name,
             "num_virtual_tokens": prompt.num_virtual_tokens,
             "hidden_size": prompt.hidden_size,
-            "sha256": hashlib.sha256(files[fmt.PEFT_WEIGHTS]).hexdigest(),
+            "sha256": hashlib.sha256(files[PEFT_WEIGHTS]).hexdigest(),
             "base_model_fingerprint": base_model_fingerprint or base.fingerprint,
             "base_model_id": base.model_id,
             "description": description,
@@ -125,7 +135,7 @@ class Registry:
 
         def numbered(version: int) -> dict[str, bytes]:
             metadata.update(version=version, created_at=_now_rfc3339())
-            return {fmt.METADATA: fmt.metadata_bytes(metadata)}
+            return {METADATA: metadata_bytes(metadata)}
 
         self.store.clean_stale_temp()
         version = self.store.publish(name, files, numbered)
@@ -242,10 +252,10 @@ class Registry:
                      for f in self.store.file_names(version.name, version.version)}
         except MissingVersionError:
             raise self._deleted(version) from None
-        if fmt.PEFT_WEIGHTS not in files:
-            raise fmt.missing_weights_error(self._where(version, fmt.PEFT_WEIGHTS))
-        self._check_embeddings(version, files[fmt.PEFT_WEIGHTS])
-        return fmt.write_peft_folder(directory, files)
+        if PEFT_WEIGHTS not in files:
+            raise missing_weights_error(self._where(version, PEFT_WEIGHTS))
+        self._check_embeddings(version, files[PEFT_WEIGHTS])
+        return write_peft_folder(directory, files)
 
     # -- reads
 
@@ -289,11 +299,11 @@ class Registry:
         no longer match their metadata.
         """
         try:
-            data = self.store.read_file(version.name, version.version, fmt.PEFT_WEIGHTS)
+            data = self.store.read_file(version.name, version.version, PEFT_WEIGHTS)
         except MissingVersionError:
             raise self._deleted(version) from None
         except FileNotFoundError:
-            raise fmt.missing_weights_error(self._where(version, fmt.PEFT_WEIGHTS)) from None
+            raise missing_weights_error(self._where(version, PEFT_WEIGHTS)) from None
         return self._check_embeddings(version, data)
 
     def attachments(self, version: PromptVersion) -> dict[str, bytes]:
@@ -302,7 +312,7 @@ class Registry:
         Raises `PromptNotFoundError` if the version was deleted.
         """
         try:
-            names = [f for f in self.store.file_names(version.name, version.version) if f in fmt.ATTACHMENTS]
+            names = [f for f in self.store.file_names(version.name, version.version) if f in ATTACHMENTS]
             return {f: self.store.read_file(version.name, version.version, f) for f in names}
         except MissingVersionError:
             raise self._deleted(version) from None
@@ -357,8 +367,8 @@ class Registry:
 
     def _read_version(self, name: str, version: int, aliases: Mapping[str, int]) -> PromptVersion:
         # FileNotFoundError (the version was deleted since it was listed) is for the caller to handle.
-        raw = self.store.read_file(name, version, fmt.METADATA)
-        metadata = fmt.parse_metadata(raw, where=self.store.location(name, version, fmt.METADATA))
+        raw = self.store.read_file(name, version, METADATA)
+        metadata = parse_metadata(raw, where=self.store.location(name, version, METADATA))
         pointing = tuple(sorted(a for a, v in aliases.items() if v == version))
         result = PromptVersion.from_metadata(metadata, where=f"{name}@{version}", aliases=pointing)
         if result.name != name or result.version != version:
@@ -369,7 +379,7 @@ class Registry:
         return result
 
     def _check_embeddings(self, version: PromptVersion, weights: bytes) -> torch.Tensor:
-        tensor = fmt.parse_embeddings(weights, version.sha256, where=self._where(version, fmt.PEFT_WEIGHTS))
+        tensor = parse_embeddings(weights, version.sha256, where=self._where(version, PEFT_WEIGHTS))
         if tuple(tensor.shape) != (version.num_virtual_tokens, version.hidden_size):
             raise CorruptPromptError(
                 f"{version.ref} holds a {list(tensor.shape)} tensor but its metadata says "

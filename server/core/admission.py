@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from softprompt.prompts.format import check_base_model
+from softprompt.prompts.format.tensor import check_base_model
 from softprompt.prompts.registry import Registry
 from softprompt.prompts.tokens import encode_input, encode_target
 from softprompt.server.app.config import ServerConfig

@@ -11,8 +11,9 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from softprompt.prompts import format as prompt_format
 from softprompt.prompts.errors import InvalidNameError
+from softprompt.prompts.format.tensor import check_base_model
+from softprompt.prompts.format.uploads import parse_peft_adapter, parse_raw_tensor
 from softprompt.prompts.refs import PromptRef
 from softprompt.prompts.registry import PromptVersion, Registry
 from softprompt.server.core.admission import Admission
@@ -83,12 +84,12 @@ class PromptService:
         check_description(upload.description, upload.tags)
         source = upload.source
         if isinstance(source, PeftUpload):
-            prompt = prompt_format.parse_peft_adapter(source.config_json, source.safetensors, self.base,
-                                                      max_virtual_tokens=self.max_virtual_tokens, force=upload.force)
+            prompt = parse_peft_adapter(source.config_json, source.safetensors, self.base,
+                                        max_virtual_tokens=self.max_virtual_tokens, force=upload.force)
         else:
-            prompt = prompt_format.parse_raw_tensor(list(source.shape), source.dtype, source.data, self.base,
-                                                    max_virtual_tokens=self.max_virtual_tokens)
-        prompt_format.check_base_model(upload.base_model_fingerprint, self.base, force=upload.force)
+            prompt = parse_raw_tensor(list(source.shape), source.dtype, source.data, self.base,
+                                      max_virtual_tokens=self.max_virtual_tokens)
+        check_base_model(upload.base_model_fingerprint, self.base, force=upload.force)
         version = self.registry.register(ref.name, prompt, self.base, description=upload.description,
                                          tags=dict(upload.tags))
         log.info("registered %s (%d virtual tokens, sha256 %s)", version.ref, version.num_virtual_tokens, version.sha256[:12])

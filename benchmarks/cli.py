@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
                "  softprompt bench                                    # defaults: 16 requests, 8 tasks\n"
                "  softprompt bench --requests 64 --clients 64 --skip peft --json out.json\n"
-               "  softprompt bench --random-weights scripts/llama-3.2-1b-config.json --device cuda --new-tokens 128\n",
+               "  softprompt bench --random-weights scripts/llama-3.2-1b-config.json --device cuda --new-tokens 128\n"
+               "\nthe sampler alone (no model), microseconds per row per step:\n"
+               "  python -m softprompt.benchmarks.sampling --rows 64 --vocab 49152 --steps 200\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     w = parser.add_argument_group("workload")

@@ -223,7 +223,8 @@ class Client(_BaseClient):
 
         `task` is a prompt reference as in `generate` ("" for the bare model); `labels` are two or
         more distinct, non-empty strings. Each label's log-probability covers its tokens and the
-        end-of-sequence token; probabilities are normalized over the labels. `chat` wraps the input
+        token that ends the output (end-of-sequence; with `chat`, the template's end of turn);
+        probabilities are normalized over the labels. `chat` wraps the input
         with the model's chat template (do so if the prompt was trained that way).
         """
         request = requests.classify_request(task, input, labels, chat=chat)

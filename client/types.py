@@ -185,9 +185,10 @@ class LabelScore:
 
     Attributes:
         label: the candidate label.
-        logprob: sum of the log-probabilities of the label's tokens and end-of-sequence.
+        logprob: sum of the log-probabilities of the label's tokens and the token ending the output
+            (end-of-sequence, or the chat template's end of turn).
         probability: softmax of logprob over the candidate labels.
-        num_tokens: tokens scored, end-of-sequence included.
+        num_tokens: tokens scored, the ending token included.
     """
 
     label: str

@@ -1,6 +1,6 @@
 """Errors of the prompt domain (format, registry, training).
 
-Each class names one kind of failure; `softprompt.server.core.errors` maps each to one gRPC status code,
+Each class names one kind of failure; `softprompt.server.grpc_api.status` maps each to one gRPC status code,
 so the message alone must tell the user what to fix.
 """
 

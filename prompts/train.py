@@ -1,7 +1,7 @@
 """Learns a soft prompt on a frozen base model from input/target examples.
 
 Only the `[num_virtual_tokens, hidden]` prompt is trained (float32, AdamW); the base model's weights
-never change. The loss is the cross-entropy of the target tokens (plus end-of-sequence) after
+never change. The loss is the cross-entropy of the target tokens (plus their end token) after
 `[prompt ; input]`, computed by `inject.score_continuations`, the same placement the server uses,
 so a trained prompt serves exactly as it trained.
 
@@ -27,7 +27,7 @@ from softprompt.prompts import inject
 from softprompt.prompts.data import Example, check_eval_labels, data_hash, labels_of
 from softprompt.prompts.errors import InvalidPromptError, TrainingDataError
 from softprompt.prompts.options import TrainingOptions, init_kind
-from softprompt.prompts.tokens import encode_input, encode_target, eos_token_id
+from softprompt.prompts.tokens import encode_input, encode_target, target_end_id
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class TrainingResult:
 @dataclass(frozen=True)
 class _Encoded:
     input_ids: list[int]
-    target_ids: list[int]  # ends with end-of-sequence
+    target_ids: list[int]  # ends with end-of-sequence, or the chat template's end of turn
     target: str
 
 
@@ -169,7 +169,8 @@ class PromptTrainer:
         self.on_progress = on_progress
         self.stop = stop or threading.Event()
         self.cancel = cancel or threading.Event()
-        self.eos_id = eos_token_id(model, tokenizer)
+        # Targets end as Classify scores labels: with the chat template's end of turn in chat mode.
+        self.target_end = target_end_id(model, tokenizer, chat=options.apply_chat_template)
         self.embedding = model.get_input_embeddings()
         self.device = self.embedding.weight.device
         max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0)
@@ -189,11 +190,11 @@ class PromptTrainer:
         encoded, cut = [], 0
         for number, ex in enumerate(examples, start=1):
             input_ids = encode_input(self.tokenizer, ex.input, chat=self.options.apply_chat_template)
-            target_ids = encode_target(self.tokenizer, ex.target, self.eos_id)
+            target_ids = encode_target(self.tokenizer, ex.target, self.target_end)
             room = self.max_length - len(target_ids)
             if room < 0 or (room == 0 and not input_ids and self.options.num_virtual_tokens == 0):
                 raise TrainingDataError(
-                    f"{what} example {number}: the target is {len(target_ids)} tokens with end-of-sequence, longer "
+                    f"{what} example {number}: the target is {len(target_ids)} tokens with its end token, longer "
                     f"than max_length {self.max_length}: raise --max-length or shorten the target"
                 )
             if len(input_ids) > room:
@@ -243,8 +244,8 @@ class PromptTrainer:
                  labels: tuple[str, ...] | None) -> EvalResult:
         """Held-out loss, exact match and (for classification data) accuracy by scoring every label.
 
-        Exact match means greedy decoding reproduces the target exactly (its tokens, then
-        end-of-sequence): true when every target token is the argmax after the ones before it, so
+        Exact match means greedy decoding reproduces the target exactly (its tokens, then its end
+        token): true when every target token is the argmax after the ones before it, so
         the teacher-forced pass that gives the loss decides it too.
         """
         examples = list(examples)
@@ -271,7 +272,7 @@ class PromptTrainer:
     def _accuracy(self, prompt: torch.Tensor | None, examples: list[_Encoded], labels: tuple[str, ...],
                   target_scores: list[float]) -> float:
         """Share of examples whose target outscores every other label (the target's score is already known)."""
-        label_ids = {label: encode_target(self.tokenizer, label, self.eos_id) for label in labels}
+        label_ids = {label: encode_target(self.tokenizer, label, self.target_end) for label in labels}
         rows = [(i, label) for i, ex in enumerate(examples) for label in labels if label != ex.target]
         best_other = [-math.inf] * len(examples)
         for chunk in _chunks(rows, self._eval_rows):

@@ -99,7 +99,8 @@ class InferenceServicer:
 
     def Classify(self, request, context):
         """Scores candidate labels for one input under one task's prompt: each label's log-probability
-        as the complete output (its tokens followed by end-of-sequence). Batched with generation.
+        as the complete output (its tokens followed by end-of-sequence, or with apply_chat_template the
+        template's end-of-turn token). Batched with generation.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

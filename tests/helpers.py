@@ -114,10 +114,10 @@ def reference_greedy(model, prompt: torch.Tensor | None, input_ids: list[int], m
     generated: list[int] = []
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            ids = torch.tensor([input_ids + generated], dtype=torch.long)
+            ids = torch.tensor([input_ids + generated], dtype=torch.long, device=embed.weight.device)
             x = embed(ids)
             if prompt is not None:
-                x = torch.cat([prompt[None].to(x.dtype), x], dim=1)
+                x = torch.cat([prompt[None].to(x), x], dim=1)
             logits = model(inputs_embeds=x, use_cache=False).logits[0, -1]
             token = int(logits.argmax())
             generated.append(token)

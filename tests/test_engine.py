@@ -54,21 +54,6 @@ def test_eos_finishes_row(tiny_base):
     assert engine.filter(batch, []) is None
 
 
-def test_seeded_sampling_is_batch_invariant(tiny_base):
-    engine = Engine(tiny_base)
-    params = SamplingParams(max_new_tokens=10, temperature=1.5, top_k=20, top_p=0.9, seed=1234)
-
-    def sample(with_others: bool) -> list[int]:
-        seq = Sequence(request_id=0, input_ids=tiny_base.tokenizer("hello").input_ids, params=params)
-        engine.start(seq)
-        rows = [seq] + (engine_rows(engine, tiny_base, 3) if with_others else [])
-        batch, _ = engine.prefill(rows)
-        run_to_end(engine, batch)
-        return seq.generated
-
-    assert sample(False) == sample(True)
-
-
 class _CharTokenizer:
     """One character per token id, enough to test stop handling without a model."""
 
@@ -238,3 +223,39 @@ def test_scoring_over_cached_prefixes_equals_a_full_forward(tiny_base):
         got = engine.score(args[0], [keys[p] for p, _, _ in rows], args[1], args[2])
         assert got == pytest.approx(expected, abs=1e-4)
     assert (engine.prefixes.misses, engine.prefixes.hits) == (2, 2)  # the two prompted rows
+
+
+def test_window_masks_count_real_positions_not_columns(tiny_base):
+    """Over a row with left padding and a gap after its cached prefix, each layer type's mask is transformers'
+    own rule over the row's real tokens; a padding query sees itself (no mask row is empty, so no NaN); a
+    decode step at a bucketed width sees nothing past its column. Full-attention models keep plain masks."""
+    from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
+
+    from softprompt.server.core.masks import FULL, SLIDING, MaskLayout
+
+    window, queries = 3, 8
+    # Row 0: pad, a 3-token prefix, a 2-column gap, 6 fresh tokens. Row 1: 12 real tokens.
+    valid = torch.tensor([[False, True, True, True, False, False] + [True] * 6, [True] * 12])
+    rules = {FULL: causal_mask_function, SLIDING: sliding_window_causal_mask_function(window)}
+    masks = MaskLayout(window, per_layer_type=True, dtype=None).prefill(valid, queries)
+    for row in range(2):
+        real = valid[row].nonzero()[:, 0]
+        position = torch.arange(len(real))
+        fresh = real >= 12 - queries
+        for kind, rule in rules.items():
+            expected = rule(0, 0, position[fresh, None], position[None, :])
+            assert torch.equal(masks[kind][row, 0][real[fresh] - (12 - queries)][:, real], expected), (row, kind)
+    for kind in rules:  # the gap's two padding queries see themselves and the prefix before them
+        assert masks[kind][0, 0, :2].nonzero().tolist() == [[0, 1], [0, 2], [0, 3], [0, 4],
+                                                            [1, 1], [1, 2], [1, 3], [1, 5]]
+    additive = MaskLayout(window, per_layer_type=False, dtype=torch.float32).prefill(valid, queries)
+    assert torch.equal(additive == 0, masks[SLIDING]) and additive.min() == torch.finfo(torch.float32).min
+
+    # A decode step: the row's query at column 8 of a bucketed width of 12 (columns 9-11 are not written yet).
+    step = torch.tensor([[False, True, True, True, False, True, True, True, True, False, False, False]])
+    decode = MaskLayout(window, per_layer_type=False, dtype=None).decode(step, 1, 12, torch.tensor([8]))
+    assert decode[0, 0, 0].nonzero()[:, 0].tolist() == [6, 7, 8]  # the last 3 real positions
+
+    full = MaskLayout.of(tiny_base.model)
+    assert full.window is None and full.prefill(valid, queries) is valid  # transformers builds its own
+    assert torch.equal(full.decode(step, 1, 12, torch.tensor([8])), step[:, None, None, :])

@@ -51,3 +51,33 @@ def test_bfloat16_graphs_give_the_eager_tokens(tiny_model_dir):
         outputs.append([seq.generated for seq in rows])
         assert engine._step.graphs is graphs
     assert outputs[0] == outputs[1]
+
+
+def test_sliding_window_graphs_give_the_reference(cuda_base):
+    """A sliding-window model's decode masks are rebuilt from the arena inside the captured graphs."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from softprompt.prompts.base import spec_of
+    from softprompt.server.core.model import BaseModel
+
+    tok = cuda_base.tokenizer
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                           sliding_window=6, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to("cuda").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8.0 if p.dim() > 1 else 1.0)
+    base = BaseModel(model, tok, spec_of(model, "mistral"), torch.device("cuda"), torch.float32)
+    engine = Engine(base, ignore_eos=True)
+    rows = engine_rows(engine, base, 7)
+    batch, _ = engine.prefill(rows[:3])
+    for _ in range(3):
+        engine.decode(batch)
+    batch = engine.concatenate([batch, engine.prefill(rows[3:])[0]])
+    run_to_end(engine, batch)
+    for seq in rows:
+        assert seq.generated == reference_greedy(model, seq.prompt, seq.input_ids, len(seq.generated), ())
+    assert engine._step.graphs and engine._step._captured

@@ -83,9 +83,9 @@ def add_classify(commands: Any, common: argparse.ArgumentParser) -> None:
         "score candidate labels for an input under a prompt",
         f"Score each of --labels as the complete output for INPUT under prompt REF (NAME, NAME@N\n"
         f"or NAME@ALIAS; '{BARE_MODEL_REF}' means the bare base model). INPUT '{STDIN_TEXT}' reads "
-        f"stdin. A label's\nlog-probability covers its tokens and the end-of-sequence token; its "
-        f"probability is\nnormalized over the labels. Labels are listed most likely first, the best "
-        f"marked '*';\na summary (version used, token counts) goes to stderr.",
+        f"stdin. A label's\nlog-probability covers its tokens and the end-of-sequence token (with --chat, "
+        f"the template's\nend of turn); its probability is normalized over the labels. Labels are listed most\n"
+        f"likely first, the best marked '*'; a summary (version used, token counts) goes to stderr.",
         "  softprompt classify sentiment@prod 'I loved this film' --labels positive,negative\n"
         "  softprompt classify topic - --labels sports,politics,science < article.txt\n"
         "  softprompt classify sentiment 'Meh.' --labels positive,negative,neutral --chat --json\n",

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 from pathlib import Path
 
+from softprompt.server.core.families import SUPPORTED_ATTENTION
+
 
 def default_store_dir() -> Path:
     """$XDG_DATA_HOME/softprompt/prompts or ~/.local/share/softprompt/prompts."""
@@ -32,6 +34,16 @@ class ServerConfig:
     )
     device: str | None = setting(None, 'torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)')
     dtype: str | None = setting(None, 'float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)')
+    attn_implementation: str | None = setting(
+        None,
+        "the model's attention kernel: sdpa or eager (default: sdpa where the model has it, else eager); the "
+        "engine's masks suit no other",
+    )
+    allow_untested_model: bool = setting(
+        False,
+        'serve a model type outside the tested families (README, Supported models) if a startup exactness '
+        'probe finds the engine reproduces its own forward',
+    )
     store: Path | None = setting(None, 'prompt registry folder (default: ~/.local/share/softprompt/prompts)')
     cache_dir: Path | None = setting(None, 'where the converted default model is kept (default: ~/.cache/softprompt)')
     max_batch_size: int = setting(32, 'most requests decoded together in one step')
@@ -102,6 +114,9 @@ class ServerConfig:
             raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be 0..65535, got {self.metrics_port}")
+        if self.attn_implementation not in (None, *SUPPORTED_ATTENTION):
+            raise ValueError(f"attn_implementation must be one of {', '.join(SUPPORTED_ATTENTION)}, got "
+                             f"{self.attn_implementation!r}: the engine's attention masks suit no other kernel")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535 (0 picks a free port), got {self.port}")
 

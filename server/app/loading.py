@@ -107,14 +107,19 @@ def load_base_model(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     cache_dir: Path | None = None,
+    attn_implementation: str | None = None,
 ) -> BaseModel:
-    """Loads a causal LM once, frozen: eval mode, no gradients, on the chosen device and dtype."""
+    """Loads a causal LM once, frozen: eval mode, no gradients, on the chosen device and dtype.
+
+    `attn_implementation` (sdpa, eager) picks the attention kernel; None leaves transformers' choice.
+    """
     dev = torch.device(device) if device else default_device()
     dt = parse_dtype(dtype) if dtype else default_dtype(dev)
     path, model_id = resolve_model_path(model, cache_dir or default_cache_dir())
     log.info("loading %s on %s as %s", model_id, dev, dt)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
+    kernel = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=dt, **kernel)
     lm.to(dev)
     lm.eval()
     lm.requires_grad_(False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from softprompt.server.app import config as server_config
+from softprompt.server.core.errors import UnsupportedModelError
 from softprompt.server.observability import logs
 from softprompt.server.grpc_api import exposure as security
 
@@ -52,5 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"softprompt serve: {exc}") from None
     from softprompt.server.app.server import serve  # imports torch: only once the flags are known to be good
 
-    serve(config, grace_s=args.grace)
+    try:
+        serve(config, grace_s=args.grace)
+    except UnsupportedModelError as exc:
+        # Refused before the port opened: the reasons, not a traceback.
+        raise SystemExit(f"softprompt serve: {exc}") from None
     return 0

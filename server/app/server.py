@@ -27,6 +27,7 @@ from softprompt.server.app.loading import load_base_model
 from softprompt.server.core.model import BaseModel
 from softprompt.server.core.prompt_cache import PromptCache
 from softprompt.server.core.scheduler import Scheduler
+from softprompt.server.core.support import check_servable
 from softprompt.server.grpc_api.servicers import InferenceServicer, RegistryServicer, TrainingServicer
 from softprompt.server.jobs.training import TrainingJobs
 from softprompt.server.grpc_api.interceptors.decoding import DecodeErrorInterceptor
@@ -60,8 +61,13 @@ class App:
 
 
 def build_app(config: ServerConfig, base: BaseModel | None = None) -> App:
-    """Loads the base model (unless given) and builds registry, caches, engine, scheduler, jobs and services."""
-    base = base or load_base_model(config.model, device=config.device, dtype=config.dtype, cache_dir=config.cache_dir)
+    """Loads the base model (unless given) and builds registry, caches, engine, scheduler, jobs and services.
+
+    Raises UnsupportedModelError for a model the engine cannot serve exactly, before anything is built.
+    """
+    base = base or load_base_model(config.model, device=config.device, dtype=config.dtype, cache_dir=config.cache_dir,
+                                   attn_implementation=config.attn_implementation)
+    check_servable(base, allow_untested=config.allow_untested_model)
     engine = Engine(base, prefix_cache_bytes=int(config.prefix_cache_mb * 1024 * 1024),
                     cuda_graphs=config.cuda_graphs and base.device.type == "cuda")
     registry = Registry(config.store_dir)

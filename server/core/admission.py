@@ -14,7 +14,7 @@ import torch
 
 from softprompt.prompts.format.tensor import check_base_model
 from softprompt.prompts.registry import Registry
-from softprompt.prompts.tokens import encode_input, encode_target
+from softprompt.prompts.tokens import encode_input, encode_target, target_end_id
 from softprompt.server.app.config import ServerConfig
 from softprompt.server.core.engine import Engine, Sequence
 from softprompt.server.core.errors import InvalidRequestError
@@ -80,6 +80,7 @@ class Admission:
         self.prompts = prompts
         self.config = config
         self._ids = itertools.count(1)
+        self._label_end: dict[bool, int] = {}  # the id ending labels, without and with the chat template
 
     def admit(self, request: GenerationRequest) -> Admitted:
         """Builds the engine row for a request, or raises a ServingError / PromptError."""
@@ -104,10 +105,17 @@ class Admission:
             raise InvalidRequestError(f"labels must be distinct: {sorted({x for x in labels if labels.count(x) > 1})}")
         prompt, version, key = self.resolve(request.task)
         input_ids = list(self.tokenize(request.input, chat=request.chat).token_ids)
-        label_ids = [encode_target(self.engine.tokenizer, label, self.engine.eos_id) for label in labels]
+        end = self.label_end(chat=request.chat)
+        label_ids = [encode_target(self.engine.tokenizer, label, end) for label in labels]
         longest = max(len(ids) for ids in label_ids)
         self._check_lengths(input_ids, prompt, longest, fix="use shorter labels")
         return AdmittedScoring(request, prompt, input_ids, label_ids, version, key)
+
+    def label_end(self, *, chat: bool) -> int:
+        """The id scored after each label: the chat template's end of turn in chat mode, as training ends targets."""
+        if chat not in self._label_end:
+            self._label_end[chat] = target_end_id(self.engine.model, self.engine.tokenizer, chat=chat)
+        return self._label_end[chat]
 
     def sampling_params(self, o: DecodingOptions) -> SamplingParams:
         """Checks decoding options against the limits and fills in defaults."""

@@ -178,13 +178,6 @@ class KvArena:
         """The cache object a decode step over the first `rows` rows, attending to `width` columns, hands the model."""
         return StepCache(self, rows, width)
 
-    def attention_mask(self, rows: int, width: int, dtype: torch.dtype | None) -> torch.Tensor:
-        """The step's 4D mask [rows, 1, 1, width]: boolean, or additive in `dtype` for eager attention."""
-        mask = self.mask[:rows, None, None, :width]
-        if dtype is None:
-            return mask
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-
     def advance(self) -> None:
         """After a step: the next one writes the next column, at the next positions."""
         self.t += 1
@@ -196,7 +189,7 @@ class StepCache:
     """What a model's attention layers call `update` on during one decode step.
 
     Duck-typed rather than a transformers `Cache` subclass: its internals change between releases,
-    and a decode step needs nothing but `update` (positions and a 4D mask are passed in whole).
+    and a decode step needs nothing but `update` (positions and 4D masks are passed in whole).
     """
 
     def __init__(self, arena: KvArena, rows: int, width: int) -> None:

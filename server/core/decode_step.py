@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 
 from softprompt.server.core import kv
 from softprompt.server.core.arena import COLUMN_ALIGN, KvArena, power_of_two, round_up
+from softprompt.server.core.masks import MaskLayout
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +35,12 @@ class _Captured:
 class DecodeStep:
     """Computes next-token logits for an arena's live rows, writing their keys and values in place."""
 
-    def __init__(self, model: PreTrainedModel, *, graphs: bool, pad_shapes: bool | None = None) -> None:
+    def __init__(self, model: PreTrainedModel, masks: MaskLayout, *, graphs: bool,
+                 pad_shapes: bool | None = None) -> None:
         self.model = model
+        self.masks = masks
         self.graphs = graphs
         self.pad_shapes = graphs if pad_shapes is None else pad_shapes
-        # sdpa takes a boolean mask; eager attention adds the mask to its scores.
-        impl = getattr(model.config, "_attn_implementation", None) or "sdpa"
-        self._mask_dtype = None if impl == "sdpa" else model.dtype
         self._captured: dict[tuple[int, int], _Captured] = {}
         self._arena_key: tuple[int, int] | None = None
         self._pool: object | None = None
@@ -68,7 +68,7 @@ class DecodeStep:
             self.model,
             arena.step_cache(rows, width),
             input_ids=arena.tokens[:rows, None],
-            attention_mask=arena.attention_mask(rows, width, self._mask_dtype),
+            attention_mask=self.masks.decode(arena.mask, rows, width, arena.column),
             position_ids=arena.positions[:rows, None],
         ).logits
 

@@ -28,13 +28,14 @@ from transformers import DynamicCache
 
 from softprompt.prompts import inject
 from softprompt.prompts.outcomes import FinishReason
-from softprompt.prompts.tokens import eos_token_id
+from softprompt.prompts.tokens import eos_token_ids
 from softprompt.server.core import kv
 from softprompt.server.core.arena import KvArena, power_of_two
 from softprompt.server.core.decode_step import DecodeStep
+from softprompt.server.core.masks import MaskLayout
 from softprompt.server.core.model import BaseModel
 from softprompt.server.core.prompt_cache import DeviceLru, Key, PrefixKV, prefix_bytes
-from softprompt.server.core.sampling import SamplingParams, make_generator, next_tokens
+from softprompt.server.core.sampling import RowSampler, SamplingParams, seeded_generator, unseeded_generator
 from softprompt.server.core.text import TextTracker
 
 
@@ -50,7 +51,7 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     text: TextTracker | None = None
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None  # a seeded sampled row's own; unseeded rows share the engine's
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -82,6 +83,8 @@ class Batch:
 
     sequences: list[Sequence]
     kv: KvArena
+    # The rows' sampler and the rows it was built for: rebuilt only when rows join or leave.
+    sampling: tuple[tuple[Sequence, ...], RowSampler] | None = None
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -167,22 +170,22 @@ class Engine:
         self.tokenizer = base.tokenizer
         self.device = base.device
         self._embed = self.model.get_input_embeddings()
-        eos = self.model.generation_config.eos_token_id
-        if eos is None:
-            eos = self.tokenizer.eos_token_id
-        self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
-        self.eos_id = eos_token_id(self.model, self.tokenizer)
+        # Every end id of the generation config ends a row (Llama 3 Instruct lists three).
+        self.eos_ids = frozenset(eos_token_ids(self.model, self.tokenizer))
         graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self._step = DecodeStep(self.model, graphs=graphs, pad_shapes=pad_shapes)
+        # Sliding-window layers need masks in real positions; the model's structure is read once.
+        self._masks = MaskLayout.of(self.model)
+        self._step = DecodeStep(self.model, self._masks, graphs=graphs, pad_shapes=pad_shapes)
         # The running batch's arena, kept across batches so its buffers (and graphs captured on
         # them) are reused; `_resident_owner` is the batch using it, if that batch is still alive.
         self._resident: KvArena | None = None
         self._resident_owner: weakref.ref[Batch] | None = None
+        self._unseeded = unseeded_generator(self.device)
 
     def start(self, seq: Sequence) -> None:
         """Prepares a row's per-request state (text tracking, sampling generator)."""
         seq.text = TextTracker(self.tokenizer, seq.params.stop)
-        seq.generator = make_generator(seq.params, self.device)
+        seq.generator = seeded_generator(seq.params, self.device)
 
     @_timed("prefill")
     @torch.inference_mode()
@@ -226,7 +229,8 @@ class Engine:
         mask = torch.cat([prefix_mask, x.attention_mask], dim=1)
         positions = x.position_ids + torch.tensor(lengths, device=self.device)[:, None]
         cache = self._prefix_cache(prefixes, lengths, width) if width else DynamicCache()
-        out = kv.forward(self.model, cache, inputs_embeds=x.embeds, attention_mask=mask, position_ids=positions,
+        out = kv.forward(self.model, cache, inputs_embeds=x.embeds,
+                         attention_mask=self._masks.prefill(mask, x.embeds.shape[1]), position_ids=positions,
                          every_position=padding == inject.RIGHT)
         return out, mask
 
@@ -254,7 +258,8 @@ class Engine:
 
     def _compute_prefixes(self, heads: list[torch.Tensor]) -> list[PrefixKV]:
         x = inject.build_inputs(self._embed, heads, [[] for _ in heads])
-        out = kv.forward(self.model, DynamicCache(), inputs_embeds=x.embeds, attention_mask=x.attention_mask,
+        out = kv.forward(self.model, DynamicCache(), inputs_embeds=x.embeds,
+                         attention_mask=self._masks.prefill(x.attention_mask, x.embeds.shape[1]),
                          position_ids=x.position_ids)
         layers = kv.layers(out.cache)
         # Left-padded: each prompt's positions are the last n columns of its row.
@@ -351,13 +356,23 @@ class Engine:
 
     @_timed("emit")
     def _emit(self, batch: Batch, logits: torch.Tensor) -> list[TokenEvent]:
-        tokens = next_tokens(logits, [s.params for s in batch.sequences], [s.generator for s in batch.sequences])
+        tokens = self._sampler(batch)(logits)
         batch.kv.tokens[:len(batch)] = tokens
         events = []
         for seq, token in zip(batch.sequences, tokens.tolist()):
             seq.generated.append(token)
             events.append(self._advance(seq, token))
         return events
+
+    def _sampler(self, batch: Batch) -> RowSampler:
+        """The batch's RowSampler, built again only when its rows changed since the last step."""
+        rows = tuple(batch.sequences)
+        built = batch.sampling
+        if built is None or len(built[0]) != len(rows) or any(a is not b for a, b in zip(built[0], rows)):
+            built = rows, RowSampler([s.params for s in rows], [s.generator for s in rows], self._unseeded,
+                                     self.device)
+            batch.sampling = built
+        return built[1]
 
     def _advance(self, seq: Sequence, token: int) -> TokenEvent:
         assert seq.text is not None, "Engine.start() must run before a row is scheduled"

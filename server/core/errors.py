@@ -37,3 +37,10 @@ class ShuttingDownError(ServingError):
 
 class TrainingJobNotFoundError(ServingError):
     """No training job has the given id."""
+
+
+class UnsupportedModelError(Exception):
+    """The base model is one the engine cannot serve exactly; raised at startup, before any port opens.
+
+    Not a ServingError: no request ever sees it, so no transport status maps it.
+    """

@@ -32,7 +32,7 @@ def forward(
     model: PreTrainedModel,
     cache: DynamicCache,
     *,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | dict[str, torch.Tensor],
     position_ids: torch.Tensor,
     input_ids: torch.Tensor | None = None,
     inputs_embeds: torch.Tensor | None = None,
@@ -40,6 +40,7 @@ def forward(
 ) -> ForwardOutput:
     """Runs the model over new positions, appending their keys/values to `cache`.
 
+    `attention_mask` is a 2D padding mask, a 4D mask, or 4D masks by layer type (`masks.MaskLayout`).
     Logits are the last position's [batch, vocab], or with `every_position` [batch, positions, vocab].
     """
     out = model(

@@ -93,7 +93,7 @@ class ClassifyRequest:
 
 @dataclass(frozen=True)
 class LabelScore:
-    """A label's log-probability as the whole output (its tokens plus end-of-sequence)."""
+    """A label's log-probability as the whole output (its tokens plus end-of-sequence, or the chat end of turn)."""
 
     label: str
     logprob: float

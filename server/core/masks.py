@@ -1,0 +1,127 @@
+"""Attention masks in real positions: causal, and windowed on sliding-window layers.
+
+A row's buffer column is not its position: serving rows are left-padded, scoring rows right-padded,
+and a prompt's cached prefix leaves a gap in front of its row's fresh columns. transformers builds
+its masks over buffer columns from a 2D padding mask. For full attention that is exact, as a row's
+real columns come in the order of their positions; a sliding window, though, it measures in
+columns, so padding inside the window hides real tokens, and a prebuilt decode mask has no window
+at all. Here the window is measured in real positions, a key column's position being the count of
+real columns before it in its row.
+
+The rule is transformers' own, in positions: a query at position q sees the real keys at positions
+k <= q, and on a sliding layer only those with k > q - window (itself and the window - 1 tokens
+before it). A padding query also sees itself, so no row of a mask is empty: some attention kernels
+return NaN for an all-masked row, and a NaN in a padding column poisons real rows (0 * NaN).
+
+`MaskLayout.of` reads the model's window structure once:
+
+- full attention everywhere: nothing changes; a prefill hands transformers the 2D mask (so sdpa
+  may still take its `is_causal` fast path) and a decode step the [rows, 1, 1, width] padding mask;
+- every layer sliding (Mistral, Phi-3, Starcoder2, or `layer_types` all sliding): one 4D mask;
+- both kinds (`config.layer_types`: Gemma 2/3, Qwen2/3 with `max_window_layers`, Cohere2, ...):
+  a dict by layer type, which those models use as it is.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from softprompt.server.core.families import SUPPORTED_ATTENTION
+
+FULL = "full_attention"
+SLIDING = "sliding_attention"
+
+Mask = torch.Tensor | dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MaskLayout:
+    """How a model's layers attend, and the masks its forwards need."""
+
+    window: int | None  # tokens a sliding layer sees, itself included; None without sliding layers
+    per_layer_type: bool  # full and sliding layers both occur: masks go as a dict by layer type
+    dtype: torch.dtype | None  # None: boolean masks (sdpa); else additive masks in this dtype (eager)
+
+    @classmethod
+    def of(cls, model: PreTrainedModel) -> MaskLayout:
+        """Reads the window structure from the model's config, as its modeling code decides it.
+
+        Families whose config takes `layer_types` slide on exactly the layers marked so; the others
+        apply `sliding_window`, when set, to every layer, whatever `layer_types` a checkpoint carries
+        (Mistral's modeling code ignores one).
+        """
+        config = model.config
+        impl = getattr(config, "_attn_implementation", None) or "sdpa"
+        dtype = None if impl == "sdpa" else model.dtype
+        window = getattr(config, "sliding_window", None)
+        declared = "layer_types" in inspect.signature(type(config).__init__).parameters
+        layer_types = getattr(config, "layer_types", None) if declared else None
+        if layer_types is not None:
+            kinds = set(layer_types)
+            if not kinds <= {FULL, SLIDING}:
+                raise ValueError(f"layer types {sorted(kinds - {FULL, SLIDING})} are not attention this engine "
+                                 "masks (only full_attention and sliding_attention)")
+            if SLIDING not in kinds:
+                return cls(None, False, dtype)
+            per_layer_type = FULL in kinds
+        elif not window:
+            return cls(None, False, dtype)
+        else:
+            per_layer_type = False
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"sliding_window {window!r} must be a positive number of tokens")
+        if getattr(config, "use_bidirectional_attention", False) or not getattr(config, "is_causal", True):
+            raise ValueError("this model's attention is not causal; the engine serves causal language models only")
+        if impl not in SUPPORTED_ATTENTION:
+            raise ValueError(f"sliding-window masks are built for {' and '.join(SUPPORTED_ATTENTION)} attention, "
+                             f"not {impl!r}")
+        return cls(window, per_layer_type, dtype)
+
+    def prefill(self, valid: torch.Tensor, queries: int) -> Mask:
+        """The `attention_mask` of a forward whose queries are the last `queries` of its key columns.
+
+        `valid` [rows, columns] marks each row's real key columns (cached ones included). Without
+        sliding layers it is returned as it is: transformers' own mask from it is exact.
+        """
+        if self.window is None:
+            return valid
+        columns = valid.shape[1]
+        return self._windowed(valid.bool(), torch.arange(columns - queries, columns, device=valid.device))
+
+    def decode(self, valid: torch.Tensor, rows: int, width: int, column: torch.Tensor) -> Mask:
+        """A decode step's mask over the first `rows` rows and `width` columns of `valid` (an arena's real
+        columns), each row's query being at `column` (a [1] tensor).
+
+        Tensor operations only (no host sync), so a CUDA graph captures it: it is rebuilt from the
+        arena's buffers at every replay.
+        """
+        if self.window is None:
+            # Every real column precedes the query's, so the padding mask is the causal mask.
+            return self._cast(valid[:rows, None, None, :width])
+        return self._windowed(valid[:rows, :width], column)
+
+    def _windowed(self, valid: torch.Tensor, query_columns: torch.Tensor) -> Mask:
+        """Masks [rows, 1, queries, columns] for full and sliding layers, queries at `query_columns`."""
+        assert self.window is not None
+        count = valid.cumsum(-1)  # real columns up to each column: its position + 1 where real
+        arange = torch.arange(valid.shape[1], device=valid.device)
+        own = arange[None, :] == query_columns[:, None]  # [queries, columns]
+        earlier = valid[:, None, :] & (arange[None, :] <= query_columns[:, None])
+        full = earlier | own
+        # Counts differ as positions do: keep keys fewer than `window` positions before the query.
+        near = count[:, None, :] > count[:, query_columns][:, :, None] - self.window
+        sliding = full & near
+        if not self.per_layer_type:
+            return self._cast(sliding[:, None])
+        return {FULL: self._cast(full[:, None]), SLIDING: self._cast(sliding[:, None])}
+
+    def _cast(self, allowed: torch.Tensor) -> torch.Tensor:
+        """Boolean for sdpa; for eager, 0 where allowed and the dtype's minimum elsewhere (as transformers)."""
+        if self.dtype is None:
+            return allowed
+        return torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(self.dtype).min)

@@ -28,7 +28,7 @@ REGISTRATION_ROUNDS = 10
 
 def engine_config(s: Settings, work: Workload, store: Path) -> Any:
     """A server config whose limits admit the whole workload at once."""
-    from softprompt.server.app.config import ServerConfig
+    from softprompt.server.config import ServerConfig
 
     longest = max(len(ids) for ids in work.input_ids)
     return ServerConfig(

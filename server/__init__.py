@@ -6,11 +6,15 @@
                    resolve), inference calls and model info, in dataclasses. No protobuf.
 - `core/`          the serving core: admission, scheduler, engine, KV arena, sampling, text, caches.
                    Tensors, no protobuf, no transport.
-- `jobs/`          training jobs that share the worker with serving, and local training for the CLI.
+- `jobs/`          training jobs that share the worker with serving.
 - `access/`        bearer tokens, roles and task patterns (shared by every transport).
 - `observability/` metrics, Prometheus exposition, request-id logging.
-- `app/`           the wiring: settings, model loading, building and running the server, `softprompt serve`.
+- `app/`           the wiring and entry points: model loading, building and running the server,
+                   `softprompt serve`, `softprompt train --store`.
+- `config.py`      the settings: one frozen dataclass built once from flags, help beside each field; any
+                   layer may read it.
 
-Dependency rule: app -> everything; grpc_api -> service, access, observability, core's dataclasses and errors;
-service -> core, jobs, prompts; jobs -> core, prompts; core -> prompts. Nothing imports app except the CLI hand-off.
+Dependency rule: app -> everything; grpc_api -> service, access, observability, core's dataclasses and
+errors; service -> core, jobs, prompts; jobs -> core, prompts; core -> prompts; any layer -> config.
+Nothing imports app except the CLI hand-off.
 """

@@ -79,7 +79,7 @@ def build_tiny_model_dir(path: Path, *, seed: int = 0) -> Path:
 def running_server(base, store: Path, **settings) -> Iterator[tuple[object, str]]:
     """A real server for `base` on a free loopback port: yields (app, address), then drains it."""
     from softprompt.server.app.server import build_app, shutdown, start
-    from softprompt.server.app.config import ServerConfig
+    from softprompt.server.config import ServerConfig
 
     app = build_app(ServerConfig(port=0, store=store, **settings), base=base)
     grpc_server, port, health = start(app)

@@ -29,7 +29,7 @@ from softprompt.protos import softprompt_pb2_grpc as pb_grpc
 from softprompt.server.grpc_api.interceptors import auth
 from softprompt.server.grpc_api import exposure as security
 from softprompt.server.app.serve_cli import main as serve_main
-from softprompt.server.app.config import ServerConfig
+from softprompt.server.config import ServerConfig
 from softprompt.server.access.tokens import (
     Role,
     TokenEntry,

@@ -445,16 +445,16 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
 
 @pytest.fixture
 def local_trainer(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
-    """Stands in for softprompt.server.jobs.local; returns the keyword arguments of each call."""
+    """Stands in for softprompt.server.app.train_local; returns the keyword arguments of each call."""
     calls: list[dict[str, Any]] = []
 
     def run_local_training(**kwargs: Any) -> int:
         calls.append(kwargs)
         return 0
 
-    module = types.ModuleType("softprompt.server.jobs.local")
+    module = types.ModuleType("softprompt.server.app.train_local")
     module.run_local_training = run_local_training  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "softprompt.server.jobs.local", module)
+    monkeypatch.setitem(sys.modules, "softprompt.server.app.train_local", module)
     return calls
 
 
@@ -510,13 +510,13 @@ def test_train_usage_errors(
 def test_local_training_without_server_extras(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    module = types.ModuleType("softprompt.server.jobs.local")
+    module = types.ModuleType("softprompt.server.app.train_local")
 
     def run_local_training(**kwargs: Any) -> int:
         raise ModuleNotFoundError("No module named 'torch'", name="torch")
 
     module.run_local_training = run_local_training  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "softprompt.server.jobs.local", module)
+    monkeypatch.setitem(sys.modules, "softprompt.server.app.train_local", module)
     code, _, err = run_cli(capsys, "train", "--task", "t", "--data", "d.jsonl", "--store", "s")
     assert code == 1 and "softprompt train --store" in err and "softprompt[server]" in err
 

@@ -7,7 +7,7 @@ def test_every_server_setting_has_help_beside_it():
     import argparse
     import dataclasses
 
-    from softprompt.server.app.config import ServerConfig, add_arguments
+    from softprompt.server.config import ServerConfig, add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

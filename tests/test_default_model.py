@@ -14,7 +14,7 @@ import torch
 from helpers import reference_greedy
 from softprompt.client import Client
 from softprompt.server.app.server import build_app, shutdown, start
-from softprompt.server.app.config import ServerConfig
+from softprompt.server.config import ServerConfig
 from softprompt.server.app.loading import load_base_model
 
 pytestmark = pytest.mark.slow

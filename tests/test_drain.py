@@ -119,7 +119,7 @@ def _probe(stub: pb_grpc.InferenceStub) -> grpc.StatusCode:
 
 def _start_server(base: Any, store: Path, **settings: Any) -> tuple[Any, Any, Any, str]:
     from softprompt.server.app.server import build_app, start
-    from softprompt.server.app.config import ServerConfig
+    from softprompt.server.config import ServerConfig
 
     app = build_app(ServerConfig(port=0, store=store, **settings), base=base)
     server, port, health = start(app)

@@ -11,6 +11,7 @@ families verified here.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,6 +133,14 @@ def _mixed_batches(base: BaseModel) -> None:
     run_to_end(engine, batch)
     assert max(s.length + len(s.generated) for s in rows) > 5 * WINDOW
     _check(base, rows)
+
+
+def test_the_readme_lists_every_tested_family():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Supported models", 1)[1].split("\n## ", 1)[0]
+    names = section.split("`server/core/families.py`):", 1)[1].split("\n\n", 1)[0]
+    listed = {name.strip(" .\n") for name in names.split(",")}
+    assert listed == set(TESTED_MODEL_TYPES)
 
 
 @pytest.mark.parametrize("family,impl", CASES)

@@ -15,7 +15,7 @@ from softprompt.prompts import errors as prompt_errors
 from softprompt.server.core import errors
 from softprompt.server.grpc_api import status
 from softprompt.server.app.server import build_app, create_server
-from softprompt.server.app.config import ServerConfig
+from softprompt.server.config import ServerConfig
 from softprompt.server.core.types import DecodingOptions, GenerationRequest
 
 

@@ -23,7 +23,7 @@ from helpers import torch_threads
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from softprompt.prompts.base import spec_of
-from softprompt.server.app.config import ServerConfig
+from softprompt.server.config import ServerConfig
 from softprompt.server.core import probe
 from softprompt.server.core.errors import UnsupportedModelError
 from softprompt.server.core.families import TESTED_MODEL_TYPES

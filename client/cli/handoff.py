@@ -9,7 +9,7 @@ Server-side commands and what runs them:
   serve          softprompt.server.app.serve_cli.main(argv) -> int
   bench          softprompt.benchmarks.cli.main(argv) -> int
   token          softprompt.server.access.token_cli.main(argv) -> int
-  train --store  softprompt.server.jobs.local.run_local_training(**keyword arguments) -> int
+  train --store  softprompt.server.app.train_local.run_local_training(**keyword arguments) -> int
 The first three get their argv untouched and parse it themselves; `train` is parsed here.
 """
 
@@ -25,7 +25,7 @@ COMMANDS: dict[str, str] = {
     "bench": "softprompt.benchmarks.cli",
     "token": "softprompt.server.access.token_cli",
 }
-_LOCAL_TRAINING = "softprompt.server.jobs.local"
+_LOCAL_TRAINING = "softprompt.server.app.train_local"
 
 # Top-level modules of the `server` extra (pyproject.toml) that a client-only install lacks.
 _SERVER_EXTRAS = frozenset(

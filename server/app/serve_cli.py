@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from softprompt.server.app import config as server_config
+from softprompt.server import config as server_config
 from softprompt.server.core.errors import UnsupportedModelError
 from softprompt.server.observability import logs
 from softprompt.server.grpc_api import exposure as security

@@ -18,7 +18,7 @@ from softprompt.protos import softprompt_pb2_grpc as pb_grpc
 from softprompt.server.grpc_api.interceptors import auth
 from softprompt.server.grpc_api import exposure as security
 from softprompt.server.core.admission import Admission
-from softprompt.server.app.config import ServerConfig
+from softprompt.server.config import ServerConfig
 from softprompt.server.core.engine import Engine
 from softprompt.server.core.errors import TrainingJobNotFoundError
 from softprompt.server.grpc_api.interceptors.observing import ObservingInterceptor

@@ -15,7 +15,7 @@ import torch
 from softprompt.prompts.format.tensor import check_base_model
 from softprompt.prompts.registry import Registry
 from softprompt.prompts.tokens import encode_input, encode_target, target_end_id
-from softprompt.server.app.config import ServerConfig
+from softprompt.server.config import ServerConfig
 from softprompt.server.core.engine import Engine, Sequence
 from softprompt.server.core.errors import InvalidRequestError
 from softprompt.server.core.prompt_cache import Key, PromptCache

@@ -12,7 +12,7 @@ import ssl
 from dataclasses import dataclass
 
 import grpc
-from softprompt.server.app.config import ServerConfig
+from softprompt.server.config import ServerConfig
 from softprompt.server.access.tokens import TokenTable
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from softprompt.server.app.config import ServerConfig
+from softprompt.server.config import ServerConfig
 from softprompt.server.core.admission import Admission, AdmittedScoring
 from softprompt.server.core.model import BaseModel
 from softprompt.server.core.scheduler import Handle, Scheduler

@@ -54,7 +54,8 @@ class ServerConfig:
     max_virtual_tokens: int = setting(256, 'longest soft prompt accepted at registration')
     max_prefill_tokens: int = setting(
         4096,
-        'most prompt+input positions prefilled in one step (bounds latency spikes)',
+        "most positions one prefill computes, rows padded to the longest: rows x the longest row's positions "
+        'outside its cached prompt prefix (bounds latency spikes)',
     )
     batch_wait_ms: float = setting(2.0, 'when idle, how long to gather arriving requests into one prefill')
     prompt_cache_mb: float = setting(256.0, 'device memory for cached prompt tensors (LRU)')

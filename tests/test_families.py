@@ -180,11 +180,12 @@ def test_cached_prefixes_of_a_sliding_family_match_the_reference(impl, tiny_base
     assert (engine.prefixes.misses, engine.prefixes.hits) == (2, 2)
 
 
-@pytest.mark.parametrize("family", ["gemma3_text", "mistral"])
-def test_scoring_of_a_sliding_family_equals_each_row_alone(family, tiny_base):
-    """Classify's path (right padding over cached prefixes) and training's (right padding) score each row as
-    its own unpadded forward does, rows padded by more than the window included."""
-    base = family_base(family, "sdpa", tiny_base)
+@pytest.mark.parametrize("family,impl", CASES)
+def test_scoring_equals_each_row_alone(family, impl, tiny_base):
+    """Classify's path (left padding over cached prefixes, logits at the scored positions only) and training's
+    (right padding) score each row as its own unpadded forward does, rows padded by more than the window
+    included, final soft-capping and logit scales applied."""
+    base = family_base(family, impl, tiny_base)
     engine = Engine(base, prefix_cache_bytes=1 << 20)
     prompts = engine_prompts(base)
     tok = base.tokenizer

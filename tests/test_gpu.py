@@ -18,6 +18,16 @@ from helpers import engine_rows, run_to_end
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def _joined_run(engine, base):
+    """Three rows decode three steps, four more join, all run to the end; returns the rows."""
+    rows = engine_rows(engine, base, 7)
+    batch, _ = engine.prefill(rows[:3])
+    for _ in range(3):
+        engine.decode(batch)
+    run_to_end(engine, engine.concatenate([batch, engine.prefill(rows[3:])[0]]))
+    return rows
+
+
 @pytest.fixture(scope="module")
 def cuda_base(tiny_model_dir):
     return load_base_model(str(tiny_model_dir), device="cuda", dtype="float32")
@@ -26,12 +36,7 @@ def cuda_base(tiny_model_dir):
 def test_cuda_graph_steps_match_the_reference(cuda_base):
     engine = Engine(cuda_base)
     assert engine._step.graphs, "CUDA graphs are on by default on a GPU"
-    rows = engine_rows(engine, cuda_base, 7)
-    batch, _ = engine.prefill(rows[:3])
-    for _ in range(3):
-        engine.decode(batch)
-    batch = engine.concatenate([batch, engine.prefill(rows[3:])[0]])
-    run_to_end(engine, batch)
+    rows = _joined_run(engine, cuda_base)
     for seq in rows:
         expected = reference_greedy(cuda_base.model, seq.prompt, seq.input_ids, seq.params.max_new_tokens,
                                     engine.eos_ids)
@@ -72,12 +77,7 @@ def test_sliding_window_graphs_give_the_reference(cuda_base):
             p.mul_(8.0 if p.dim() > 1 else 1.0)
     base = BaseModel(model, tok, spec_of(model, "mistral"), torch.device("cuda"), torch.float32)
     engine = Engine(base, ignore_eos=True)
-    rows = engine_rows(engine, base, 7)
-    batch, _ = engine.prefill(rows[:3])
-    for _ in range(3):
-        engine.decode(batch)
-    batch = engine.concatenate([batch, engine.prefill(rows[3:])[0]])
-    run_to_end(engine, batch)
+    rows = _joined_run(engine, base)
     for seq in rows:
         assert seq.generated == reference_greedy(model, seq.prompt, seq.input_ids, len(seq.generated), ())
     assert engine._step.graphs and engine._step._captured

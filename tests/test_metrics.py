@@ -132,6 +132,7 @@ def test_scrape_time_gauges(server):
     assert value(samples, "softprompt_batch_size") == 0
     assert value(samples, "softprompt_decode_steps_total") > 0
     assert value(samples, "softprompt_prefills_total") > 0
+    assert value(samples, "softprompt_preemptions_total") == 0  # tests/test_preemption.py makes them
     states = {dict(labels)["state"] for name, labels in samples if name == "softprompt_training_jobs"}
     assert states == {"queued", "running", "succeeded", "failed", "cancelled"}
 

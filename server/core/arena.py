@@ -93,18 +93,22 @@ class KvArena:
         new_rows = max(power_of_two(rows), self.capacity_rows)
         new_cols = round_up(max(columns, self.capacity_columns + self.capacity_columns // 2), COLUMN_ALIGN)
         n, t = self.rows, self.t
-        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+        # Every new buffer is allocated and filled before any is swapped in: an allocation that fails
+        # (out of memory) leaves the arena as it was, never some layers on new buffers and some on old.
+        keys, values = [], []
+        for k, v in zip(self.keys, self.values):
             k2 = k.new_zeros(new_rows, k.shape[1], new_cols, k.shape[3])
             v2 = v.new_zeros(new_rows, v.shape[1], new_cols, v.shape[3])
             k2[:n, :, :t] = k[:n, :, :t]
             v2[:n, :, :t] = v[:n, :, :t]
-            self.keys[layer], self.values[layer] = k2, v2
+            keys.append(k2)
+            values.append(v2)
         mask = self.mask.new_zeros(new_rows, new_cols)
         mask[:n, :t] = self.mask[:n, :t]
-        self.mask = mask
-        self.positions = _grown(self.positions, new_rows, n)
-        self.tokens = _grown(self.tokens, new_rows, n)
-        self.column = self.column.clone()
+        positions, tokens = _grown(self.positions, new_rows, n), _grown(self.tokens, new_rows, n)
+        column = self.column.clone()
+        self.keys[:], self.values[:] = keys, values
+        self.mask, self.positions, self.tokens, self.column = mask, positions, tokens, column
         self.generation += 1
 
     def absorb(self, other: KvArena, columns_needed: int) -> None:
@@ -177,6 +181,11 @@ class KvArena:
     def step_cache(self, rows: int, width: int) -> StepCache:
         """The cache object a decode step over the first `rows` rows, attending to `width` columns, hands the model."""
         return StepCache(self, rows, width)
+
+    def undo_step(self) -> None:
+        """After a step that failed before `advance`: its column, marked real when the step began, is not."""
+        if self.t < self.capacity_columns:
+            self.mask[:, self.t] = False
 
     def advance(self) -> None:
         """After a step: the next one writes the next column, at the next positions."""

@@ -64,6 +64,12 @@ class Sequence:
         return self.num_virtual_tokens + len(self.input_ids)
 
 
+def fresh_positions(prompt: torch.Tensor | None, tokens: int) -> int:
+    """Positions a prefill or scoring forward computes for a row of `tokens` tokens after `prompt`: the
+    prompt's last virtual token and the tokens; the rest of the prompt is its cached prefix's KV."""
+    return (0 if prompt is None else min(1, int(prompt.shape[0]))) + tokens
+
+
 @dataclass(frozen=True)
 class TokenEvent:
     """A row produced a token; `text` is the newly safe-to-show text (may be empty)."""
@@ -192,13 +198,18 @@ class Engine:
     def prefill(self, sequences: list[Sequence]) -> tuple[Batch, list[TokenEvent]]:
         """Runs `[prompt ; input]` for new rows (prompts from their cached prefix KV) and produces each row's first token.
 
+        A row that already generated tokens (preempted by `filter`, its KV dropped) resumes here: it runs
+        `[prompt ; input ; generated]` and produces its next token, with its text, stop and sampling
+        state (a seeded row's own generator) carried on, so it makes the tokens it would have made.
+
         Row layout: `[pad][prefix: all virtual tokens but the last][pad][last virtual token ; input]`.
         The prefix columns come from the cache; the forward covers the rest, with positions counting
         real tokens only, so padding in either part changes nothing.
         """
         prompts = [s.prompt for s in sequences]
+        # A resumed row (preempted: its KV dropped) recomputes its generated tokens as input too.
         out, mask = self._forward_over_prefixes(prompts, [s.prompt_key for s in sequences],
-                                                [s.input_ids for s in sequences], inject.LEFT)
+                                                [s.input_ids + s.generated for s in sequences])
         if not bool(mask.all()):
             kv.zero_masked(out.cache, mask)
         batch = Batch(list(sequences), KvArena.wrap(kv.layers(out.cache), mask, positions=mask.sum(-1)))
@@ -210,19 +221,20 @@ class Engine:
         self._prefixes([prompt], [key])
 
     def _forward_over_prefixes(self, prompts: list[torch.Tensor | None], keys: list[Key | None],
-                               token_ids: list[list[int]], padding: str) -> tuple[kv.ForwardOutput, torch.Tensor]:
+                               token_ids: list[list[int]],
+                               score_last: int | None = None) -> tuple[kv.ForwardOutput, torch.Tensor]:
         """Runs each row's last virtual token and tokens over its prompt's cached prefix; returns the output
         and the attention mask over [prefix columns ; fresh columns].
 
-        Row layout: `[pad][prefix: all virtual tokens but the last][last virtual token ; tokens]`, the
-        fresh part padded on the given side. Positions count real tokens only, so padding in either
-        part changes nothing. Prefill keeps the last position's logits, scoring every position's.
+        Row layout: `[pad][prefix: all virtual tokens but the last][pad][last virtual token ; tokens]`.
+        Positions count real tokens only, so padding in either part changes nothing. Prefill keeps the
+        last position's logits, scoring the last `score_last` positions' (`kv.forward`).
         """
         prefixes = self._prefixes(prompts, keys)
         lengths = [0 if p is None else int(p[0][0].shape[1]) for p in prefixes]
         width = max(lengths)
         x = inject.build_inputs(self._embed, [None if p is None else p[-1:] for p in prompts], token_ids,
-                                padding=padding)
+                                padding=inject.LEFT)
         prefix_mask = x.attention_mask.new_zeros(len(prompts), width)
         for row, n in enumerate(lengths):
             prefix_mask[row, width - n:] = 1
@@ -231,7 +243,7 @@ class Engine:
         cache = self._prefix_cache(prefixes, lengths, width) if width else DynamicCache()
         out = kv.forward(self.model, cache, inputs_embeds=x.embeds,
                          attention_mask=self._masks.prefill(mask, x.embeds.shape[1]), position_ids=positions,
-                         every_position=padding == inject.RIGHT)
+                         score_last=score_last)
         return out, mask
 
     def _prefixes(self, prompts: list[torch.Tensor | None], keys: list[Key | None]) -> list[PrefixKV | None]:
@@ -285,7 +297,12 @@ class Engine:
     def decode(self, batch: Batch) -> list[TokenEvent]:
         """Advances every row of the batch by one token."""
         self._make_resident(batch)
-        logits = self._step(batch.kv, graph_ok=batch.kv is self._resident)
+        try:
+            logits = self._step(batch.kv, graph_ok=batch.kv is self._resident)
+        except BaseException:
+            # The batch stays as before the step, so the caller may drop rows and retry.
+            batch.kv.undo_step()
+            raise
         batch.kv.advance()
         return self._emit(batch, logits)
 
@@ -293,17 +310,27 @@ class Engine:
     def score(self, prompts: list[torch.Tensor | None], keys: list[Key | None], contexts: list[list[int]],
               continuations: list[list[int]]) -> list[float]:
         """Each row's total log-probability of its continuation after `[prompt ; context]`, in one forward
-        over the prompts' cached prefixes."""
+        over the prompts' cached prefixes.
+
+        Rows are left-padded, so every continuation ends in the last column and the positions that
+        predict continuation tokens are among the last `longest + 1`: only those get logits, never
+        the whole vocabulary at every position.
+        """
+        for p, c in zip(prompts, contexts):
+            if (p is None or p.shape[0] == 0) and not c:
+                raise ValueError("a continuation needs a prompt or context tokens in front of it")
+        longest = max(len(t) for t in continuations)
         out, _ = self._forward_over_prefixes(prompts, keys, [[*c, *t] for c, t in zip(contexts, continuations)],
-                                             inject.RIGHT)
-        # The fresh part starts at the prompt's last virtual token (if any); the prefix is in the cache.
-        firsts = [(0 if p is None else 1) + len(c) - 1 for p, c in zip(prompts, contexts)]
+                                             score_last=longest + 1)
+        # Of the kept columns (the last longest + 1), the one predicting a row's first continuation token.
+        firsts = [longest - len(t) for t in continuations]
         return inject.gather_continuations(out.logits, firsts, continuations).totals().tolist()
 
     @_timed("filter")
     @torch.inference_mode()
     def filter(self, batch: Batch, keep: list[int]) -> Batch | None:
-        """Keeps the rows at the given indices; None when none remain."""
+        """Keeps the rows at the given indices; None when none remain. A dropped row's KV is gone: if it had
+        not finished, `prefill` resumes it (preemption by recompute)."""
         if not keep:
             batch.kv.keep([])
             return None

@@ -22,7 +22,7 @@ def _cache_kwarg(forward_cls: type) -> str:
 
 @dataclass
 class ForwardOutput:
-    """Logits (the last position's in float32, or every position's in the model's dtype) and the grown cache."""
+    """Logits (the last position's in float32, or the last few positions' in the model's dtype) and the grown cache."""
 
     logits: torch.Tensor
     cache: DynamicCache
@@ -36,25 +36,29 @@ def forward(
     position_ids: torch.Tensor,
     input_ids: torch.Tensor | None = None,
     inputs_embeds: torch.Tensor | None = None,
-    every_position: bool = False,
+    score_last: int | None = None,
 ) -> ForwardOutput:
     """Runs the model over new positions, appending their keys/values to `cache`.
 
     `attention_mask` is a 2D padding mask, a 4D mask, or 4D masks by layer type (`masks.MaskLayout`).
-    Logits are the last position's [batch, vocab], or with `every_position` [batch, positions, vocab].
+    Logits are the last position's [batch, vocab], or with `score_last` the last that many positions'
+    [batch, score_last, vocab]. The model applies its LM head (and its final soft-capping or logit
+    scale) to those positions only, through its own `logits_to_keep`.
     """
+    if score_last is not None and score_last < 1:
+        raise ValueError(f"score_last must be a positive number of positions, got {score_last}")
     out = model(
         input_ids=input_ids,
         inputs_embeds=inputs_embeds,
         attention_mask=attention_mask,
         position_ids=position_ids,
         use_cache=True,
-        logits_to_keep=0 if every_position else 1,
+        logits_to_keep=1 if score_last is None else score_last,
         **{_cache_kwarg(type(model)): cache},
     )
     grown = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-    # Every position's logits stay in the model's dtype: a float32 copy of them all can be large.
-    return ForwardOutput(logits=out.logits if every_position else out.logits[:, -1, :].float(), cache=grown)
+    # Scored positions' logits stay in the model's dtype: the caller takes a float32 log-softmax of what it gathers.
+    return ForwardOutput(logits=out.logits if score_last is not None else out.logits[:, -1, :].float(), cache=grown)
 
 
 def layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:

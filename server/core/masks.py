@@ -1,6 +1,6 @@
 """Attention masks in real positions: causal, and windowed on sliding-window layers.
 
-A row's buffer column is not its position: serving rows are left-padded, scoring rows right-padded,
+A row's buffer column is not its position: serving and scoring rows are left-padded,
 and a prompt's cached prefix leaves a gap in front of its row's fresh columns. transformers builds
 its masks over buffer columns from a 2D padding mask. For full attention that is exact, as a row's
 real columns come in the order of their positions; a sliding window, though, it measures in

@@ -6,6 +6,13 @@ requests (of any tasks) and merges them into the running batch, then decodes one
 row. A request joins at the next step and leaves the moment it finishes; nothing waits for a
 whole batch to drain.
 
+One request's failure never fails the others. A prefill that raises is retried one row at a
+time, and only a row that fails alone gets the error. A decode step that raises (out of memory,
+typically) preempts the newest half of the rows -- their KV is dropped, they go back to the front
+of the queue and resume later by recompute, with the same tokens -- and is retried with the rest,
+down to a single row, which then fails alone. Until the batch next empties, admission stops at
+the size that last ran, so preempted rows rejoin as others finish instead of failing again.
+
 Training jobs hand the worker small units of model work (`call`). An idle worker runs them back
 to back; while requests are being served they get at most `side_share` of the worker's time, one
 unit between two decode steps, so serving slows by a bounded share instead of stalling.
@@ -18,19 +25,36 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from softprompt.server.core.admission import Admitted, AdmittedScoring
-from softprompt.server.core.engine import Batch, Engine, TokenEvent
+from softprompt.server.core.engine import Batch, Engine, Sequence, TokenEvent, fresh_positions
 from softprompt.server.core.errors import CancelledError, DeadlineError, OverloadedError, ShuttingDownError
 from softprompt.server.core.types import GenerationResult, StreamChunk, Usage
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+def rows_that_fit(fresh: Iterable[int], *, max_rows: int, max_positions: int) -> int:
+    """How many of the leading rows one prefill takes, given each row's fresh positions.
+
+    A forward pads every row to its widest, so it computes rows x the widest row's fresh positions,
+    not their sum: that product stays within `max_positions` (a first row goes regardless, alone if
+    it must), so one long row with many short ones no longer costs many times the budget; the rows
+    after it wait for the next prefill.
+    """
+    taken = widest = 0
+    for n in fresh:
+        wider = max(widest, n)
+        if taken >= max_rows or (taken and (taken + 1) * wider > max_positions):
+            break
+        taken, widest = taken + 1, wider
+    return taken
 
 
 @dataclass
@@ -79,6 +103,7 @@ class SchedulerStats:
     prefills: int = 0
     max_batch: int = 0
     side_units: int = 0
+    preemptions: int = 0  # rows whose KV was dropped to be recomputed later
 
 
 @dataclass
@@ -110,6 +135,8 @@ class _State:
     serve_s: float = 0.0
     side_s: float = 0.0
     last_side_s: float = 0.0  # the latest side job's duration
+    # Rows the batch held when a step last had to preempt: admission stops there until the batch empties.
+    row_cap: int | None = None
 
 
 class Scheduler:
@@ -219,19 +246,24 @@ class Scheduler:
             if work is None:
                 break
             started = time.monotonic()
-            try:
-                if work.scoring:
+            if work.scoring:
+                try:
                     self._score(work.scoring)
+                except Exception as exc:  # noqa: BLE001 - fails these Classify requests, not the batch
+                    log.exception("scoring failed; failing %d Classify requests", len(work.scoring))
+                    for job in work.scoring:
+                        if not job.future.done():
+                            job.future.set_exception(exc)
+            try:
                 batch = self._step(batch, work.new)
-            except Exception as exc:  # noqa: BLE001 - one bad step must not kill the server
+            except Exception as exc:  # noqa: BLE001 - a bug outside any row's model work must not kill the server
                 victims = {id(h): h for h in [*self._state.running.values(), *work.new]}
-                log.exception("engine step failed; failing %d requests", len(victims) + len(work.scoring))
+                log.exception("engine step failed; failing %d requests", len(victims))
                 for handle in victims.values():
                     self._fail(handle, exc)
-                for job in work.scoring:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
                 batch = None
+            if batch is None:
+                self._state.row_cap = None
             self._state.serve_s += time.monotonic() - started
             if work.side is not None:
                 self._run_side(work.side)
@@ -274,15 +306,13 @@ class Scheduler:
                 until = time.monotonic() + self.batch_wait_s
                 while len(state.waiting) < self.max_batch_size and (left := until - time.monotonic()) > 0:
                     self._cond.wait(left)
-            room = self.max_batch_size - (0 if batch is None else len(batch))
-            taken: list[Handle] = []
-            budget = self.max_prefill_tokens
-            while state.waiting and len(taken) < room:
-                length = state.waiting[0].admitted.sequence.length
-                if taken and length > budget:
-                    break
-                budget -= length
-                taken.append(state.waiting.popleft())
+            rows = self.max_batch_size if state.row_cap is None else min(state.row_cap, self.max_batch_size)
+            room = rows - (0 if batch is None else len(batch))
+            # A resumed row recomputes what it generated.
+            fresh = (fresh_positions(s.prompt, len(s.input_ids) + len(s.generated))
+                     for s in (h.admitted.sequence for h in state.waiting))
+            fit = rows_that_fit(fresh, max_rows=room, max_positions=self.max_prefill_tokens)
+            taken = [state.waiting.popleft() for _ in range(fit)]
             scoring = list(state.scoring)
             state.scoring.clear()
             idle = batch is None and not taken and not scoring
@@ -307,7 +337,9 @@ class Scheduler:
                 job.future.set_exception(DeadlineError("deadline exceeded while queued: raise the deadline"))
                 continue
             live.append(job)
-        rows = [(job, j) for job in live for j in range(len(job.admitted.label_ids))]
+        # Shortest first: rows of similar lengths share a forward, so little of it is padding.
+        rows = sorted(((job, j) for job in live for j in range(len(job.admitted.label_ids))),
+                      key=self._scored_positions)
         results: dict[int, list[float]] = {id(job): [0.0] * len(job.admitted.label_ids) for job in live}
         for chunk in self._prefill_chunks(rows):
             values = self.engine.score(
@@ -322,18 +354,18 @@ class Scheduler:
             job.future.set_result(results[id(job)])
 
     def _prefill_chunks(self, rows: list[tuple[_Scoring, int]]) -> Iterator[list[tuple[_Scoring, int]]]:
-        chunk: list[tuple[_Scoring, int]] = []
-        budget = self.max_prefill_tokens
-        for job, j in rows:
-            a = job.admitted
-            length = (0 if a.prompt is None else int(a.prompt.shape[0])) + len(a.input_ids) + len(a.label_ids[j])
-            if chunk and (length > budget or len(chunk) >= self.max_batch_size):
-                yield chunk
-                chunk, budget = [], self.max_prefill_tokens
-            chunk.append((job, j))
-            budget -= length
-        if chunk:
-            yield chunk
+        """Consecutive runs of the rows, each one forward within the prefill budget and the batch size."""
+        start = 0
+        while start < len(rows):
+            fit = rows_that_fit((self._scored_positions(rows[i]) for i in range(start, len(rows))),
+                                max_rows=self.max_batch_size, max_positions=self.max_prefill_tokens)
+            yield rows[start:start + fit]
+            start += fit
+
+    @staticmethod
+    def _scored_positions(row: tuple[_Scoring, int]) -> int:
+        job, j = row
+        return fresh_positions(job.admitted.prompt, len(job.admitted.input_ids) + len(job.admitted.label_ids[j]))
 
     def _step(self, batch: Batch | None, new: list[Handle]) -> Batch | None:
         now = time.monotonic()
@@ -341,21 +373,94 @@ class Scheduler:
         if batch is not None:
             batch = self._drop_unwanted(batch, now)
         if new:
+            parts = [b for b in (batch, *self._prefill(new)) if b is not None]
+            batch = self._concatenate(parts) if parts else None
+        if batch is not None:
+            batch = self._decode(batch)
+        return batch
+
+    def _prefill(self, new: list[Handle]) -> list[Batch]:
+        """Prefills arriving (or resumed) rows together; if that raises, each row alone, failing only the rows
+        that fail alone. Returns the batches of the rows that did not finish at their first token."""
+        for h in new:
+            self._state.running[h.admitted.sequence.request_id] = h
+        try:
+            done = [self.engine.prefill([h.admitted.sequence for h in new])]
+        except Exception as exc:  # noqa: BLE001 - which row failed is found by running each alone
+            if len(new) == 1:
+                self._fail_alone(new[0], exc, "prefill")
+                return []
+            log.warning("prefill of %d rows failed (%r): running each alone", len(new), exc)
+            done = []
             for h in new:
-                self._state.running[h.admitted.sequence.request_id] = h
-            fresh, events = self.engine.prefill([h.admitted.sequence for h in new])
+                try:
+                    done.append(self.engine.prefill([h.admitted.sequence]))
+                except Exception as exc_alone:  # noqa: BLE001 - this row's own failure
+                    self._fail_alone(h, exc_alone, "prefill")
+        batches = []
+        for fresh, events in done:
             self.stats.prefills += 1
             self._dispatch(events)
-            fresh = self._keep_unfinished(fresh)
-            parts = [b for b in (batch, fresh) if b is not None]
-            batch = self.engine.concatenate(parts) if parts else None
-        if batch is not None:
-            self.stats.max_batch = max(self.stats.max_batch, len(batch))
-            events = self.engine.decode(batch)
-            self.stats.steps += 1
-            self._dispatch(events)
-            batch = self._keep_unfinished(batch)
-        return batch
+            if (kept := self._keep_unfinished(fresh)) is not None:
+                batches.append(kept)
+        return batches
+
+    def _concatenate(self, parts: list[Batch]) -> Batch | None:
+        """Merges the batches; if that raises (the arena could not grow), preempts every row of them."""
+        rows = [s for b in parts for s in b.sequences]
+        try:
+            return self.engine.concatenate(parts)
+        except Exception as exc:  # noqa: BLE001 - a half-merged arena is not trusted: every row recomputes
+            self._preempt(rows, exc)
+            self._state.row_cap = max(1, len(rows) // 2)
+            return None
+
+    def _decode(self, batch: Batch) -> Batch | None:
+        """One decode step; while it raises, preempts the newest half of the rows and retries with the rest."""
+        while True:
+            try:
+                events = self.engine.decode(batch)
+                break
+            except Exception as exc:  # noqa: BLE001 - fewer rows may fit; one row alone is the one that fails
+                if len(batch) == 1:
+                    handle = self._state.running[batch.sequences[0].request_id]
+                    self._filter(batch, [])
+                    self._fail_alone(handle, exc, "decode")
+                    return None
+                keep = len(batch) // 2
+                self._preempt(batch.sequences[keep:], exc)
+                kept = self._filter(batch, list(range(keep)))
+                if kept is None:
+                    return None
+                batch = kept
+                self._state.row_cap = keep if self._state.row_cap is None else min(keep, self._state.row_cap)
+        self.stats.max_batch = max(self.stats.max_batch, len(batch))
+        self.stats.steps += 1
+        self._dispatch(events)
+        return self._keep_unfinished(batch)
+
+    def _filter(self, batch: Batch, keep: list[int]) -> Batch | None:
+        """The engine's filter; if that raises (half-moved KV), the kept rows are preempted too."""
+        rows = [batch.sequences[i] for i in keep]
+        try:
+            return self.engine.filter(batch, keep)
+        except Exception as exc:  # noqa: BLE001 - recompute is right whatever state the arena was left in
+            self._preempt(rows, exc)
+            return None
+
+    def _preempt(self, rows: list[Sequence], cause: BaseException) -> None:
+        """Puts rows whose KV is dropped back at the front of the queue, in order, to resume by recompute."""
+        handles = [self._state.running.pop(s.request_id) for s in rows]
+        with self._cond:
+            self._state.waiting.extendleft(reversed(handles))
+        self.stats.preemptions += len(handles)
+        log.warning("preempted %d requests (%r): they resume by recompute; request ids %s",
+                    len(handles), cause, [s.request_id for s in rows])
+
+    def _fail_alone(self, handle: Handle, error: BaseException, step: str) -> None:
+        log.error("%s failed for request %d alone: failing it", step, handle.admitted.sequence.request_id,
+                  exc_info=error)
+        self._fail(handle, error)
 
     def _still_wanted(self, handle: Handle, now: float) -> bool:
         if handle.cancelled.is_set():
@@ -372,10 +477,10 @@ class Scheduler:
 
     def _drop_unwanted(self, batch: Batch, now: float) -> Batch | None:
         keep = [i for i, s in enumerate(batch.sequences) if self._still_wanted(self._state.running[s.request_id], now)]
-        return self.engine.filter(batch, keep)
+        return self._filter(batch, keep)
 
     def _keep_unfinished(self, batch: Batch) -> Batch | None:
-        return self.engine.filter(batch, [i for i, s in enumerate(batch.sequences) if s.finish_reason is None])
+        return self._filter(batch, [i for i, s in enumerate(batch.sequences) if s.finish_reason is None])
 
     def _dispatch(self, events: list[TokenEvent]) -> None:
         for event in events:

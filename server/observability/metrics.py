@@ -50,6 +50,7 @@ class Snapshot:
     decode_steps: int
     prefills: int
     training_units: int
+    preemptions: int = 0  # running requests whose KV was dropped to be recomputed (out of memory)
     caches: dict[str, CacheCounts] = field(default_factory=dict)
     training_jobs: dict[TrainingState, int] = field(default_factory=dict)
 
@@ -144,6 +145,7 @@ def snapshot_reader(scheduler: Scheduler, caches: dict[str, DeviceLru], jobs: Tr
             decode_steps=stats.steps,
             prefills=stats.prefills,
             training_units=stats.side_units,
+            preemptions=stats.preemptions,
             caches={name: cache_counts(lru) for name, lru in caches.items()},
             training_jobs=states,
         )

@@ -46,6 +46,9 @@ class _StateCollector:
         yield CounterMetricFamily("softprompt_decode_steps", "Decode steps run over the batch", value=s.decode_steps)
         yield CounterMetricFamily("softprompt_prefills", "Prefill forwards run for arriving requests",
                                   value=s.prefills)
+        yield CounterMetricFamily("softprompt_preemptions",
+                                  "Running requests preempted (KV dropped, recomputed when they resume)",
+                                  value=s.preemptions)
         yield CounterMetricFamily("softprompt_training_units", "Units of training work run on the worker",
                                   value=s.training_units)
         families = {

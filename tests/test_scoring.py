@@ -12,7 +12,7 @@ from softprompt.server.app.server import build_app
 from softprompt.server.config import ServerConfig
 from softprompt.server.core import kv
 from softprompt.server.core.engine import Engine
-from softprompt.server.core.scheduler import rows_that_fit
+from softprompt.server.core.planning import rows_that_fit
 from softprompt.server.core.types import ClassifyRequest, DecodingOptions, GenerationRequest
 
 

@@ -9,6 +9,9 @@ The batch contract follows text-generation-inference: `prefill` builds a batch f
 `decode` advances every row by one token, `filter` drops finished rows and `concatenate` merges
 batches, which lets the scheduler add and remove rows between any two steps.
 
+A row longer than the scheduler's prefill budget is prefilled in chunks (`prefill_chunk`), its
+partial KV kept in a `PartialPrefill` between them; it joins a batch once its whole input is in.
+
 Decoding rows keep their keys and values in a preallocated `KvArena` that each step writes one
 column of in place; the running batch's arena outlives the batch, so its buffers (and, on a GPU,
 the CUDA graphs captured on them) serve the next batch too.
@@ -68,6 +71,21 @@ def fresh_positions(prompt: torch.Tensor | None, tokens: int) -> int:
     """Positions a prefill or scoring forward computes for a row of `tokens` tokens after `prompt`: the
     prompt's last virtual token and the tokens; the rest of the prompt is its cached prefix's KV."""
     return (0 if prompt is None else min(1, int(prompt.shape[0]))) + tokens
+
+
+@dataclass
+class PartialPrefill:
+    """A row being prefilled in chunks: the KV of its first `done` tokens (after its prompt), kept between chunks."""
+
+    sequence: Sequence
+    done: int = 0
+    cache: DynamicCache | None = None  # [prompt prefix ; last virtual token ; tokens[:done]]
+    mask: torch.Tensor | None = None  # [1, columns]: the cache's real columns
+
+    @property
+    def tokens(self) -> list[int]:
+        """What the row's prefill runs after its prompt (a resumed row recomputes what it generated)."""
+        return self.sequence.input_ids + self.sequence.generated
 
 
 @dataclass(frozen=True)
@@ -213,6 +231,40 @@ class Engine:
         if not bool(mask.all()):
             kv.zero_masked(out.cache, mask)
         batch = Batch(list(sequences), KvArena.wrap(kv.layers(out.cache), mask, positions=mask.sum(-1)))
+        return batch, self._emit(batch, out.logits)
+
+    @_timed("prefill")
+    @torch.inference_mode()
+    def prefill_chunk(self, partial: PartialPrefill, positions: int) -> tuple[Batch, list[TokenEvent]] | None:
+        """Runs the next `positions` fresh positions of a row's prefill over the KV of those before it.
+
+        The first chunk is the prompt's last virtual token and the first tokens, over the prompt's cached
+        prefix; each later one continues at its real positions, its mask (windows included) over every
+        column before it, so the row's KV is what one whole prefill makes. Returns None while tokens are
+        left, and after the last chunk what `prefill` returns for the row: its batch and first token.
+        """
+        if positions < 1:
+            raise ValueError(f"a prefill chunk needs at least one position, got {positions}")
+        seq, tokens = partial.sequence, partial.tokens
+        if partial.cache is None:
+            take = positions - fresh_positions(seq.prompt, 0)
+            out, mask = self._forward_over_prefixes([seq.prompt], [seq.prompt_key], [tokens[:take]])
+        else:
+            assert partial.mask is not None
+            take = positions
+            chunk = tokens[partial.done:partial.done + take]
+            x = inject.build_inputs(self._embed, [None], [chunk], padding=inject.LEFT)
+            mask = torch.cat([partial.mask, x.attention_mask], dim=1)
+            out = kv.forward(self.model, partial.cache, inputs_embeds=x.embeds,
+                             attention_mask=self._masks.prefill(mask, len(chunk)),
+                             position_ids=x.position_ids + partial.mask.sum(-1, keepdim=True))
+        partial.cache, partial.mask, partial.done = out.cache, mask, min(len(tokens), partial.done + take)
+        if partial.done < len(tokens):
+            return None
+        partial.cache = partial.mask = None  # the batch owns the KV now
+        if not bool(mask.all()):
+            kv.zero_masked(out.cache, mask)
+        batch = Batch([seq], KvArena.wrap(kv.layers(out.cache), mask, positions=mask.sum(-1)))
         return batch, self._emit(batch, out.logits)
 
     @torch.inference_mode()

@@ -1,17 +1,21 @@
 """Queues admitted requests and runs them in one continuously batched loop on a single worker thread.
 
 The worker owns the model. Each iteration it drops rows whose client left or whose deadline
-passed, scores waiting Classify requests (all tasks in one forward), prefills newly arrived
-requests (of any tasks) and merges them into the running batch, then decodes one token for every
-row. A request joins at the next step and leaves the moment it finishes; nothing waits for a
-whole batch to drain.
+passed, runs one forward of Classify label rows (`scoring`), one prefill (newly arrived requests
+of any tasks, or one chunk of a row longer than the prefill budget: `planning`) and merges the
+rows whose prefill is complete into the running batch, then decodes one token for every row. A
+request joins at the next step and leaves the moment it finishes; nothing waits for a whole batch
+to drain, and no long prompt or burst of Classify requests holds the running streams for more
+than a budget's worth of work per token.
 
 One request's failure never fails the others. A prefill that raises is retried one row at a
 time, and only a row that fails alone gets the error. A decode step that raises (out of memory,
 typically) preempts the newest half of the rows -- their KV is dropped, they go back to the front
 of the queue and resume later by recompute, with the same tokens -- and is retried with the rest,
-down to a single row, which then fails alone. Until the batch next empties, admission stops at
-the size that last ran, so preempted rows rejoin as others finish instead of failing again.
+down to a single row, which then fails alone. A row half way through a chunked prefill is the
+newest of all: it is preempted first, its partial KV dropped, and prefills again from its start.
+Until the batch next empties, admission stops at the size that last ran, so preempted rows rejoin
+as others finish instead of failing again.
 
 Training jobs hand the worker small units of model work (`call`). An idle worker runs them back
 to back; while requests are being served they get at most `side_share` of the worker's time, one
@@ -25,36 +29,21 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from softprompt.server.core.admission import Admitted, AdmittedScoring
-from softprompt.server.core.engine import Batch, Engine, Sequence, TokenEvent, fresh_positions
+from softprompt.server.core.engine import Batch, Engine, PartialPrefill, Sequence, TokenEvent, fresh_positions
 from softprompt.server.core.errors import CancelledError, DeadlineError, OverloadedError, ShuttingDownError
+from softprompt.server.core.planning import plan_prefill
+from softprompt.server.core.scoring import ScoringGroup, ScoringJob
 from softprompt.server.core.types import GenerationResult, StreamChunk, Usage
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-def rows_that_fit(fresh: Iterable[int], *, max_rows: int, max_positions: int) -> int:
-    """How many of the leading rows one prefill takes, given each row's fresh positions.
-
-    A forward pads every row to its widest, so it computes rows x the widest row's fresh positions,
-    not their sum: that product stays within `max_positions` (a first row goes regardless, alone if
-    it must), so one long row with many short ones no longer costs many times the budget; the rows
-    after it wait for the next prefill.
-    """
-    taken = widest = 0
-    for n in fresh:
-        wider = max(widest, n)
-        if taken >= max_rows or (taken and (taken + 1) * wider > max_positions):
-            break
-        taken, widest = taken + 1, wider
-    return taken
 
 
 @dataclass
@@ -104,12 +93,7 @@ class SchedulerStats:
     max_batch: int = 0
     side_units: int = 0
     preemptions: int = 0  # rows whose KV was dropped to be recomputed later
-
-
-@dataclass
-class _Scoring:
-    admitted: AdmittedScoring
-    future: Future[list[float]]
+    prefill_chunks: int = 0  # forwards of rows prefilled in parts, being longer than the budget
 
 
 @dataclass
@@ -121,7 +105,7 @@ class _SideJob:
 @dataclass
 class _Work:
     new: list[Handle]
-    scoring: list[_Scoring]
+    scoring: list[ScoringJob]
     side: _SideJob | None
 
 
@@ -129,7 +113,9 @@ class _Work:
 class _State:
     waiting: deque[Handle] = field(default_factory=deque)
     running: dict[int, Handle] = field(default_factory=dict)
-    scoring: deque[_Scoring] = field(default_factory=deque)
+    scoring: deque[ScoringJob] = field(default_factory=deque)
+    scored: ScoringGroup = field(default_factory=ScoringGroup)  # the Classify rows being scored
+    partial: tuple[Handle, PartialPrefill] | None = None  # a row being prefilled in chunks
     side: deque[_SideJob] = field(default_factory=deque)
     # Worker seconds spent serving and on side jobs since the worker was last idle.
     serve_s: float = 0.0
@@ -172,7 +158,7 @@ class Scheduler:
 
     def submit_scoring(self, admitted: AdmittedScoring) -> Future[list[float]]:
         """Queues a Classify request; the future gives each label's log-probability (cancel() drops it)."""
-        job = _Scoring(admitted, Future())
+        job = ScoringJob(admitted, Future())
         with self._cond:
             self._check_room()
             self._state.scoring.append(job)
@@ -227,7 +213,8 @@ class Scheduler:
         """Stops taking requests, lets running ones finish for up to `grace_s`, then fails the rest."""
         self.stop_admitting()
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and (self._state.waiting or self._state.running or self._state.scoring):
+        while time.monotonic() < deadline and (self._state.waiting or self._state.running or self._state.scoring
+                                               or self._state.scored):
             time.sleep(0.01)
         with self._cond:
             self._stop = True
@@ -246,14 +233,10 @@ class Scheduler:
             if work is None:
                 break
             started = time.monotonic()
-            if work.scoring:
-                try:
-                    self._score(work.scoring)
-                except Exception as exc:  # noqa: BLE001 - fails these Classify requests, not the batch
-                    log.exception("scoring failed; failing %d Classify requests", len(work.scoring))
-                    for job in work.scoring:
-                        if not job.future.done():
-                            job.future.set_exception(exc)
+            self._state.scored.take(work.scoring)
+            if self._state.scored:
+                self._state.scored.run_one(self.engine, max_rows=self.max_batch_size,
+                                           max_positions=self.max_prefill_tokens)
             try:
                 batch = self._step(batch, work.new)
             except Exception as exc:  # noqa: BLE001 - a bug outside any row's model work must not kill the server
@@ -261,7 +244,7 @@ class Scheduler:
                 log.exception("engine step failed; failing %d requests", len(victims))
                 for handle in victims.values():
                     self._fail(handle, exc)
-                batch = None
+                batch, self._state.partial = None, None
             if batch is None:
                 self._state.row_cap = None
             self._state.serve_s += time.monotonic() - started
@@ -286,7 +269,9 @@ class Scheduler:
             scoring, side = list(self._state.scoring), list(self._state.side)
             self._state.scoring.clear()
             self._state.side.clear()
+            self._state.partial = None
         error = ShuttingDownError("the server shut down before this request finished: retry")
+        self._state.scored.fail_all(error)
         for handle in left:
             self._fail(handle, error)
         for job in [*scoring, *side]:
@@ -297,7 +282,8 @@ class Scheduler:
         """Waits for work, then takes the arrivals that fit, waiting Classify requests and maybe a side job."""
         state = self._state
         with self._cond:
-            while not self._stop and batch is None and not (state.waiting or state.scoring or state.side):
+            while not self._stop and batch is None and not (state.waiting or state.scoring or state.side
+                                                            or state.scored or state.partial):
                 self._cond.wait()
             if self._stop:
                 return None
@@ -308,14 +294,13 @@ class Scheduler:
                     self._cond.wait(left)
             rows = self.max_batch_size if state.row_cap is None else min(state.row_cap, self.max_batch_size)
             room = rows - (0 if batch is None else len(batch))
-            # A resumed row recomputes what it generated.
-            fresh = (fresh_positions(s.prompt, len(s.input_ids) + len(s.generated))
-                     for s in (h.admitted.sequence for h in state.waiting))
-            fit = rows_that_fit(fresh, max_rows=room, max_positions=self.max_prefill_tokens)
-            taken = [state.waiting.popleft() for _ in range(fit)]
-            scoring = list(state.scoring)
-            state.scoring.clear()
-            idle = batch is None and not taken and not scoring
+            taken = [] if state.partial is not None else self._take_prefill(room)
+            # A new group of Classify requests once the last one is scored, so none waits behind later ones.
+            scoring: list[ScoringJob] = []
+            if not state.scored:
+                scoring = list(state.scoring)
+                state.scoring.clear()
+            idle = batch is None and not taken and not scoring and not state.scored and state.partial is None
             if idle:
                 # The side job that ran last may have delayed the requests about to arrive: count it
                 # against the next busy period, so serving gets its share from the first step.
@@ -325,56 +310,30 @@ class Scheduler:
                 side = state.side.popleft()
             return _Work(taken, scoring, side)
 
-    def _score(self, jobs: list[_Scoring]) -> None:
-        """Scores every label row of the waiting Classify requests, packed into prefill-sized forwards."""
-        now = time.monotonic()
-        live = []
-        for job in jobs:
-            deadline = job.admitted.deadline
-            if not job.future.set_running_or_notify_cancel():
-                continue
-            if deadline is not None and now >= deadline:
-                job.future.set_exception(DeadlineError("deadline exceeded while queued: raise the deadline"))
-                continue
-            live.append(job)
-        # Shortest first: rows of similar lengths share a forward, so little of it is padding.
-        rows = sorted(((job, j) for job in live for j in range(len(job.admitted.label_ids))),
-                      key=self._scored_positions)
-        results: dict[int, list[float]] = {id(job): [0.0] * len(job.admitted.label_ids) for job in live}
-        for chunk in self._prefill_chunks(rows):
-            values = self.engine.score(
-                [job.admitted.prompt for job, _ in chunk],
-                [job.admitted.prompt_key for job, _ in chunk],
-                [job.admitted.input_ids for job, _ in chunk],
-                [job.admitted.label_ids[j] for job, j in chunk],
-            )
-            for (job, j), value in zip(chunk, values):
-                results[id(job)][j] = value
-        for job in live:
-            job.future.set_result(results[id(job)])
-
-    def _prefill_chunks(self, rows: list[tuple[_Scoring, int]]) -> Iterator[list[tuple[_Scoring, int]]]:
-        """Consecutive runs of the rows, each one forward within the prefill budget and the batch size."""
-        start = 0
-        while start < len(rows):
-            fit = rows_that_fit((self._scored_positions(rows[i]) for i in range(start, len(rows))),
-                                max_rows=self.max_batch_size, max_positions=self.max_prefill_tokens)
-            yield rows[start:start + fit]
-            start += fit
-
-    @staticmethod
-    def _scored_positions(row: tuple[_Scoring, int]) -> int:
-        job, j = row
-        return fresh_positions(job.admitted.prompt, len(job.admitted.input_ids) + len(job.admitted.label_ids[j]))
+    def _take_prefill(self, room: int) -> list[Handle]:
+        """The waiting rows the next prefill takes; a row over the budget instead starts its chunked prefill."""
+        state = self._state
+        # A resumed row recomputes what it generated.
+        fresh = [fresh_positions(s.prompt, len(s.input_ids) + len(s.generated))
+                 for s in (h.admitted.sequence for h in state.waiting)]
+        plan = plan_prefill(fresh, room=room, max_positions=self.max_prefill_tokens)
+        taken = [state.waiting.popleft() for _ in range(plan.rows)]
+        if not plan.chunked:
+            return taken
+        handle = taken[0]
+        state.running[handle.admitted.sequence.request_id] = handle
+        state.partial = handle, PartialPrefill(handle.admitted.sequence)
+        return []
 
     def _step(self, batch: Batch | None, new: list[Handle]) -> Batch | None:
         now = time.monotonic()
         new = [h for h in new if self._still_wanted(h, now)]
         if batch is not None:
             batch = self._drop_unwanted(batch, now)
-        if new:
-            parts = [b for b in (batch, *self._prefill(new)) if b is not None]
-            batch = self._concatenate(parts) if parts else None
+        joining = [*(self._prefill(new) if new else []), *self._prefill_chunk(now)]
+        if joining:
+            parts = [b for b in (batch, *joining) if b is not None]
+            batch = self._concatenate(parts)
         if batch is not None:
             batch = self._decode(batch)
         return batch
@@ -405,6 +364,30 @@ class Scheduler:
                 batches.append(kept)
         return batches
 
+    def _prefill_chunk(self, now: float) -> list[Batch]:
+        """Runs the next chunk of the row being prefilled in parts; its batch once the last chunk is in."""
+        if self._state.partial is None:
+            return []
+        handle, partial = self._state.partial
+        if not self._still_wanted(handle, now):
+            self._state.partial = None  # its partial KV goes with it
+            return []
+        try:
+            done = self.engine.prefill_chunk(partial, self.max_prefill_tokens)
+        except Exception as exc:  # noqa: BLE001 - the row is alone in its forward
+            self._state.partial = None
+            self._fail_alone(handle, exc, "prefill")
+            return []
+        self.stats.prefill_chunks += 1
+        if done is None:
+            return []
+        self._state.partial = None
+        fresh, events = done
+        self.stats.prefills += 1
+        self._dispatch(events)
+        kept = self._keep_unfinished(fresh)
+        return [] if kept is None else [kept]
+
     def _concatenate(self, parts: list[Batch]) -> Batch | None:
         """Merges the batches; if that raises (the arena could not grow), preempts every row of them."""
         rows = [s for b in parts for s in b.sequences]
@@ -422,6 +405,11 @@ class Scheduler:
                 events = self.engine.decode(batch)
                 break
             except Exception as exc:  # noqa: BLE001 - fewer rows may fit; one row alone is the one that fails
+                if self._state.partial is not None:
+                    # The newest row's partial KV goes first: it restarts its prefill later.
+                    self._preempt([self._state.partial[1].sequence], exc)
+                    self._state.partial = None
+                    continue
                 if len(batch) == 1:
                     handle = self._state.running[batch.sequences[0].request_id]
                     self._filter(batch, [])

@@ -22,7 +22,8 @@ from softprompt.server.config import ServerConfig
 from softprompt.server.core.engine import Engine
 from softprompt.server.core.errors import TrainingJobNotFoundError
 from softprompt.server.grpc_api.interceptors.observing import ObservingInterceptor
-from softprompt.server.observability.metrics import Metrics, NoMetrics, create_metrics, snapshot_reader
+from softprompt.server.observability.factory import create_metrics
+from softprompt.server.observability.metrics import Metrics, NoMetrics, snapshot_reader
 from softprompt.server.app.loading import load_base_model
 from softprompt.server.core.model import BaseModel
 from softprompt.server.core.prompt_cache import PromptCache

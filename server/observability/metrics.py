@@ -2,7 +2,7 @@
 
 The servicers and the interceptor talk to a `Metrics`; with --metrics-port unset that is
 `NoMetrics`, which does nothing. prometheus_client is optional (the GPU image has none), so only
-`create_metrics` imports `softprompt.server.observability.prometheus`, and only when metrics are asked for.
+`factory.create_metrics` imports `softprompt.server.observability.prometheus`, and only when metrics are asked for.
 Gauges such as queue depth and cache counts are not pushed by the worker loop: a `Snapshot` of
 them is pulled from the serving parts when the endpoint is scraped.
 """
@@ -108,21 +108,6 @@ class TaskLabels:
                 self._seen.add(name)
                 return name
         return OTHER_TASK
-
-
-def create_metrics(enabled: bool) -> Metrics:
-    """A Prometheus recorder when `enabled` (importing prometheus_client only then), else `NoMetrics`."""
-    if not enabled:
-        return NoMetrics()
-    try:
-        from softprompt.server.observability.prometheus import PrometheusMetrics
-    except ImportError as exc:
-        if exc.name != "prometheus_client":
-            raise
-        raise RuntimeError(
-            "--metrics-port needs prometheus_client: pip install 'softprompt[server]' (or prometheus-client)"
-        ) from exc
-    return PrometheusMetrics()
 
 
 def cache_counts(lru: DeviceLru) -> CacheCounts:

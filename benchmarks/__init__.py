@@ -18,5 +18,6 @@ Ratios are against (a). All requests arrive at once (t0); latency runs from a re
 Modules: `workload` (settings, inputs, prompts, model), `baselines` (HF and PEFT), `engine_methods`
 (our engine and server), `methods` (the catalogue), `results` and `measure` (timing one method),
 `report` (the printed report), `cli` (the command line); `sampling` times the sampler alone
-(`python -m softprompt.benchmarks.sampling`), apart from the report above.
+(`python -m softprompt.benchmarks.sampling`) and `churn` times decode while rows leave and join every
+step (`python -m softprompt.benchmarks.churn`), apart from the report above.
 """

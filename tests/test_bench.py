@@ -63,3 +63,33 @@ def test_engine_options_the_bench_uses(tiny_base) -> None:
     calls = {part: n for part, (n, seconds) in timings.snapshot().items()}
     assert calls == {"prefill": 1, "decode": 4, "emit": 5, "filter": 4, "concatenate": 0}
     assert all(seconds >= 0 for _, seconds in timings.snapshot().values())
+
+
+def test_churn_benchmark_reports_both_runs(tiny_model_dir: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Rows 6 and lifetime 4 make 1.5 rows finish and join per step, each replaced, and every figure positive."""
+    from softprompt.benchmarks.churn import main as churn_main
+
+    out = tmp_path / "churn.json"
+    argv = ["--model", str(tiny_model_dir), "--rows", "6", "--lifetime", "4", "--steps", "6",
+            "--virtual-tokens", "3", "--tasks", "2", "--threads", "1", "--json", str(out)]
+    assert churn_main(argv) == 0
+    figures = json.loads(out.read_text())
+    still, churn = figures["no_churn"], figures["churn"]
+    assert still["finished_per_step"] == 0 and still["decode_tokens"] == 6 * 6
+    assert churn["finished_per_step"] == churn["joined_per_step"] == 1.5
+    assert churn["mean_rows"] == 6 and churn["decode_tokens"] == 6 * 6
+    for run in (still, churn):
+        assert run["decode_tokens_per_s"] > 0 and run["seconds"] > 0
+        assert run["ms_per_step"]["decode"] > 0 and run["mean_width"] > 0
+    assert churn["ms_per_step"]["prefill"] > 0 and churn["ms_per_step"]["filter"] > 0
+    assert figures["ratio"] > 0 and figures["ratio_without_prefill"] > 0 and figures["threads"] == 1
+    assert "churn / no churn:" in capsys.readouterr().out
+
+
+def test_churn_benchmark_refuses_a_batch_that_cannot_churn_every_step(capsys: pytest.CaptureFixture[str]) -> None:
+    from softprompt.benchmarks.churn import main as churn_main
+
+    with pytest.raises(SystemExit):
+        churn_main(["--rows", "8", "--lifetime", "43"])
+    assert "--rows (8) must be at least --lifetime (43)" in capsys.readouterr().err

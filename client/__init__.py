@@ -12,7 +12,9 @@ Example:
     ...     print(client.classify("sentiment", "Dull.", ["positive", "negative"]).label)
 """
 
-from softprompt.client.client import DEFAULT_TARGET, AsyncClient, Client
+from softprompt.client.aio import AsyncClient
+from softprompt.client.base import DEFAULT_TARGET
+from softprompt.client.client import Client
 from softprompt.client.credentials import TlsOptions
 from softprompt.client.errors import (
     CancelledError,

@@ -13,6 +13,7 @@ from softprompt.client.types import (
     ClassifyResult,
     EvalMetrics,
     GenerateResult,
+    KvCache,
     LabelScore,
     Limits,
     ModelInfo,
@@ -106,6 +107,20 @@ def model_info(msg: pb.ModelInfoResponse) -> ModelInfo:
         fingerprint=msg.fingerprint,
         limits=limits(msg.limits),
         has_chat_template=msg.has_chat_template,
+        kv_cache=kv_cache(msg.kv_cache) if msg.HasField("kv_cache") else None,
+    )
+
+
+def kv_cache(msg: pb.KvCache) -> KvCache:
+    """Converts a KvCache message."""
+    return KvCache(
+        block_size=msg.block_size,
+        total_blocks=msg.total_blocks,
+        used_blocks=msg.used_blocks,
+        rows=msg.rows,
+        bytes_per_token=msg.bytes_per_token,
+        total_tokens=msg.total_tokens,
+        free_tokens=msg.free_tokens,
     )
 
 

@@ -17,6 +17,7 @@ __all__ = [
     "StreamChunk",
     "PromptInfo",
     "Limits",
+    "KvCache",
     "ModelInfo",
     "TokenizeResult",
     "LabelScore",
@@ -140,6 +141,37 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class KvCache:
+    """The server's KV cache: a pool of fixed-size blocks reserved at startup, and how full it is now.
+
+    A request whose input plus max_new_tokens could never fit is refused (InvalidArgumentError);
+    requests beyond what is free wait, or running ones are preempted and recomputed later.
+
+    Attributes:
+        block_size: token slots per block.
+        total_blocks: blocks requests may hold.
+        used_blocks: blocks requests hold now.
+        rows: requests holding blocks now.
+        bytes_per_token: keys and values of one token over all layers.
+        total_tokens: tokens the pool holds when full.
+        free_tokens: token slots in free blocks.
+    """
+
+    block_size: int
+    total_blocks: int
+    used_blocks: int
+    rows: int
+    bytes_per_token: int
+    total_tokens: int
+    free_tokens: int
+
+    @property
+    def total_bytes(self) -> int:
+        """The pool's size in bytes."""
+        return self.total_tokens * self.bytes_per_token
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """The base model served and the server's limits.
 
@@ -153,6 +185,7 @@ class ModelInfo:
         fingerprint: identifies the base weights; compare with PromptInfo.base_model_fingerprint.
         limits: the server's request limits.
         has_chat_template: whether `chat=True` is supported.
+        kv_cache: the KV cache's size and use when asked (None from servers that do not report it).
     """
 
     model_id: str
@@ -164,6 +197,7 @@ class ModelInfo:
     fingerprint: str
     limits: Limits
     has_chat_template: bool
+    kv_cache: KvCache | None = None
 
 
 @dataclass(frozen=True)

@@ -175,8 +175,26 @@ class Limits(_message.Message):
     max_upload_bytes: int
     def __init__(self, max_new_tokens: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., max_virtual_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_upload_bytes: _Optional[int] = ...) -> None: ...
 
+class KvCache(_message.Message):
+    __slots__ = ("block_size", "total_blocks", "used_blocks", "rows", "bytes_per_token", "total_tokens", "free_tokens")
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    USED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FREE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    block_size: int
+    total_blocks: int
+    used_blocks: int
+    rows: int
+    bytes_per_token: int
+    total_tokens: int
+    free_tokens: int
+    def __init__(self, block_size: _Optional[int] = ..., total_blocks: _Optional[int] = ..., used_blocks: _Optional[int] = ..., rows: _Optional[int] = ..., bytes_per_token: _Optional[int] = ..., total_tokens: _Optional[int] = ..., free_tokens: _Optional[int] = ...) -> None: ...
+
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model_id", "hidden_size", "dtype", "device", "max_sequence_length", "vocab_size", "fingerprint", "limits", "has_chat_template")
+    __slots__ = ("model_id", "hidden_size", "dtype", "device", "max_sequence_length", "vocab_size", "fingerprint", "limits", "has_chat_template", "kv_cache")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +204,7 @@ class ModelInfoResponse(_message.Message):
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     hidden_size: int
     dtype: str
@@ -195,7 +214,8 @@ class ModelInfoResponse(_message.Message):
     fingerprint: str
     limits: Limits
     has_chat_template: bool
-    def __init__(self, model_id: _Optional[str] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_sequence_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., fingerprint: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., has_chat_template: _Optional[bool] = ...) -> None: ...
+    kv_cache: KvCache
+    def __init__(self, model_id: _Optional[str] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_sequence_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., fingerprint: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., has_chat_template: _Optional[bool] = ..., kv_cache: _Optional[_Union[KvCache, _Mapping]] = ...) -> None: ...
 
 class PeftAdapter(_message.Message):
     __slots__ = ("adapter_config_json", "adapter_model_safetensors")

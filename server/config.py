@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 from pathlib import Path
 
+from softprompt.server.kv_memory import KvCacheMemory, parse_kv_cache_memory
 from softprompt.server.core.families import SUPPORTED_ATTENTION
 
 
@@ -56,6 +57,14 @@ class ServerConfig:
         4096,
         "most positions one prefill computes, rows padded to the longest: rows x the longest row's positions "
         'outside its cached prompt prefix (bounds latency spikes)',
+    )
+    kv_cache_memory: str = setting(
+        "auto",
+        "memory for the KV cache, the keys and values of every running request, reserved once at startup: a "
+        "size (24GiB, 512MiB, 2GB, or bytes), a fraction in (0, 1] of the device memory free after the weights "
+        "are loaded (0.8), or auto (0.8 on CUDA, 2GiB on CPU). It bounds the tokens running requests hold at "
+        "once: a request whose input plus max_new_tokens could never fit is refused with INVALID_ARGUMENT; "
+        "rows beyond what is free wait in the queue, or running ones are preempted and recomputed later",
     )
     batch_wait_ms: float = setting(2.0, 'when idle, how long to gather arriving requests into one prefill')
     prompt_cache_mb: float = setting(256.0, 'device memory for cached prompt tensors (LRU)')
@@ -118,6 +127,7 @@ class ServerConfig:
         if self.attn_implementation not in (None, *SUPPORTED_ATTENTION):
             raise ValueError(f"attn_implementation must be one of {', '.join(SUPPORTED_ATTENTION)}, got "
                              f"{self.attn_implementation!r}: the engine's attention masks suit no other kernel")
+        parse_kv_cache_memory(self.kv_cache_memory)  # raises ValueError saying what the flag accepts
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535 (0 picks a free port), got {self.port}")
 
@@ -125,6 +135,11 @@ class ServerConfig:
     def store_dir(self) -> Path:
         """The prompt store folder in effect."""
         return self.store or default_store_dir()
+
+    @property
+    def kv_cache(self) -> KvCacheMemory:
+        """The KV cache budget as given (bytes, a fraction, or auto); resolved to bytes once the model is loaded."""
+        return parse_kv_cache_memory(self.kv_cache_memory)
 
     @property
     def rpc_workers(self) -> int:

@@ -8,8 +8,6 @@ chunks of a long row (or two Classify forwards) the running rows take a decode s
 
 from __future__ import annotations
 
-import gc
-import weakref
 
 import pytest
 import torch
@@ -24,6 +22,7 @@ from softprompt.server.core.engine import Engine, PartialPrefill, Sequence, fres
 from softprompt.server.core.errors import CancelledError
 from softprompt.server.core.model import BaseModel
 from softprompt.server.core.planning import PrefillPlan, plan_prefill
+from softprompt.server.core.pool import RowKv
 from softprompt.server.core.sampling import SamplingParams
 from softprompt.server.core.types import ClassifyRequest, DecodingOptions, GenerationRequest
 
@@ -59,11 +58,19 @@ def _base(family: str, impl: str, tiny_base) -> BaseModel:
 
 
 def test_a_row_over_the_budget_is_planned_alone_in_chunks():
-    assert plan_prefill([5000, 10], room=4, max_positions=4096) == PrefillPlan(1, chunked=True)
-    assert plan_prefill([10, 5000], room=4, max_positions=4096) == PrefillPlan(1)
-    assert plan_prefill([10, 10], room=4, max_positions=4096) == PrefillPlan(2)
-    assert plan_prefill([5000], room=0, max_positions=4096) == PrefillPlan(0)
-    assert plan_prefill([], room=4, max_positions=4096) == PrefillPlan(0)
+    assert plan_prefill([5000, 10], [313, 1], room=4, max_positions=4096, free_blocks=999) == PrefillPlan(1, chunked=True)
+    assert plan_prefill([10, 5000], [1, 313], room=4, max_positions=4096, free_blocks=999) == PrefillPlan(1)
+    assert plan_prefill([10, 10], [1, 1], room=4, max_positions=4096, free_blocks=999) == PrefillPlan(2)
+    assert plan_prefill([5000], [313], room=0, max_positions=4096, free_blocks=999) == PrefillPlan(0)
+    assert plan_prefill([], [], room=4, max_positions=4096, free_blocks=999) == PrefillPlan(0)
+
+
+def test_a_prefill_takes_only_rows_whose_kv_blocks_are_free():
+    """Rows wait while the pool cannot hold them, in arrival order: a long row is not overtaken."""
+    assert plan_prefill([10, 10, 10], [2, 2, 2], room=4, max_positions=4096, free_blocks=5) == PrefillPlan(2)
+    assert plan_prefill([10, 10], [6, 1], room=4, max_positions=4096, free_blocks=5) == PrefillPlan(0)
+    assert plan_prefill([5000], [313], room=4, max_positions=4096, free_blocks=312) == PrefillPlan(0)
+    assert plan_prefill([5000], [313], room=4, max_positions=4096, free_blocks=313) == PrefillPlan(1, chunked=True)
 
 
 def _chunked(engine: Engine, seq: Sequence, budget: int):
@@ -189,7 +196,7 @@ def test_a_row_stopped_mid_prefill_frees_its_partial_kv(how, tiny_base, tmp_path
     budget = 5
     chunks, short_new = _long_run(tiny_base, budget)
     app = _app(tiny_base, tmp_path, budget)
-    caches: list[weakref.ref] = []
+    held: list[RowKv] = []  # the long row's blocks, taken at its first chunk
     state = {"decodes": 0}
 
     def on_call(name, args):
@@ -197,8 +204,9 @@ def test_a_row_stopped_mid_prefill_frees_its_partial_kv(how, tiny_base, tmp_path
             state["decodes"] += 1
             if how == "preempted" and state["decodes"] == 3:  # after the long row's second chunk
                 raise torch.OutOfMemoryError("injected: out of memory")
-        if name == "prefill_chunk" and args[0].cache is not None and not caches:
-            caches.append(weakref.ref(args[0].cache))
+        if name == "prefill_chunk" and args[0].sequence.kv is not None and not held:
+            held.append(args[0].sequence.kv)
+            assert held[0].blocks, "the partial row holds KV blocks"
             if how == "cancelled":
                 long.cancel()
 
@@ -216,8 +224,8 @@ def test_a_row_stopped_mid_prefill_frees_its_partial_kv(how, tiny_base, tmp_path
                 long.result()
     finally:
         app.scheduler.close()
-    gc.collect()
-    assert caches and caches[0]() is None, "the partial KV outlived the row's prefill"
+    assert held and not held[0].blocks, "the partial KV outlived the row's prefill"
+    assert app.scheduler.engine.kv_usage().used_blocks == 0
     stats = app.scheduler.stats
     if how == "preempted":
         assert stats.preemptions == 1 and stats.prefill_chunks == chunks + 2  # two chunks redone

@@ -33,6 +33,7 @@ from softprompt.client import (
     GenerateResult,
     InternalError,
     InvalidArgumentError,
+    KvCache,
     Limits,
     ModelInfo,
     NotFoundError,
@@ -48,7 +49,7 @@ from softprompt.client import (
     Usage,
     from_rpc_error,
 )
-from softprompt.client import sources
+from softprompt.client import convert, sources
 from softprompt.client.cli import main
 from softprompt.protos import softprompt_pb2 as pb
 from softprompt.protos import softprompt_pb2_grpc as pb_grpc
@@ -168,6 +169,8 @@ class FakeInference(pb_grpc.InferenceServicer):
                 max_upload_bytes=1 << 20,
             ),
             has_chat_template=True,
+            kv_cache=pb.KvCache(block_size=16, total_blocks=4687, used_blocks=150, rows=2, bytes_per_token=18432,
+                                total_tokens=4687 * 16, free_tokens=(4687 - 150) * 16),
         )
 
 
@@ -382,7 +385,12 @@ def test_model_info(client: Client) -> None:
         fingerprint="fp-base",
         limits=Limits(512, 64, 1024, 100, 8, 32, 1 << 20),
         has_chat_template=True,
+        kv_cache=KvCache(block_size=16, total_blocks=4687, used_blocks=150, rows=2, bytes_per_token=18432,
+                         total_tokens=74992, free_tokens=72592),
     )
+    assert info.kv_cache.total_bytes == 74992 * 18432
+    # A server from before the KV pool reports none.
+    assert convert.model_info(pb.ModelInfoResponse()).kv_cache is None
 
 
 # ---------------------------------------------------------------------- errors and deadlines
@@ -741,6 +749,7 @@ def test_cli_tokenize_and_info(fake: FakeServer, capsys: pytest.CaptureFixture[s
     assert json.loads(out) == {"token_ids": [10, 11, 12], "tokens": ["<user>", "hi", "</user>"]}
     code, out, _ = run_cli(capsys, "--server", fake.target, "info")
     assert code == 0 and "tiny-llama" in out and "512 (default 64)" in out
+    assert "1.3 GiB, 74,992 tokens (4,687 blocks of 16), 3% used, 2 rows" in out
     code, out, _ = run_cli(capsys, "--server", fake.target, "info", "--json")
     assert json.loads(out)["limits"]["max_upload_bytes"] == 1 << 20
 

@@ -134,8 +134,8 @@ def test_graph_shaped_steps_match_reference(tiny_base):
     _check(engine, tiny_base, rows)
 
 
-def test_joining_rows_longer_than_the_batch_shift_it(tiny_base):
-    """A joiner with more positions than the running rows have moves them right; one with fewer is padded."""
+def test_rows_of_any_lengths_join_and_leave_without_moving_each_others_kv(tiny_base):
+    """A joiner longer than the running rows, and a row leaving, leave the other rows' blocks as they were."""
     engine = Engine(tiny_base)
     short = Sequence(request_id=0, input_ids=tiny_base.tokenizer("hi").input_ids, params=SamplingParams(max_new_tokens=20))
     long = Sequence(request_id=1, input_ids=tiny_base.tokenizer(TEXTS[2] * 3).input_ids,
@@ -144,33 +144,21 @@ def test_joining_rows_longer_than_the_batch_shift_it(tiny_base):
         engine.start(seq)
     batch, _ = engine.prefill([short])
     engine.decode(batch)
+    blocks, held = list(short.kv.blocks), _held(engine, short)
     batch = engine.concatenate([batch, engine.prefill([long])[0]])
-    assert batch.kv.t == long.length  # the running row (3 columns) was shifted to the joiner's 78
+    assert short.kv.blocks == blocks and torch.equal(_held(engine, short), held)
     run_to_end(engine, batch)
     _check(engine, tiny_base, [short, long])
+    assert engine.kv_usage().used_blocks == 0 and engine.kv_usage().rows == 0  # finished rows gave theirs back
 
 
-def test_arena_grows_and_is_reused_across_batches(tiny_base):
-    engine = Engine(tiny_base)
-    first = engine_rows(engine, tiny_base, 1, max_new=3)
-    batch, _ = engine.prefill(first)
-    engine.decode(batch)
-    arena = batch.kv
-    late = engine_rows(engine, tiny_base, 3, max_new=90)[1:]  # more rows and more columns than reserved
-    batch = engine.concatenate([batch, engine.prefill(late)[0]])
-    assert batch.kv is arena and arena.generation == 1 and arena.capacity_rows >= 3
-    run_to_end(engine, batch)
-    _check(engine, tiny_base, first + late)
-    again = engine_rows(engine, tiny_base, 2)
-    batch, _ = engine.prefill(again)
-    engine.decode(batch)
-    assert batch.kv is arena and arena.generation == 1  # the drained arena's buffers serve the next batch
-    run_to_end(engine, batch)
-    _check(engine, tiny_base, again)
+def _held(engine: Engine, seq: Sequence) -> torch.Tensor:
+    """The keys a row holds, in position order, first layer."""
+    return engine.pool.keys[0][:, seq.kv.slots(0, seq.kv.length)].clone()
 
 
 def test_two_live_batches_decode_independently(tiny_base):
-    """While one batch holds the long-lived arena, another gets its own; interleaved steps stay exact."""
+    """Two batches over one pool, stepped in turn, stay exact."""
     engine = Engine(tiny_base)
     rows = engine_rows(engine, tiny_base, 4)
     a, _ = engine.prefill(rows[:2])
@@ -251,11 +239,15 @@ def test_window_masks_count_real_positions_not_columns(tiny_base):
     additive = MaskLayout(window, per_layer_type=False, dtype=torch.float32).prefill(valid, queries)
     assert torch.equal(additive == 0, masks[SLIDING]) and additive.min() == torch.finfo(torch.float32).min
 
-    # A decode step: the row's query at column 8 of a bucketed width of 12 (columns 9-11 are not written yet).
-    step = torch.tensor([[False, True, True, True, False, True, True, True, True, False, False, False]])
-    decode = MaskLayout(window, per_layer_type=False, dtype=None).decode(step, 1, 12, torch.tensor([8]))
-    assert decode[0, 0, 0].nonzero()[:, 0].tolist() == [6, 7, 8]  # the last 3 real positions
+    # Over KV-pool rows a column is a position: queries at positions 8 and 1 (and a padding query at 0)
+    # of a width of 12, columns past a query not written yet.
+    at = torch.tensor([[8], [1], [0]])
+    paged = MaskLayout(window, per_layer_type=True, dtype=None).over_positions(at, 12)
+    for kind, rule in rules.items():
+        assert torch.equal(paged[kind][:, 0, 0], rule(0, 0, at, torch.arange(12)[None, :])), kind
+    assert paged[SLIDING][0, 0, 0].nonzero()[:, 0].tolist() == [6, 7, 8]  # the last 3 positions
+    assert paged[SLIDING][2, 0, 0].nonzero()[:, 0].tolist() == [0]  # a padding query is never all-masked
 
     full = MaskLayout.of(tiny_base.model)
     assert full.window is None and full.prefill(valid, queries) is valid  # transformers builds its own
-    assert torch.equal(full.decode(step, 1, 12, torch.tensor([8])), step[:, None, None, :])
+    assert torch.equal(full.over_positions(at, 12)[:, 0, 0], torch.arange(12)[None, :] <= at)

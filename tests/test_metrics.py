@@ -127,13 +127,21 @@ def test_prompt_and_prefix_caches_count_misses_loads_then_hits(server, client, t
         assert value(served, "softprompt_cache_bytes", cache=cache) > 0
 
 
-def test_scrape_time_gauges(server):
+def test_scrape_time_gauges(server, tiny_base):
     samples = scrape(server)
     assert value(samples, "softprompt_queue_depth") == 0
     assert value(samples, "softprompt_batch_size") == 0
     assert value(samples, "softprompt_decode_steps_total") > 0
     assert value(samples, "softprompt_prefills_total") > 0
     assert value(samples, "softprompt_preemptions_total") == 0  # tests/test_preemption.py makes them
+    # The KV pool: its size is fixed at startup; which blocks are used moves with the requests.
+    kv, config = server[0].scheduler.engine.kv_usage(), tiny_base.model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4  # keys, values; fp32
+    blocks = {state: value(samples, "softprompt_kv_cache_blocks", state=state) for state in ("used", "free")}
+    assert kv.total_blocks > 0 and blocks["used"] + blocks["free"] == kv.total_blocks
+    assert value(samples, "softprompt_kv_cache_capacity_bytes") == kv.total_blocks * kv.block_size * bytes_per_token
+    assert ("softprompt_kv_cache_rows", ()) in samples  # its value races the worker freeing finished rows
     states = {dict(labels)["state"] for name, labels in samples if name == "softprompt_training_jobs"}
     assert states == {"queued", "running", "succeeded", "failed", "cancelled"}
 

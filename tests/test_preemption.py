@@ -20,8 +20,8 @@ from softprompt.client import Client
 from softprompt.client import errors as client_errors
 from softprompt.server.app.server import build_app
 from softprompt.server.config import ServerConfig
-from softprompt.server.core.arena import KvArena
 from softprompt.server.core.engine import Engine, Sequence
+from softprompt.server.core.pool import BLOCK_SIZE, KvPool, KvPoolFullError, blocks_for
 from softprompt.server.core.sampling import SamplingParams
 from softprompt.server.core.types import DecodingOptions, GenerationRequest
 
@@ -133,11 +133,12 @@ def test_a_failed_decode_step_leaves_the_batch_as_it_was(tiny_base):
     rows = engine_rows(engine, tiny_base, 3, max_new=10)
     batch, _ = engine.prefill(rows)
     engine.decode(batch)
-    before = batch.kv.mask.clone(), batch.kv.t
+    before = [s.kv.length for s in rows], batch.tokens.clone(), engine.pool.keys[0][:, :16].clone()
     with rows_over(tiny_base, 2), pytest.raises(torch.OutOfMemoryError):
         engine.decode(batch)
-    assert torch.equal(batch.kv.mask, before[0]) and batch.kv.t == before[1]
-    # As the scheduler does: the newest row (the longest, so its columns slide out) is preempted, the rest retried.
+    assert [s.kv.length for s in rows] == before[0] and torch.equal(batch.tokens, before[1])
+    assert torch.equal(engine.pool.keys[0][:, :16], before[2])  # the reserved block (TRASH reads zero) untouched
+    # As the scheduler does: the newest row is preempted (its blocks freed), the rest retried.
     batch = engine.filter(batch, [0, 1])
     engine.decode(batch)
     resumed, _ = engine.prefill([rows[2]])
@@ -148,26 +149,32 @@ def test_a_failed_decode_step_leaves_the_batch_as_it_was(tiny_base):
         assert seq.generated == expected, f"row {seq.request_id} differs from the no-cache reference"
 
 
-def test_an_arena_growth_that_runs_out_of_memory_leaves_the_arena_as_it_was(tiny_base, monkeypatch):
-    engine = Engine(tiny_base)
-    batch, _ = engine.prefill(engine_rows(engine, tiny_base, 2))
-    arena = KvArena.empty(batch.kv, 2, batch.kv.t + 4)
-    arena.absorb(batch.kv, 4)
-    before = [*arena.keys, *arena.values, arena.mask, arena.positions, arena.tokens, arena.column]
-    allocations = iter(range(3))
-    real = torch.Tensor.new_zeros
+def test_a_pool_too_short_for_a_prefill_or_a_step_changes_nothing(tiny_base):
+    """KvPoolFullError leaves every row's blocks and the free count as they were."""
+    engine = Engine(tiny_base, kv_cache_bytes=_pool_bytes(engine_of=tiny_base, blocks=4))
+    rows = [Sequence(request_id=i, input_ids=tiny_base.tokenizer("hello").input_ids,
+                     params=SamplingParams(max_new_tokens=40)) for i in range(6)]
+    for seq in rows:
+        engine.start(seq)
+    assert engine.kv_usage().total_blocks == 4 and all(blocks_for(s.kv_tokens) == 1 for s in rows)
+    batch, _ = engine.prefill(rows[:2])
+    with pytest.raises(KvPoolFullError):
+        engine.prefill(rows[2:])  # 4 rows for 2 free blocks
+    assert engine.kv_usage().used_blocks == 2 and engine.kv_usage().rows == 2
+    while all(s.kv.length < s.kv.room for s in batch.sequences):  # until both rows fill their first block
+        engine.decode(batch)
+    lengths = [s.kv.length for s in batch.sequences]
+    engine.prefill([rows[2]])  # takes one of the two free blocks
+    with pytest.raises(KvPoolFullError):
+        engine.decode(batch)  # both rows need a block: one is free
+    assert [s.kv.length for s in batch.sequences] == lengths and engine.kv_usage().free_blocks == 0
+    assert engine.shortfall(batch) == 1  # the newest row gives its blocks back, the other gets one
 
-    def failing(self, *args, **kwargs):  # the third buffer of the growth does not fit
-        if next(allocations, None) is None:
-            raise torch.OutOfMemoryError("injected: out of memory")
-        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(torch.Tensor, "new_zeros", failing)
-    with pytest.raises(torch.OutOfMemoryError):
-        arena.reserve(8, arena.capacity_columns * 4)
-    monkeypatch.undo()
-    after = [*arena.keys, *arena.values, arena.mask, arena.positions, arena.tokens, arena.column]
-    assert all(a is b for a, b in zip(after, before)) and arena.generation == 0
+def _pool_bytes(engine_of, blocks: int) -> int:
+    """The --kv-cache-memory of a pool of exactly `blocks` blocks (the reserved one on top) for this model."""
+    layers = Engine(engine_of).pool.layers
+    return KvPool.bytes_per_token(layers, engine_of.dtype) * BLOCK_SIZE * (blocks + 1)
 
 
 # ---------------------------------------------------------------- scheduler: isolation and preemption

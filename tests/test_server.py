@@ -83,6 +83,16 @@ def test_model_info(client, tiny_base):
     assert info.fingerprint == tiny_base.spec.fingerprint
     assert info.device == "cpu" and info.dtype == "float32"
     assert info.limits.max_batch_size == 8
+    kv, config = info.kv_cache, tiny_base.model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    # Keys and values, every layer, float32.
+    assert kv.bytes_per_token == 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4
+    # "auto" on CPU is 2 GiB, of which the pool takes whole blocks, one of them reserved.
+    per_block = kv.block_size * kv.bytes_per_token
+    assert kv.total_blocks > 0 and 2 << 30 >= kv.total_bytes + per_block > (2 << 30) - per_block
+    assert kv.total_tokens == kv.total_blocks * kv.block_size
+    # Nothing has run on this module's server yet (the tests run in file order).
+    assert (kv.used_blocks, kv.rows, kv.free_tokens) == (0, 0, kv.total_tokens)
 
 
 def test_register_records_peft_metadata(registered, adapters, tiny_base):

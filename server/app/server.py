@@ -24,6 +24,7 @@ from softprompt.server.core.errors import TrainingJobNotFoundError
 from softprompt.server.grpc_api.interceptors.observing import ObservingInterceptor
 from softprompt.server.observability.factory import create_metrics
 from softprompt.server.observability.metrics import Metrics, NoMetrics, snapshot_reader
+from softprompt.server.kv_memory import resolve_kv_cache_bytes
 from softprompt.server.app.loading import load_base_model
 from softprompt.server.core.model import BaseModel
 from softprompt.server.core.prompt_cache import PromptCache
@@ -69,8 +70,14 @@ def build_app(config: ServerConfig, base: BaseModel | None = None) -> App:
     base = base or load_base_model(config.model, device=config.device, dtype=config.dtype, cache_dir=config.cache_dir,
                                    attn_implementation=config.attn_implementation)
     check_servable(base, allow_untested=config.allow_untested_model)
+    # Resolved after the weights are loaded: a fraction is of the device memory they leave free.
     engine = Engine(base, prefix_cache_bytes=int(config.prefix_cache_mb * 1024 * 1024),
-                    cuda_graphs=config.cuda_graphs and base.device.type == "cuda")
+                    cuda_graphs=config.cuda_graphs and base.device.type == "cuda",
+                    kv_cache_bytes=resolve_kv_cache_bytes(config.kv_cache, base.device))
+    kv = engine.kv_usage()
+    log.info("KV cache: %.2f GiB for %d tokens in %d blocks of %d, %d bytes per token (--kv-cache-memory %s)",
+             kv.total_bytes / (1 << 30), kv.total_tokens, kv.total_blocks, kv.block_size, kv.bytes_per_token,
+             config.kv_cache_memory)
     registry = Registry(config.store_dir)
     prompts = PromptCache(int(config.prompt_cache_mb * 1024 * 1024), base.device, base.dtype)
     scheduler = Scheduler(

@@ -19,6 +19,7 @@ from softprompt.server.config import ServerConfig
 from softprompt.server.core.engine import Engine, Sequence
 from softprompt.server.core.errors import InvalidRequestError
 from softprompt.server.core.prompt_cache import Key, PromptCache
+from softprompt.server.core.pool import blocks_for
 from softprompt.server.core.sampling import SamplingParams
 from softprompt.server.core.types import (
     ClassifyRequest,
@@ -89,6 +90,7 @@ class Admission:
         input_ids = list(self.tokenize(request.input, chat=request.options.chat).token_ids)
         self._check_lengths(input_ids, prompt, params.max_new_tokens, fix="lower max_new_tokens")
         seq = Sequence(request_id=next(self._ids), input_ids=input_ids, params=params, prompt=prompt, prompt_key=key)
+        self._check_fits_pool(seq)
         self.engine.start(seq)
         return Admitted(sequence=seq, prompt_version=version, deadline=request.deadline)
 
@@ -159,6 +161,17 @@ class Admission:
         tokenizer = self.engine.tokenizer
         ids = encode_input(tokenizer, text, chat=chat)
         return Tokenization(token_ids=tuple(ids), tokens=tuple(tokenizer.convert_ids_to_tokens(ids)))
+
+    def _check_fits_pool(self, seq: Sequence) -> None:
+        """Refuses a request whose KV could never fit the pool, even alone: it would wait forever."""
+        usage = self.engine.kv_usage()
+        need = seq.length + seq.params.max_new_tokens  # the last step's KV included
+        if blocks_for(need) > usage.total_blocks:
+            raise InvalidRequestError(
+                f"{seq.num_virtual_tokens} virtual + {len(seq.input_ids)} input + {seq.params.max_new_tokens} new "
+                f"tokens = {need} exceeds this server's KV cache of {usage.total_tokens} tokens "
+                "(--kv-cache-memory): shorten the input or lower max_new_tokens"
+            )
 
     def _check_lengths(self, input_ids: list[int], prompt: torch.Tensor | None, new_tokens: int, *, fix: str) -> None:
         virtual = 0 if prompt is None else int(prompt.shape[0])

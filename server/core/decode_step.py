@@ -1,119 +1,189 @@
-"""One decode step over a KvArena: run eagerly, or replayed from a CUDA graph captured for its shape.
+"""One decode step over KV-pool rows: run eagerly, or replayed from a CUDA graph captured at startup.
 
 A decode step of a small model on a GPU is bound by the Python and kernel-launch work of ~10
-kernels per layer, not by the GPU. A CUDA graph replays the whole step with one launch. A graph
-is fixed to its tensors' addresses and shapes, so the step reads everything from the arena's
-buffers (tokens, positions, the write column, the mask) and runs at bucketed shapes: rows padded
-to a power of two, attended width to a multiple of 64. Padding rows compute garbage nobody
-reads; padding columns are masked.
+kernels per layer, not by the GPU. A CUDA graph replays the whole step with one launch. A graph is
+fixed to its tensors' addresses and shapes, so a padded step copies its inputs (tokens, positions,
+block table) into static buffers and runs at a bucketed shape: rows and attended width each rounded
+up to a power of two (width at least 64). Padding rows have position -1: they write the pool's
+SCRATCH slot and read only its zero TRASH slot, so they touch no row's keys and values, and the
+graphs can be captured over an idle pool with every row padding. The pool never moves, so a graph
+captured at startup stays valid for the life of the process.
 
-A graph is checked against the eager step it was captured from; if they disagree, graphs are
-switched off with an error in the log rather than serving different tokens.
+Graphs are captured once, at startup (`capture`, largest shapes first, all in one memory pool and
+writing one shared logits buffer), while no other thread uses the device; thread-local capture mode
+keeps other threads' allocator calls from invalidating a capture anyway. A shape whose capture fails
+or disagrees with the eager step runs eagerly, alone, with the reason logged; other shapes keep
+their graphs.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
 
 from softprompt.server.core import kv
-from softprompt.server.core.arena import COLUMN_ALIGN, KvArena, power_of_two, round_up
 from softprompt.server.core.masks import MaskLayout
+from softprompt.server.core.paged_cache import PagedCache, read_slots, write_slots
+from softprompt.server.core.pool import BLOCK_SIZE, KvPool, blocks_for
 
 log = logging.getLogger(__name__)
 
+MIN_WIDTH = 64  # the narrowest padded width: short rows share one bucket
 
-@dataclass
-class _Captured:
-    graph: torch.cuda.CUDAGraph
-    logits: torch.Tensor  # the graph's output buffer [rows, vocab]
+
+def power_of_two(value: int) -> int:
+    """The smallest power of two at least `value`."""
+    return 1 << max(0, value - 1).bit_length()
+
+
+def capture_sizes(max_rows: int) -> list[int]:
+    """The row buckets graphs are captured for: powers of two up to the one holding `max_rows`."""
+    return [1 << i for i in range(power_of_two(max_rows).bit_length())]
+
+
+def capture_widths(max_width: int) -> list[int]:
+    """The width buckets graphs are captured for: powers of two from MIN_WIDTH up to the one holding `max_width`."""
+    top = max(MIN_WIDTH, power_of_two(max_width))
+    return [w for w in (1 << i for i in range(top.bit_length())) if w >= MIN_WIDTH]
 
 
 class DecodeStep:
-    """Computes next-token logits for an arena's live rows, writing their keys and values in place."""
+    """Computes next-token logits for rows of the KV pool, writing their new keys and values in place."""
 
-    def __init__(self, model: PreTrainedModel, masks: MaskLayout, *, graphs: bool,
-                 pad_shapes: bool | None = None) -> None:
+    def __init__(self, model: PreTrainedModel, masks: MaskLayout, pool: KvPool, *, pad_shapes: bool) -> None:
         self.model = model
         self.masks = masks
-        self.graphs = graphs
-        self.pad_shapes = graphs if pad_shapes is None else pad_shapes
-        self._captured: dict[tuple[int, int], _Captured] = {}
-        self._arena_key: tuple[int, int] | None = None
-        self._pool: object | None = None
+        self.pool = pool
+        self.pad_shapes = pad_shapes
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._graph_pool: object | None = None
+        # Static inputs and the shared logits buffer of padded steps, grown on demand (which drops graphs).
+        self._tokens: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None
+        self._table: torch.Tensor | None = None
+        self._logits: torch.Tensor | None = None
 
-    def shape(self, arena: KvArena) -> tuple[int, int]:
-        """(rows, width) the step runs at: exact, or padded to a graph bucket."""
-        rows, width = arena.rows, arena.t + 1
+    def shape(self, rows: int, width: int) -> tuple[int, int]:
+        """(rows, width) a step over `rows` rows attending to `width` columns runs at: exact, or a graph bucket."""
         if not self.pad_shapes:
             return rows, width
-        return (min(power_of_two(rows), arena.capacity_rows),
-                min(round_up(width, COLUMN_ALIGN), arena.capacity_columns))
+        return power_of_two(rows), max(MIN_WIDTH, power_of_two(width))
 
-    def __call__(self, arena: KvArena, *, graph_ok: bool = True) -> torch.Tensor:
-        """float32 logits [live rows, vocab]; `graph_ok` is False for arenas too short-lived to capture for."""
-        rows, width = self.shape(arena)
-        if self.graphs and graph_ok:
-            logits = self._replay(arena, rows, width)
-            if logits is not None:
-                return logits[:arena.rows]
-        return self._forward(arena, rows, width)[:arena.rows]
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, table: torch.Tensor,
+                 width: int) -> torch.Tensor:
+        """float32 logits [rows, vocab] of one step.
 
-    def _forward(self, arena: KvArena, rows: int, width: int) -> torch.Tensor:
-        arena.mask[:rows].index_fill_(1, arena.column, True)
-        return kv.forward(
-            self.model,
-            arena.step_cache(rows, width),
-            input_ids=arena.tokens[:rows, None],
-            attention_mask=self.masks.decode(arena.mask, rows, width, arena.column),
-            position_ids=arena.positions[:rows, None],
-        ).logits
-
-    def _replay(self, arena: KvArena, rows: int, width: int) -> torch.Tensor | None:
-        key = (id(arena), arena.generation)
-        if key != self._arena_key:
-            # New or reallocated buffers: graphs captured on the old ones would read freed memory.
-            self._captured.clear()
-            self._arena_key = key
-        captured = self._captured.get((rows, width))
-        if captured is None:
-            captured = self._capture(arena, rows, width)
-            if captured is None:
-                return None
-            self._captured[(rows, width)] = captured
-            return captured.logits  # capturing ran this step
-        captured.graph.replay()
-        return captured.logits
-
-    def _capture(self, arena: KvArena, rows: int, width: int) -> _Captured | None:
-        """Captures the step at this shape and runs it once; None (graphs now off) if that fails or disagrees.
-
-        The warm-up is the real step: it writes the same keys and values at the same column that
-        the replay then writes again, so running both changes nothing.
+        `tokens` [rows] are the rows' newest tokens, `positions` [rows] their next positions (= tokens in
+        the pool), `table` [rows, blocks] their block numbers with room for the new token; `width` is the
+        longest row's positions after the step.
         """
+        rows = tokens.shape[0]
+        if not self.pad_shapes:
+            return self._forward(tokens, positions, table, width)
+        padded_rows, padded_width = self.shape(rows, width)
+        self._stage(tokens, positions, table, padded_rows, padded_width)
+        graph = self._graphs.get((padded_rows, padded_width))
+        if graph is not None:
+            graph.replay()
+        else:
+            self._run(padded_rows, padded_width)
+        assert self._logits is not None
+        return self._logits[:rows]
+
+    # ------------------------------------------------------------------ the step itself
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, table: torch.Tensor,
+                 width: int) -> torch.Tensor:
+        at = positions.clamp(min=0)[:, None]
+        cache = PagedCache(self.pool, write_slots(table, positions[:, None]), read_slots(table, positions + 1, width))
+        return kv.forward(self.model, cache, input_ids=tokens[:, None],
+                          attention_mask=self.masks.over_positions(at, width), position_ids=at).logits
+
+    def _run(self, rows: int, width: int) -> None:
+        """The step over the first `rows` static rows, its logits into the shared buffer (what a graph captures)."""
+        assert self._tokens is not None and self._positions is not None and self._table is not None
+        assert self._logits is not None
+        logits = self._forward(self._tokens[:rows], self._positions[:rows], self._table[:rows], width)
+        self._logits[:rows].copy_(logits)
+
+    # ------------------------------------------------------------------ static buffers
+
+    def _stage(self, tokens: torch.Tensor, positions: torch.Tensor, table: torch.Tensor, rows: int,
+               width: int) -> None:
+        """Copies a step's inputs into the static buffers; rows past the live ones become padding."""
+        self._reserve(rows, max(blocks_for(width), table.shape[1]))
+        assert self._tokens is not None and self._positions is not None and self._table is not None
+        live, blocks = table.shape
+        self._tokens[:live].copy_(tokens)
+        self._positions[:live].copy_(positions)
+        self._positions[live:rows].fill_(-1)
+        # Entries past a row's own blocks are never read (columns past its length read TRASH).
+        self._table[:live, :blocks].copy_(table)
+
+    def _reserve(self, rows: int, blocks: int) -> None:
+        """Static buffers for at least `rows` rows of `blocks` blocks; growing them drops graphs captured on the old."""
+        have_rows = 0 if self._tokens is None else self._tokens.shape[0]
+        have_blocks = 0 if self._table is None else self._table.shape[1]
+        if rows <= have_rows and blocks <= have_blocks:
+            return
+        rows, blocks = max(rows, have_rows), max(blocks, have_blocks)
+        device = self.pool.device
+        if self._graphs:
+            log.warning("decode inputs outgrew the buffers graphs were captured on (%d rows x %d tokens): "
+                        "dropping %d graphs; steps run eagerly", rows, blocks * BLOCK_SIZE, len(self._graphs))
+            self._graphs.clear()
+        self._tokens = torch.zeros(rows, dtype=torch.long, device=device)
+        self._positions = torch.full((rows,), -1, dtype=torch.long, device=device)
+        self._table = torch.zeros(rows, blocks, dtype=torch.long, device=device)
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        self._logits = torch.zeros(rows, vocab, dtype=torch.float32, device=device)
+
+    # ------------------------------------------------------------------ CUDA graphs
+
+    def capture(self, max_rows: int, max_width: int) -> None:
+        """Captures graphs for every row and width bucket up to `max_rows` x `max_width`, largest first.
+
+        Runs before serving starts. Every row is padding during capture, so the pool's rows are untouched.
+        """
+        sizes, widths = capture_sizes(max_rows), capture_widths(max_width)
+        self._reserve(sizes[-1], blocks_for(widths[-1]))
+        assert self._positions is not None
+        self._positions.fill_(-1)
+        shapes = [(r, w) for r in reversed(sizes) for w in reversed(widths)]
+        for rows, width in shapes:
+            graph = self._capture(rows, width)
+            if graph is not None:
+                self._graphs[(rows, width)] = graph
+        log.info("captured %d of %d decode step graphs (rows %s, widths %s)", len(self._graphs), len(shapes),
+                 sizes, widths)
+
+    def _capture(self, rows: int, width: int) -> torch.cuda.CUDAGraph | None:
+        assert self._logits is not None
         try:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                eager = self._forward(arena, rows, width).clone()
+                self._run(rows, width)  # warm-up: lazy initializations happen outside the capture
             torch.cuda.current_stream().wait_stream(stream)
+            eager = self._logits[:rows].clone()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                logits = self._forward(arena, rows, width)
-            self._pool = graph.pool()
+            with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
+                self._run(rows, width)
+            self._graph_pool = graph.pool()
+            self._logits[:rows].zero_()
             graph.replay()
-        except Exception:  # noqa: BLE001 - an uncapturable model still serves, eagerly
-            log.exception("CUDA graph capture failed at %d rows x %d columns; decoding eagerly from now on",
-                          rows, width)
-            self.graphs = False
+        except Exception:  # noqa: BLE001 - that shape runs eagerly; the others keep their graphs
+            log.exception("CUDA graph capture failed at %d rows x %d columns; that shape decodes eagerly", rows, width)
             return None
-        if not torch.allclose(logits[:arena.rows], eager[:arena.rows], rtol=1e-3, atol=1e-3):
-            log.error("a CUDA graph disagreed with the eager step it was captured from (max difference %.3g); "
-                      "decoding eagerly from now on", float((logits - eager).abs().max()))
-            self.graphs = False
+        if not torch.allclose(self._logits[:rows], eager, rtol=1e-3, atol=1e-3):
+            log.error("the CUDA graph for %d rows x %d columns disagreed with its eager step (max difference %.3g); "
+                      "that shape decodes eagerly", rows, width, float((self._logits[:rows] - eager).abs().max()))
             return None
-        log.debug("captured a decode step graph for %d rows x %d columns", rows, width)
-        return _Captured(graph, logits)
+        return graph
+
+    @property
+    def graph_shapes(self) -> list[tuple[int, int]]:
+        """The (rows, width) buckets replayed from graphs."""
+        return sorted(self._graphs)

@@ -9,19 +9,17 @@ The batch contract follows text-generation-inference: `prefill` builds a batch f
 `decode` advances every row by one token, `filter` drops finished rows and `concatenate` merges
 batches, which lets the scheduler add and remove rows between any two steps.
 
-A row longer than the scheduler's prefill budget is prefilled in chunks (`prefill_chunk`), its
-partial KV kept in a `PartialPrefill` between them; it joins a batch once its whole input is in.
-
-Decoding rows keep their keys and values in a preallocated `KvArena` that each step writes one
-column of in place; the running batch's arena outlives the batch, so its buffers (and, on a GPU,
-the CUDA graphs captured on them) serve the next batch too.
+Every row's keys and values live in its own blocks of the KV pool (`pool`), sized once at startup:
+a prefill writes a row's prompt prefix and fresh positions there, each decode step one more token,
+and a row leaving frees only its blocks. `filter` and `concatenate` move no keys or values at all.
+A row longer than the scheduler's prefill budget is prefilled in chunks (`prefill_chunk`) straight
+into its blocks; it joins a batch once its whole input is in.
 """
 
 from __future__ import annotations
 
 import functools
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
@@ -33,10 +31,11 @@ from softprompt.prompts import inject
 from softprompt.prompts.outcomes import FinishReason
 from softprompt.prompts.tokens import eos_token_ids
 from softprompt.server.core import kv
-from softprompt.server.core.arena import KvArena, power_of_two
 from softprompt.server.core.decode_step import DecodeStep
 from softprompt.server.core.masks import MaskLayout
 from softprompt.server.core.model import BaseModel
+from softprompt.server.core.paged_cache import PagedCache, read_slots
+from softprompt.server.core.pool import SCRATCH, KvPool, KvPoolFullError, KvUsage, LayerShape, RowKv
 from softprompt.server.core.prompt_cache import DeviceLru, Key, PrefixKV, prefix_bytes
 from softprompt.server.core.sampling import RowSampler, SamplingParams, seeded_generator, unseeded_generator
 from softprompt.server.core.text import TextTracker
@@ -55,6 +54,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     text: TextTracker | None = None
     generator: torch.Generator | None = None  # a seeded sampled row's own; unseeded rows share the engine's
+    kv: RowKv | None = None  # the row's blocks in the KV pool while it holds any
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -66,6 +66,18 @@ class Sequence:
         """Positions this row occupies before generation."""
         return self.num_virtual_tokens + len(self.input_ids)
 
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens of KV the row holds once it is prefilled and has taken its next step (a resumed row's
+        generated tokens included): what admission needs free for it."""
+        return self.length + len(self.generated) + 1
+
+    def release_kv(self) -> None:
+        """Frees the row's blocks (a finished or preempted row; idempotent)."""
+        if self.kv is not None:
+            self.kv.free()
+            self.kv = None
+
 
 def fresh_positions(prompt: torch.Tensor | None, tokens: int) -> int:
     """Positions a prefill or scoring forward computes for a row of `tokens` tokens after `prompt`: the
@@ -75,12 +87,10 @@ def fresh_positions(prompt: torch.Tensor | None, tokens: int) -> int:
 
 @dataclass
 class PartialPrefill:
-    """A row being prefilled in chunks: the KV of its first `done` tokens (after its prompt), kept between chunks."""
+    """A row being prefilled in chunks: its first `done` tokens (after its prompt) are in its pool blocks."""
 
     sequence: Sequence
     done: int = 0
-    cache: DynamicCache | None = None  # [prompt prefix ; last virtual token ; tokens[:done]]
-    mask: torch.Tensor | None = None  # [1, columns]: the cache's real columns
 
     @property
     def tokens(self) -> list[int]:
@@ -100,19 +110,22 @@ class TokenEvent:
 
 @dataclass
 class Batch:
-    """Rows decoding together; their keys, values, mask, positions and next inputs live in `kv`.
+    """Rows decoding together: each row's keys and values are in its pool blocks (`Sequence.kv`), and
+    `tokens` [rows] holds each row's newest token, the next step's input.
 
     A batch is changed in place by `decode`, `filter` and `concatenate`.
     """
 
     sequences: list[Sequence]
-    kv: KvArena
+    tokens: torch.Tensor | None = None  # set by the prefill's first tokens
     # The rows' sampler and the rows it was built for: rebuilt only when rows join or leave.
     sampling: tuple[tuple[Sequence, ...], RowSampler] | None = None
 
     def __len__(self) -> int:
         return len(self.sequences)
 
+
+DEFAULT_KV_CACHE_BYTES = 2 << 30  # an Engine built without a budget (tests, benchmarks): 2 GiB, backed as used
 
 # The parts of a step a StepTimings totals; `emit` (choosing the next tokens, detokenizing) runs
 # inside prefill and decode.
@@ -184,8 +197,8 @@ class Engine:
     """
 
     def __init__(self, base: BaseModel, prefix_cache_bytes: int = 0, *, cuda_graphs: bool | None = None,
-                 pad_shapes: bool | None = None, ignore_eos: bool = False,
-                 timings: StepTimings | None = None) -> None:
+                 pad_shapes: bool | None = None, ignore_eos: bool = False, timings: StepTimings | None = None,
+                 kv_cache_bytes: int | None = None, capture: tuple[int, int] = (32, 4096)) -> None:
         self.base = base
         self.ignore_eos = ignore_eos
         self.timings = timings
@@ -196,15 +209,21 @@ class Engine:
         self._embed = self.model.get_input_embeddings()
         # Every end id of the generation config ends a row (Llama 3 Instruct lists three).
         self.eos_ids = frozenset(eos_token_ids(self.model, self.tokenizer))
-        graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         # Sliding-window layers need masks in real positions; the model's structure is read once.
         self._masks = MaskLayout.of(self.model)
-        self._step = DecodeStep(self.model, self._masks, graphs=graphs, pad_shapes=pad_shapes)
-        # The running batch's arena, kept across batches so its buffers (and graphs captured on
-        # them) are reused; `_resident_owner` is the batch using it, if that batch is still alive.
-        self._resident: KvArena | None = None
-        self._resident_owner: weakref.ref[Batch] | None = None
+        shapes = [LayerShape(h, d) for h, d in kv.layer_shapes(self.model)]
+        self.pool = KvPool.sized(shapes, DEFAULT_KV_CACHE_BYTES if kv_cache_bytes is None else kv_cache_bytes,
+                                 dtype=base.dtype, device=self.device)
+        graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self._step = DecodeStep(self.model, self._masks, self.pool, pad_shapes=graphs if pad_shapes is None else pad_shapes)
+        if graphs:
+            # `capture` is (most rows, longest row in tokens) served; a row never outgrows the pool.
+            self._step.capture(capture[0], min(capture[1], self.pool.usage().total_tokens))
         self._unseeded = unseeded_generator(self.device)
+
+    def kv_usage(self) -> KvUsage:
+        """The KV pool's size and occupancy now (a lock-free read, for ModelInfo and metrics)."""
+        return self.pool.usage()
 
     def start(self, seq: Sequence) -> None:
         """Prepares a row's per-request state (text tracking, sampling generator)."""
@@ -216,56 +235,102 @@ class Engine:
     def prefill(self, sequences: list[Sequence]) -> tuple[Batch, list[TokenEvent]]:
         """Runs `[prompt ; input]` for new rows (prompts from their cached prefix KV) and produces each row's first token.
 
-        A row that already generated tokens (preempted by `filter`, its KV dropped) resumes here: it runs
-        `[prompt ; input ; generated]` and produces its next token, with its text, stop and sampling
-        state (a seeded row's own generator) carried on, so it makes the tokens it would have made.
-
-        Row layout: `[pad][prefix: all virtual tokens but the last][pad][last virtual token ; input]`.
-        The prefix columns come from the cache; the forward covers the rest, with positions counting
-        real tokens only, so padding in either part changes nothing.
+        Each row first gets blocks for its prefill and its first decode step (KvPoolFullError, holding
+        nothing, if the pool is short: the scheduler admits only rows that fit). A row that already
+        generated tokens (preempted, its KV dropped) resumes here: it runs `[prompt ; input ; generated]`
+        and produces its next token, with its text, stop and sampling state (a seeded row's own
+        generator) carried on, so it makes the tokens it would have made.
         """
-        prompts = [s.prompt for s in sequences]
-        # A resumed row (preempted: its KV dropped) recomputes its generated tokens as input too.
-        out, mask = self._forward_over_prefixes(prompts, [s.prompt_key for s in sequences],
-                                                [s.input_ids + s.generated for s in sequences])
-        if not bool(mask.all()):
-            kv.zero_masked(out.cache, mask)
-        batch = Batch(list(sequences), KvArena.wrap(kv.layers(out.cache), mask, positions=mask.sum(-1)))
-        return batch, self._emit(batch, out.logits)
+        try:
+            for seq in sequences:
+                seq.kv = RowKv(self.pool, seq.kv_tokens)
+        except KvPoolFullError:
+            for seq in sequences:
+                seq.release_kv()
+            raise
+        logits = self._forward_rows([(s, True, s.input_ids + s.generated) for s in sequences])
+        batch = Batch(list(sequences))
+        return batch, self._emit(batch, logits)
 
     @_timed("prefill")
     @torch.inference_mode()
     def prefill_chunk(self, partial: PartialPrefill, positions: int) -> tuple[Batch, list[TokenEvent]] | None:
         """Runs the next `positions` fresh positions of a row's prefill over the KV of those before it.
 
-        The first chunk is the prompt's last virtual token and the first tokens, over the prompt's cached
-        prefix; each later one continues at its real positions, its mask (windows included) over every
-        column before it, so the row's KV is what one whole prefill makes. Returns None while tokens are
-        left, and after the last chunk what `prefill` returns for the row: its batch and first token.
+        The first chunk takes the row's blocks (for its whole prefill and first decode step), writes its
+        prompt's cached prefix and runs the prompt's last virtual token and the first tokens; each later
+        one continues at its real positions over the row's blocks, so the row's KV is what one whole
+        prefill makes. Returns None while tokens are left, and after the last chunk what `prefill`
+        returns for the row: its batch and first token.
         """
         if positions < 1:
             raise ValueError(f"a prefill chunk needs at least one position, got {positions}")
         seq, tokens = partial.sequence, partial.tokens
-        if partial.cache is None:
+        first = seq.kv is None
+        if first:
+            seq.kv = RowKv(self.pool, seq.kv_tokens)
             take = positions - fresh_positions(seq.prompt, 0)
-            out, mask = self._forward_over_prefixes([seq.prompt], [seq.prompt_key], [tokens[:take]])
         else:
-            assert partial.mask is not None
             take = positions
-            chunk = tokens[partial.done:partial.done + take]
-            x = inject.build_inputs(self._embed, [None], [chunk], padding=inject.LEFT)
-            mask = torch.cat([partial.mask, x.attention_mask], dim=1)
-            out = kv.forward(self.model, partial.cache, inputs_embeds=x.embeds,
-                             attention_mask=self._masks.prefill(mask, len(chunk)),
-                             position_ids=x.position_ids + partial.mask.sum(-1, keepdim=True))
-        partial.cache, partial.mask, partial.done = out.cache, mask, min(len(tokens), partial.done + take)
+        logits = self._forward_rows([(seq, first, tokens[partial.done:partial.done + take])])
+        partial.done = min(len(tokens), partial.done + take)
         if partial.done < len(tokens):
             return None
-        partial.cache = partial.mask = None  # the batch owns the KV now
-        if not bool(mask.all()):
-            kv.zero_masked(out.cache, mask)
-        batch = Batch([seq], KvArena.wrap(kv.layers(out.cache), mask, positions=mask.sum(-1)))
-        return batch, self._emit(batch, out.logits)
+        batch = Batch([seq])
+        return batch, self._emit(batch, logits)
+
+    def _forward_rows(self, rows: list[tuple[Sequence, bool, list[int]]]) -> torch.Tensor:
+        """Runs new positions of rows over what their blocks hold; float32 logits [rows, vocab] of each row's last.
+
+        Each row is (sequence, first, tokens): a row's first forward writes its prompt's cached prefix
+        (all virtual tokens but the last) into its blocks and runs the last virtual token before its
+        tokens; a later one (a chunk) runs just the tokens. Rows are left-padded to a common number of
+        queries; padding queries write SCRATCH, and the attended columns are each row's positions.
+        """
+        firsts = [first for _, first, _ in rows]
+        prefixes = self._prefixes([s.prompt if f else None for (s, _, _), f in zip(rows, firsts)],
+                                  [s.prompt_key for s, _, _ in rows])
+        self._write_prefixes([(s.kv, p) for (s, _, _), p in zip(rows, prefixes) if p is not None])
+        heads = [s.prompt[-1:] if f and s.prompt is not None else None for (s, _, _), f in zip(rows, firsts)]
+        x = inject.build_inputs(self._embed, heads, [t for _, _, t in rows], padding=inject.LEFT)
+        queries = x.embeds.shape[1]
+        starts, writes = [], []
+        for (seq, _, _), mask in zip(rows, x.attention_mask.tolist()):
+            kv_ = seq.kv
+            assert kv_ is not None, "a row's blocks are taken before its forward"
+            fresh = sum(mask)
+            starts.append(kv_.length)
+            writes.append([SCRATCH] * (queries - fresh) + kv_.slots(kv_.length, kv_.length + fresh))
+            kv_.length += fresh
+        start = torch.tensor(starts, device=self.device)[:, None]
+        positions = torch.where(x.attention_mask.bool(), x.position_ids + start, 0)
+        lengths = [s.kv.length for s, _, _ in rows]  # type: ignore[union-attr]
+        width = max(lengths)
+        reads = read_slots(self._table([s for s, _, _ in rows]), torch.tensor(lengths, device=self.device), width)
+        cache = PagedCache(self.pool, torch.tensor(writes, device=self.device), reads, past=min(starts))
+        return kv.forward(self.model, cache, inputs_embeds=x.embeds, position_ids=positions,
+                          attention_mask=self._masks.over_positions(positions, width)).logits
+
+    def _write_prefixes(self, rows: list[tuple[RowKv | None, PrefixKV]]) -> None:
+        """Copies cached prompt prefixes into the first slots of their rows' blocks (one copy per layer)."""
+        if not rows:
+            return
+        slots = []
+        for kv_, prefix in rows:
+            assert kv_ is not None
+            n = int(prefix[0][0].shape[1])
+            slots += kv_.slots(0, n)
+            kv_.length = n
+        index = torch.tensor(slots, device=self.device)
+        for layer, (keys, values) in enumerate(zip(self.pool.keys, self.pool.values)):
+            keys.index_copy_(1, index, torch.cat([p[layer][0] for _, p in rows], dim=1))
+            values.index_copy_(1, index, torch.cat([p[layer][1] for _, p in rows], dim=1))
+
+    def _table(self, sequences: list[Sequence]) -> torch.Tensor:
+        """[rows, blocks] block numbers of the rows (0-padded: columns past a row's length read TRASH anyway)."""
+        blocks = [s.kv.blocks for s in sequences]  # type: ignore[union-attr]
+        width = max(len(b) for b in blocks)
+        return torch.tensor([b + [0] * (width - len(b)) for b in blocks], dtype=torch.long, device=self.device)
 
     @torch.inference_mode()
     def warm(self, prompt: torch.Tensor, key: Key) -> None:
@@ -347,16 +412,35 @@ class Engine:
     @_timed("decode")
     @torch.inference_mode()
     def decode(self, batch: Batch) -> list[TokenEvent]:
-        """Advances every row of the batch by one token."""
-        self._make_resident(batch)
-        try:
-            logits = self._step(batch.kv, graph_ok=batch.kv is self._resident)
-        except BaseException:
-            # The batch stays as before the step, so the caller may drop rows and retry.
-            batch.kv.undo_step()
-            raise
-        batch.kv.advance()
+        """Advances every row of the batch by one token.
+
+        A row at the end of its last block first takes one more (KvPoolFullError if the pool is short:
+        `shortfall` tells the scheduler how many of the newest rows to preempt first). A step that
+        raises leaves the rows as they were, blocks taken for it included, so the caller may retry.
+        """
+        sequences = batch.sequences
+        for seq in sequences:
+            seq.kv.reserve(seq.kv.length + 1)  # type: ignore[union-attr]
+        lengths = [s.kv.length for s in sequences]  # type: ignore[union-attr]
+        assert batch.tokens is not None, "a batch decodes after its prefill produced its first tokens"
+        logits = self._step(batch.tokens, torch.tensor(lengths, device=self.device), self._table(sequences),
+                            max(lengths) + 1)
+        for seq in sequences:
+            seq.kv.length += 1  # type: ignore[union-attr]
         return self._emit(batch, logits)
+
+    def shortfall(self, batch: Batch) -> int:
+        """How many of the batch's newest rows must give their blocks back for its next step to fit the pool."""
+        needs = [int(s.kv.length + 1 > s.kv.room) for s in batch.sequences]  # type: ignore[union-attr]
+        short, free = sum(needs), self.pool.free_blocks
+        dropped = 0
+        for seq, need in zip(reversed(batch.sequences), reversed(needs)):
+            if short <= free:
+                break
+            short -= need
+            free += len(seq.kv.blocks)  # type: ignore[union-attr]
+            dropped += 1
+        return dropped
 
     @torch.inference_mode()
     def score(self, prompts: list[torch.Tensor | None], keys: list[Key | None], contexts: list[list[int]],
@@ -381,62 +465,44 @@ class Engine:
     @_timed("filter")
     @torch.inference_mode()
     def filter(self, batch: Batch, keep: list[int]) -> Batch | None:
-        """Keeps the rows at the given indices; None when none remain. A dropped row's KV is gone: if it had
-        not finished, `prefill` resumes it (preemption by recompute)."""
+        """Keeps the rows at the given indices; None when none remain. A dropped row's blocks are freed: if it
+        had not finished, `prefill` resumes it (preemption by recompute)."""
+        kept = set(keep)
+        for i, seq in enumerate(batch.sequences):
+            if i not in kept:
+                seq.release_kv()
         if not keep:
-            batch.kv.keep([])
             return None
         if len(keep) < len(batch):
             batch.sequences = [batch.sequences[i] for i in keep]
-            batch.kv.keep(keep)
+            if batch.tokens is not None:
+                batch.tokens = batch.tokens[torch.tensor(keep, device=batch.tokens.device)]
         return batch
 
     @_timed("concatenate")
     @torch.inference_mode()
     def concatenate(self, batches: list[Batch]) -> Batch:
-        """Merges batches into one (the resident one, if among them), right-aligning their rows."""
-        target = next((b for b in batches if b.kv is self._resident), batches[0])
-        if len(batches) == 1:
-            return target
-        self._make_resident(target, others=[b for b in batches if b is not target])
-        for b in batches:
-            if b is not target:
-                target.kv.absorb(b.kv, self._columns_needed(target.sequences + b.sequences))
-                target.sequences += b.sequences
+        """Merges batches into the first: their rows' keys and values stay where they are, in their blocks."""
+        target = batches[0]
+        for b in batches[1:]:
+            target.sequences += b.sequences
+            assert target.tokens is not None and b.tokens is not None
+            target.tokens = torch.cat([target.tokens, b.tokens])
         return target
 
-    def _make_resident(self, batch: Batch, others: list[Batch] | None = None) -> None:
-        """Moves a prefill's rows into the long-lived arena (or, while another batch holds it, a new one)."""
-        if batch.kv is self._resident:
-            return
-        others = others or []
-        owner = None if self._resident_owner is None else self._resident_owner()
-        rows = len(batch) + sum(len(b) for b in others)
-        need = self._columns_needed(batch.sequences + [s for b in others for s in b.sequences])
-        if owner is None:
-            if self._resident is None:
-                self._resident = KvArena.empty(batch.kv, power_of_two(rows), batch.kv.t + need)
-            arena = self._resident
-            arena.clear()
-            self._resident_owner = weakref.ref(batch)
-        else:
-            arena = KvArena.empty(batch.kv, rows, batch.kv.t + need)
-        arena.absorb(batch.kv, need)
-        batch.kv = arena
+    def release(self, sequences: list[Sequence]) -> None:
+        """Frees the rows' blocks (rows dropped without `filter`, e.g. all failed at once)."""
+        for seq in sequences:
+            seq.release_kv()
 
     def shape_of(self, batch: Batch) -> tuple[int, int]:
         """(rows, attended columns) of the batch's next decode step, padding included."""
-        return self._step.shape(batch.kv)
-
-    @staticmethod
-    def _columns_needed(sequences: list[Sequence]) -> int:
-        """Most columns any of the rows may still write: one per decode step left."""
-        return max(s.params.max_new_tokens - len(s.generated) for s in sequences)
+        return self._step.shape(len(batch), max(s.kv.length for s in batch.sequences) + 1)  # type: ignore[union-attr]
 
     @_timed("emit")
     def _emit(self, batch: Batch, logits: torch.Tensor) -> list[TokenEvent]:
         tokens = self._sampler(batch)(logits)
-        batch.kv.tokens[:len(batch)] = tokens
+        batch.tokens = tokens
         events = []
         for seq, token in zip(batch.sequences, tokens.tolist()):
             seq.generated.append(token)

@@ -71,13 +71,12 @@ def from_layers(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
     return DynamicCache(ddp_cache_data=pairs)
 
 
-def zero_masked(cache: DynamicCache, attention_mask: torch.Tensor) -> None:
-    """Zeroes keys/values at padded positions.
-
-    A padded query position attends to nothing, and some attention kernels return NaN there; a
-    masked-out NaN value still poisons later steps (0 * NaN = NaN), so padding must hold zeros.
-    """
-    keep = attention_mask[:, None, :, None].to(torch.bool)
-    for layer in cache.layers:
-        layer.keys = layer.keys.masked_fill(~keep, 0)
-        layer.values = layer.values.masked_fill(~keep, 0)
+def layer_shapes(model: PreTrainedModel) -> list[tuple[int, int]]:
+    """(kv_heads, head_dim) of every layer's cache, read from a one-token forward (as the model itself
+    shapes them, whatever its config calls the numbers)."""
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        out = forward(model, DynamicCache(), input_ids=torch.zeros(1, 1, dtype=torch.long, device=device),
+                      attention_mask=torch.ones(1, 1, dtype=torch.long, device=device),
+                      position_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
+    return [(int(k.shape[1]), int(k.shape[3])) for k, _ in layers(out.cache)]

@@ -92,17 +92,21 @@ class MaskLayout:
         columns = valid.shape[1]
         return self._windowed(valid.bool(), torch.arange(columns - queries, columns, device=valid.device))
 
-    def decode(self, valid: torch.Tensor, rows: int, width: int, column: torch.Tensor) -> Mask:
-        """A decode step's mask over the first `rows` rows and `width` columns of `valid` (an arena's real
-        columns), each row's query being at `column` (a [1] tensor).
+    def over_positions(self, positions: torch.Tensor, width: int) -> Mask:
+        """The `attention_mask` of a forward over KV-pool rows (`paged_cache`), whose column j is position j.
 
-        Tensor operations only (no host sync), so a CUDA graph captures it: it is rebuilt from the
-        arena's buffers at every replay.
+        `positions` [rows, queries] is each query's position (a padding query's is 0: it sees column 0).
+        Tensor operations only (no host sync), so a CUDA graph captures it and rebuilds it at every replay.
         """
+        columns = torch.arange(width, device=positions.device)
+        query = positions[:, :, None]
+        full = columns <= query  # [rows, queries, width]
         if self.window is None:
-            # Every real column precedes the query's, so the padding mask is the causal mask.
-            return self._cast(valid[:rows, None, None, :width])
-        return self._windowed(valid[:rows, :width], column)
+            return self._cast(full[:, None])
+        sliding = full & (columns > query - self.window)
+        if not self.per_layer_type:
+            return self._cast(sliding[:, None])
+        return {FULL: self._cast(full[:, None]), SLIDING: self._cast(sliding[:, None])}
 
     def _windowed(self, valid: torch.Tensor, query_columns: torch.Tensor) -> Mask:
         """Masks [rows, 1, queries, columns] for full and sliding layers, queries at `query_columns`."""

@@ -8,14 +8,19 @@ request joins at the next step and leaves the moment it finishes; nothing waits 
 to drain, and no long prompt or burst of Classify requests holds the running streams for more
 than a budget's worth of work per token.
 
-One request's failure never fails the others. A prefill that raises is retried one row at a
-time, and only a row that fails alone gets the error. A decode step that raises (out of memory,
-typically) preempts the newest half of the rows -- their KV is dropped, they go back to the front
-of the queue and resume later by recompute, with the same tokens -- and is retried with the rest,
-down to a single row, which then fails alone. A row half way through a chunked prefill is the
-newest of all: it is preempted first, its partial KV dropped, and prefills again from its start.
-Until the batch next empties, admission stops at the size that last ran, so preempted rows rejoin
-as others finish instead of failing again.
+Rows are admitted by KV capacity, never into an out-of-memory cascade. Each row's keys and values
+take blocks of the engine's KV pool; a waiting row joins only when the blocks for its prefill and
+first step are free beyond a reserve of one block per running row, so the running rows can grow a
+while without preemption. When they do outgrow the pool, the newest rows give their blocks back
+(preemption: they go back to the front of the queue and resume later by recompute, with the same
+tokens); a row half way through a chunked prefill is the newest of all and goes first. A request
+that could never fit the pool alone is refused at admission.
+
+One request's failure never fails the others. A prefill that raises is retried one row at a time,
+and only a row that fails alone gets the error. A decode step that raises (the device out of
+memory, typically) preempts the newest half of the rows and is retried with the rest, down to a
+single row, which then fails alone. Until the batch next empties, admission stops at the size that
+last ran, so preempted rows rejoin as others finish instead of failing again.
 
 Training jobs hand the worker small units of model work (`call`). An idle worker runs them back
 to back; while requests are being served they get at most `side_share` of the worker's time, one
@@ -38,6 +43,7 @@ from softprompt.server.core.admission import Admitted, AdmittedScoring
 from softprompt.server.core.engine import Batch, Engine, PartialPrefill, Sequence, TokenEvent, fresh_positions
 from softprompt.server.core.errors import CancelledError, DeadlineError, OverloadedError, ShuttingDownError
 from softprompt.server.core.planning import plan_prefill
+from softprompt.server.core.pool import KvPoolFullError, blocks_for
 from softprompt.server.core.scoring import ScoringGroup, ScoringJob
 from softprompt.server.core.types import GenerationResult, StreamChunk, Usage
 
@@ -242,6 +248,7 @@ class Scheduler:
             except Exception as exc:  # noqa: BLE001 - a bug outside any row's model work must not kill the server
                 victims = {id(h): h for h in [*self._state.running.values(), *work.new]}
                 log.exception("engine step failed; failing %d requests", len(victims))
+                self.engine.release([h.admitted.sequence for h in victims.values()])
                 for handle in victims.values():
                     self._fail(handle, exc)
                 batch, self._state.partial = None, None
@@ -293,8 +300,8 @@ class Scheduler:
                 while len(state.waiting) < self.max_batch_size and (left := until - time.monotonic()) > 0:
                     self._cond.wait(left)
             rows = self.max_batch_size if state.row_cap is None else min(state.row_cap, self.max_batch_size)
-            room = rows - (0 if batch is None else len(batch))
-            taken = [] if state.partial is not None else self._take_prefill(room)
+            running = 0 if batch is None else len(batch)
+            taken = [] if state.partial is not None else self._take_prefill(rows - running, running)
             # A new group of Classify requests once the last one is scored, so none waits behind later ones.
             scoring: list[ScoringJob] = []
             if not state.scored:
@@ -310,13 +317,18 @@ class Scheduler:
                 side = state.side.popleft()
             return _Work(taken, scoring, side)
 
-    def _take_prefill(self, room: int) -> list[Handle]:
-        """The waiting rows the next prefill takes; a row over the budget instead starts its chunked prefill."""
+    def _take_prefill(self, room: int, running: int) -> list[Handle]:
+        """The waiting rows the next prefill takes; a row over the budget instead starts its chunked prefill.
+
+        Rows take KV blocks only while a reserve of one block per running row stays free.
+        """
         state = self._state
+        waiting = [h.admitted.sequence for h in state.waiting]
         # A resumed row recomputes what it generated.
-        fresh = [fresh_positions(s.prompt, len(s.input_ids) + len(s.generated))
-                 for s in (h.admitted.sequence for h in state.waiting)]
-        plan = plan_prefill(fresh, room=room, max_positions=self.max_prefill_tokens)
+        fresh = [fresh_positions(s.prompt, len(s.input_ids) + len(s.generated)) for s in waiting]
+        free = self.engine.kv_usage().free_blocks - running
+        plan = plan_prefill(fresh, [blocks_for(s.kv_tokens) for s in waiting], room=room,
+                            max_positions=self.max_prefill_tokens, free_blocks=free)
         taken = [state.waiting.popleft() for _ in range(plan.rows)]
         if not plan.chunked:
             return taken
@@ -333,7 +345,7 @@ class Scheduler:
         joining = [*(self._prefill(new) if new else []), *self._prefill_chunk(now)]
         if joining:
             parts = [b for b in (batch, *joining) if b is not None]
-            batch = self._concatenate(parts)
+            batch = self.engine.concatenate(parts)
         if batch is not None:
             batch = self._decode(batch)
         return batch
@@ -370,12 +382,14 @@ class Scheduler:
             return []
         handle, partial = self._state.partial
         if not self._still_wanted(handle, now):
-            self._state.partial = None  # its partial KV goes with it
+            self._state.partial = None
+            partial.sequence.release_kv()  # its partial KV goes with it
             return []
         try:
             done = self.engine.prefill_chunk(partial, self.max_prefill_tokens)
         except Exception as exc:  # noqa: BLE001 - the row is alone in its forward
             self._state.partial = None
+            partial.sequence.release_kv()
             self._fail_alone(handle, exc, "prefill")
             return []
         self.stats.prefill_chunks += 1
@@ -388,18 +402,33 @@ class Scheduler:
         kept = self._keep_unfinished(fresh)
         return [] if kept is None else [kept]
 
-    def _concatenate(self, parts: list[Batch]) -> Batch | None:
-        """Merges the batches; if that raises (the arena could not grow), preempts every row of them."""
-        rows = [s for b in parts for s in b.sequences]
-        try:
-            return self.engine.concatenate(parts)
-        except Exception as exc:  # noqa: BLE001 - a half-merged arena is not trusted: every row recomputes
-            self._preempt(rows, exc)
-            self._state.row_cap = max(1, len(rows) // 2)
-            return None
+    def _make_room(self, batch: Batch) -> Batch | None:
+        """Preempts the newest rows while the batch's next step would not fit the KV pool: first a row being
+        prefilled in chunks, then the batch's newest."""
+        short = self.engine.shortfall(batch)
+        if short and self._state.partial is not None:
+            self._preempt_partial(KvPoolFullError("the KV pool is full"))
+            short = self.engine.shortfall(batch)
+        if not short:
+            return batch
+        keep = len(batch) - short
+        self._preempt(batch.sequences[keep:], KvPoolFullError(f"the KV pool is full ({keep} rows keep decoding)"))
+        return self.engine.filter(batch, list(range(keep)))
+
+    def _preempt_partial(self, cause: BaseException) -> None:
+        """The row being prefilled in chunks gives its blocks back and restarts its prefill later."""
+        assert self._state.partial is not None
+        sequence = self._state.partial[1].sequence
+        sequence.release_kv()
+        self._preempt([sequence], cause)
+        self._state.partial = None
 
     def _decode(self, batch: Batch) -> Batch | None:
         """One decode step; while it raises, preempts the newest half of the rows and retries with the rest."""
+        fitted = self._make_room(batch)
+        if fitted is None:
+            return None
+        batch = fitted
         while True:
             try:
                 events = self.engine.decode(batch)
@@ -407,17 +436,16 @@ class Scheduler:
             except Exception as exc:  # noqa: BLE001 - fewer rows may fit; one row alone is the one that fails
                 if self._state.partial is not None:
                     # The newest row's partial KV goes first: it restarts its prefill later.
-                    self._preempt([self._state.partial[1].sequence], exc)
-                    self._state.partial = None
+                    self._preempt_partial(exc)
                     continue
                 if len(batch) == 1:
                     handle = self._state.running[batch.sequences[0].request_id]
-                    self._filter(batch, [])
+                    self.engine.filter(batch, [])
                     self._fail_alone(handle, exc, "decode")
                     return None
                 keep = len(batch) // 2
                 self._preempt(batch.sequences[keep:], exc)
-                kept = self._filter(batch, list(range(keep)))
+                kept = self.engine.filter(batch, list(range(keep)))
                 if kept is None:
                     return None
                 batch = kept
@@ -426,15 +454,6 @@ class Scheduler:
         self.stats.steps += 1
         self._dispatch(events)
         return self._keep_unfinished(batch)
-
-    def _filter(self, batch: Batch, keep: list[int]) -> Batch | None:
-        """The engine's filter; if that raises (half-moved KV), the kept rows are preempted too."""
-        rows = [batch.sequences[i] for i in keep]
-        try:
-            return self.engine.filter(batch, keep)
-        except Exception as exc:  # noqa: BLE001 - recompute is right whatever state the arena was left in
-            self._preempt(rows, exc)
-            return None
 
     def _preempt(self, rows: list[Sequence], cause: BaseException) -> None:
         """Puts rows whose KV is dropped back at the front of the queue, in order, to resume by recompute."""
@@ -465,10 +484,10 @@ class Scheduler:
 
     def _drop_unwanted(self, batch: Batch, now: float) -> Batch | None:
         keep = [i for i, s in enumerate(batch.sequences) if self._still_wanted(self._state.running[s.request_id], now)]
-        return self._filter(batch, keep)
+        return self.engine.filter(batch, keep)
 
     def _keep_unfinished(self, batch: Batch) -> Batch | None:
-        return self._filter(batch, [i for i, s in enumerate(batch.sequences) if s.finish_reason is None])
+        return self.engine.filter(batch, [i for i, s in enumerate(batch.sequences) if s.finish_reason is None])
 
     def _dispatch(self, events: list[TokenEvent]) -> None:
         for event in events:

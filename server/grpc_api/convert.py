@@ -14,6 +14,7 @@ from softprompt.protos import softprompt_pb2 as pb
 from softprompt.protos.enums import finish_reason_to_pb, training_state_to_pb
 from softprompt.protos.options import options_from_pb
 from softprompt.server.core.errors import InvalidRequestError
+from softprompt.server.core.pool import KvUsage
 from softprompt.server.core.types import (
     ClassifyRequest,
     ClassifyResult,
@@ -100,9 +101,18 @@ def tokenize_response(t: Tokenization) -> pb.TokenizeResponse:
 
 
 def model_info_response(info: ModelInfo) -> pb.ModelInfoResponse:
-    """The model's description; the message's fields (and its Limits') are the dataclasses' by name."""
+    """The model's description; the message's fields (and its Limits') are the dataclasses' by name, its
+    KvCache is `kv_cache`'s."""
     fields = {f.name: getattr(info, f.name) for f in dataclasses.fields(info)}
-    return pb.ModelInfoResponse(**{**fields, "limits": pb.Limits(**dataclasses.asdict(info.limits))})
+    return pb.ModelInfoResponse(**{**fields, "limits": pb.Limits(**dataclasses.asdict(info.limits)),
+                                   "kv_cache": kv_cache(info.kv_cache)})
+
+
+def kv_cache(kv: KvUsage) -> pb.KvCache:
+    """The KV pool's size and use; the token counts are derived here so clients need not know the block size."""
+    return pb.KvCache(block_size=kv.block_size, total_blocks=kv.total_blocks, used_blocks=kv.used_blocks,
+                      rows=kv.rows, bytes_per_token=kv.bytes_per_token, total_tokens=kv.total_tokens,
+                      free_tokens=kv.free_tokens)
 
 
 # ---------------------------------------------------------------- registry

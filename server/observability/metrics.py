@@ -19,6 +19,7 @@ from softprompt.prompts.refs import task_name
 from softprompt.server.jobs.training import TrainingJobs
 
 if TYPE_CHECKING:
+    from softprompt.server.core.pool import KvUsage
     from softprompt.server.core.prompt_cache import DeviceLru
     from softprompt.server.core.scheduler import Scheduler
 
@@ -50,6 +51,7 @@ class Snapshot:
     decode_steps: int
     prefills: int
     training_units: int
+    kv_cache: KvUsage  # the KV pool's size and occupancy
     preemptions: int = 0  # running requests whose KV was dropped to be recomputed (out of memory)
     caches: dict[str, CacheCounts] = field(default_factory=dict)
     training_jobs: dict[TrainingState, int] = field(default_factory=dict)
@@ -117,7 +119,8 @@ def cache_counts(lru: DeviceLru) -> CacheCounts:
 
 
 def snapshot_reader(scheduler: Scheduler, caches: dict[str, DeviceLru], jobs: TrainingJobs) -> Callable[[], Snapshot]:
-    """A function reading the serving parts' state (for `Metrics.watch`); `caches` maps a label to an LRU."""
+    """A function reading the serving parts' state for `Metrics.watch`: the scheduler's queue and counters, its
+    engine's KV pool, the `caches` (a label to an LRU) and the training jobs."""
 
     def read() -> Snapshot:
         states = dict.fromkeys(TrainingState, 0)
@@ -130,6 +133,7 @@ def snapshot_reader(scheduler: Scheduler, caches: dict[str, DeviceLru], jobs: Tr
             decode_steps=stats.steps,
             prefills=stats.prefills,
             training_units=stats.side_units,
+            kv_cache=scheduler.engine.kv_usage(),
             preemptions=stats.preemptions,
             caches={name: cache_counts(lru) for name, lru in caches.items()},
             training_jobs=states,

@@ -49,6 +49,7 @@ class _StateCollector:
         yield CounterMetricFamily("softprompt_preemptions",
                                   "Running requests preempted (KV dropped, recomputed when they resume)",
                                   value=s.preemptions)
+        yield from _kv_cache(s)
         yield CounterMetricFamily("softprompt_training_units", "Units of training work run on the worker",
                                   value=s.training_units)
         families = {
@@ -71,6 +72,24 @@ class _StateCollector:
         for state, count in s.training_jobs.items():
             jobs.add_metric([state.value], count)
         yield jobs
+
+
+def _kv_cache(s: Snapshot) -> Iterator[Metric]:
+    """The KV pool's gauges: blocks by state, rows holding them, the pool's size."""
+    kv = s.kv_cache
+    blocks = GaugeMetricFamily("softprompt_kv_cache_blocks",
+                               "KV cache blocks of fixed token slots, held by running requests (used) or not (free)",
+                               labels=["state"])
+    blocks.add_metric(["used"], kv.used_blocks)
+    blocks.add_metric(["free"], kv.free_blocks)
+    yield blocks
+    yield GaugeMetricFamily("softprompt_kv_cache_rows",
+                            "Requests holding KV cache blocks (decoding, or part way through a chunked prefill)",
+                            value=kv.rows)
+    # Not *_total: that suffix is the counters' (promtool flags a gauge carrying it).
+    yield GaugeMetricFamily("softprompt_kv_cache_capacity_bytes",
+                            "Bytes of the KV cache's usable blocks, reserved at startup (--kv-cache-memory)",
+                            value=kv.total_bytes)
 
 
 class PrometheusMetrics:

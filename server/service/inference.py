@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from softprompt.server.config import ServerConfig
 from softprompt.server.core.admission import Admission, AdmittedScoring
 from softprompt.server.core.model import BaseModel
+from softprompt.server.core.pool import KvUsage
 from softprompt.server.core.scheduler import Handle, Scheduler
 from softprompt.server.core.types import ClassifyRequest, ClassifyResult, GenerationRequest, StreamChunk, Tokenization
 from softprompt.server.observability.metrics import Metrics, NoMetrics
@@ -35,7 +36,7 @@ class Limits:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """The served base model and the server's limits."""
+    """The served base model, the server's limits and its KV cache now."""
 
     model_id: str
     hidden_size: int
@@ -46,6 +47,7 @@ class ModelInfo:
     fingerprint: str  # identifies the weights; prompts record the fingerprint they were made for
     has_chat_template: bool
     limits: Limits
+    kv_cache: KvUsage  # the pool's size (--kv-cache-memory) and occupancy when asked
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,7 @@ class InferenceService:
         return self.admission.tokenize(text, chat=chat)
 
     def model_info(self) -> ModelInfo:
-        """The served model and the limits requests must keep to."""
+        """The served model, the limits requests must keep to and the KV cache's size and use now."""
         base, cfg = self.base, self.config
         return ModelInfo(
             model_id=base.spec.model_id,
@@ -131,4 +133,5 @@ class InferenceService:
                 max_queued_requests=cfg.max_queued_requests,
                 max_upload_bytes=cfg.max_upload_bytes,
             ),
+            kv_cache=self.scheduler.engine.kv_usage(),
         )

@@ -1,0 +1,109 @@
+"""The KV pool under the scheduler: admission by capacity, preemption when rows outgrow it, nothing lost.
+
+Requests are queued before the worker starts, so which rows join and which are preempted does not
+depend on timing; every output is checked against the no-cache reference (greedy) or the same
+request served with room to spare (seeded sampling).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import TEXTS, reference_greedy, running_server
+from softprompt.client import Client
+from softprompt.client import errors as client_errors
+from softprompt.server.app.server import build_app
+from softprompt.server.config import ServerConfig
+from softprompt.server.core.engine import Engine, Sequence
+from softprompt.server.core.errors import InvalidRequestError
+from softprompt.server.core.pool import BLOCK_SIZE, KvPool, KvPoolFullError, blocks_for
+from softprompt.server.core.sampling import SamplingParams
+from softprompt.server.core.types import DecodingOptions, GenerationRequest
+
+LONG = 40  # new tokens per request: 3 blocks a row, so 8 rows outgrow a 12-block pool
+
+
+def _pool_memory(base, blocks: int) -> str:
+    """--kv-cache-memory for a pool of exactly `blocks` blocks (the reserved one on top)."""
+    layers = Engine(base).pool.layers
+    return str(KvPool.bytes_per_token(layers, base.dtype) * BLOCK_SIZE * (blocks + 1))
+
+
+def _app(base, tmp_path, blocks: int):
+    config = ServerConfig(port=0, store=tmp_path / "store", max_batch_size=8, max_queued_requests=64,
+                          kv_cache_memory=_pool_memory(base, blocks))
+    app = build_app(config, base=base)
+    app.scheduler.engine.ignore_eos = True  # every row makes all its tokens: the pool fills for sure
+    return app
+
+
+def _requests() -> list[GenerationRequest]:
+    greedy = DecodingOptions(max_new_tokens=LONG)
+    sampled = [DecodingOptions(max_new_tokens=LONG, temperature=1.0, seed=seed) for seed in range(4)]
+    return [GenerationRequest("", TEXTS[i % len(TEXTS)], greedy) for i in range(8)] + \
+        [GenerationRequest("", TEXTS[i], o) for i, o in enumerate(sampled)]
+
+
+def _serve(app, requests: list[GenerationRequest]) -> list[tuple[int, ...]]:
+    handles = [app.scheduler.submit(app.admission.admit(r)) for r in requests]
+    app.scheduler.start()
+    try:
+        return [h.result().token_ids for h in handles]
+    finally:
+        app.scheduler.close()
+
+
+def test_rows_outgrowing_the_pool_are_preempted_and_finish_with_the_same_tokens(tiny_base, tmp_path):
+    roomy = _serve(_app(tiny_base, tmp_path / "roomy", blocks=1024), _requests())
+    app = _app(tiny_base, tmp_path / "small", blocks=12)
+    tight = _serve(app, _requests())
+    assert app.scheduler.stats.preemptions > 0, "a pool this small should have forced preemptions"
+    assert tight == roomy  # seeded sampled rows too: each row's stream survives its preemption
+    for request, tokens in zip(_requests()[:8], tight):
+        ids = tiny_base.tokenizer(request.input).input_ids
+        assert list(tokens) == reference_greedy(tiny_base.model, None, ids, LONG, eos_ids=())
+    usage = app.scheduler.engine.kv_usage()
+    assert usage.used_blocks == 0 and usage.rows == 0  # every finished or preempted row gave its blocks back
+
+
+def test_the_pool_holds_rows_for_what_they_hold_not_the_longest_row(tiny_base):
+    """One long row beside short ones: the short rows' blocks grow with their own tokens only."""
+    engine = Engine(tiny_base)
+    long = Sequence(request_id=0, input_ids=tiny_base.tokenizer(TEXTS[2] * 8).input_ids,
+                    params=SamplingParams(max_new_tokens=4))
+    shorts = [Sequence(request_id=i, input_ids=tiny_base.tokenizer("hi").input_ids,
+                       params=SamplingParams(max_new_tokens=4)) for i in range(1, 8)]
+    for seq in (long, *shorts):
+        engine.start(seq)
+    batch, _ = engine.prefill([long, *shorts])
+    engine.decode(batch)
+    assert [len(s.kv.blocks) for s in shorts] == [1] * 7
+    assert len(long.kv.blocks) == blocks_for(long.kv.length + 1) > 1
+    assert engine.kv_usage().used_blocks == len(long.kv.blocks) + 7
+
+
+def test_a_request_that_could_never_fit_the_pool_is_refused_with_the_limit(tiny_base, tmp_path):
+    app = _app(tiny_base, tmp_path, blocks=4)  # 64 tokens
+    with pytest.raises(InvalidRequestError, match=r"exceeds this server's KV cache of 64 tokens \(--kv-cache-memory\)"):
+        app.admission.admit(GenerationRequest("", "hello", DecodingOptions(max_new_tokens=100)))
+    app.admission.admit(GenerationRequest("", "hello", DecodingOptions(max_new_tokens=30)))  # fits: admitted
+
+
+def test_over_grpc_a_never_fitting_request_gets_invalid_argument_and_the_server_keeps_serving(tiny_base, tmp_path):
+    with running_server(tiny_base, tmp_path / "store", kv_cache_memory=_pool_memory(tiny_base, 4)) as (_, address):
+        with Client(address) as client:
+            with pytest.raises(client_errors.InvalidArgumentError, match="--kv-cache-memory"):
+                client.generate("", "hello", max_new_tokens=100)
+            assert client.generate("", "hello", max_new_tokens=5).token_ids
+
+
+def test_the_pool_hands_out_and_takes_back_blocks():
+    pool = KvPool([], 3, dtype=torch.float32, device=torch.device("cpu"))
+    a = pool.allocate(2)
+    with pytest.raises(KvPoolFullError):
+        pool.allocate(2)
+    assert pool.free_blocks == 1  # a refused allocation takes nothing
+    pool.release(a)
+    b = pool.allocate(3)
+    assert sorted(b) == [1, 2, 3] and 0 not in b  # block 0 is reserved (TRASH, SCRATCH)

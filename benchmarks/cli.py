@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)")
     m.add_argument("--random-weights", type=Path, metavar="CONFIG_JSON",
                    help="random weights of this transformers config's shape; tokenizer from --model")
+    m.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="on a GPU, our engine replays decode steps from CUDA graphs captured at startup "
+                        "(--no-cuda-graphs: eagerly, to measure what graphs buy)")
     r = parser.add_argument_group("run")
     r.add_argument("--skip", type=_skip_keys, default=frozenset(), metavar="a,b,...",
                    help="methods to skip, by letter or name (e.g. --skip peft or --skip a,c)")
@@ -81,7 +84,7 @@ def parse_settings(argv: Sequence[str] | None) -> Settings:
         requests=a.requests, tasks=a.tasks, virtual_tokens=a.virtual_tokens, new_tokens=a.new_tokens,
         input_tokens=a.input_tokens, data=a.data, clients=a.clients or a.requests, batch_size=a.batch_size,
         model=a.model, device=a.device, dtype=a.dtype, random_weights=a.random_weights, skip=a.skip,
-        json_out=a.json_out, warmup=max(0, a.warmup),
+        json_out=a.json_out, warmup=max(0, a.warmup), cuda_graphs=a.cuda_graphs,
     )
 
 

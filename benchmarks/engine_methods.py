@@ -26,7 +26,7 @@ REGISTRATION_TASK = "bench-fresh"  # (e) registers new versions of this task and
 REGISTRATION_ROUNDS = 10
 
 
-def engine_config(s: Settings, work: Workload, store: Path) -> Any:
+def engine_config(s: Settings, base: BaseModel, work: Workload, store: Path) -> Any:
     """A server config whose limits admit the whole workload at once."""
     from softprompt.server.config import ServerConfig
 
@@ -35,7 +35,19 @@ def engine_config(s: Settings, work: Workload, store: Path) -> Any:
         port=0, model=s.model, device=s.device, dtype=s.dtype, store=store, max_batch_size=s.batch_size,
         max_queued_requests=max(256, s.requests), max_new_tokens=max(1024, s.new_tokens),
         max_input_tokens=max(2048, longest), max_virtual_tokens=max(256, s.virtual_tokens),
+        kv_cache_memory=str(kv_cache_bytes(s, base, longest)), cuda_graphs=s.cuda_graphs,
     )
+
+
+def kv_cache_bytes(s: Settings, base: BaseModel, longest: int) -> int:
+    """A KV pool holding a full batch of the workload's longest rows: every method that builds an App gets
+    the same, sized to the workload rather than to the device memory the previous App left free."""
+    from softprompt.server.core import kv
+    from softprompt.server.core.pool import BLOCK_SIZE, KvPool, LayerShape, blocks_for
+
+    layers = [LayerShape(h, d) for h, d in kv.layer_shapes(base.model)]
+    blocks = blocks_for(s.virtual_tokens + longest + s.new_tokens + 1) * min(s.batch_size, s.requests)
+    return KvPool.bytes_per_token(layers, base.dtype) * BLOCK_SIZE * (blocks + 2)
 
 
 def build_bench_app(s: Settings, base: BaseModel, work: Workload, store: Path) -> tuple[Any, StepTimings]:
@@ -44,7 +56,7 @@ def build_bench_app(s: Settings, base: BaseModel, work: Workload, store: Path) -
     from softprompt.prompts.format.tensor import PromptTensor
     from softprompt.server.app.server import build_app
 
-    app = build_app(engine_config(s, work, store), base=base)
+    app = build_app(engine_config(s, base, work, store), base=base)
     engine = app.admission.engine
     # Every request runs to max_new_tokens, like HF with min_new_tokens.
     engine.ignore_eos = True

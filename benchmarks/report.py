@@ -141,9 +141,9 @@ def registration_line(results: list[MethodResult]) -> list[str]:
 
 def eos_ids(base: BaseModel) -> frozenset[int]:
     """The ids our engine ends a request on (unless told to ignore them, as this bench does)."""
-    from softprompt.server.core.engine import Engine
+    from softprompt.prompts.tokens import eos_token_ids
 
-    return Engine(base).eos_ids
+    return frozenset(eos_token_ids(base.model, base.tokenizer))
 
 
 def identical(results: list[MethodResult]) -> bool | None:

@@ -46,6 +46,7 @@ class Settings:
     skip: frozenset[str]
     json_out: Path | None
     warmup: int
+    cuda_graphs: bool = True
 
 
 @dataclass(frozen=True)

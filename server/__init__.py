@@ -4,7 +4,7 @@
                    No torch. A second transport (HTTP) is a sibling that calls the same services.
 - `service/`       the transport-neutral layer: prompt operations (register an upload, delete, warm,
                    resolve), inference calls and model info, in dataclasses. No protobuf.
-- `core/`          the serving core: admission, scheduler, engine, KV arena, sampling, text, caches.
+- `core/`          the serving core: admission, scheduler, engine, KV pool, sampling, text, caches.
                    Tensors, no protobuf, no transport.
 - `jobs/`          training jobs that share the worker with serving.
 - `access/`        bearer tokens, roles and task patterns (shared by every transport).

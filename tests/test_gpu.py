@@ -1,11 +1,13 @@
-"""The CUDA paths: decode steps replayed from CUDA graphs give the reference tokens.
+"""The CUDA paths: decode steps replayed from CUDA graphs captured at startup give the reference tokens.
 
 These need a GPU and are skipped without one (CI has none); `scripts/gpu_check.sh` runs them on a
 GPU machine together with the benchmark. On CPU, tests/test_engine.py runs the same decode step at
-the same bucketed shapes, eagerly.
+the same bucketed shapes, through the same static buffers, eagerly.
 """
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
@@ -33,33 +35,54 @@ def cuda_base(tiny_model_dir):
     return load_base_model(str(tiny_model_dir), device="cuda", dtype="float32")
 
 
+CAPTURE = (8, 256)  # rows 1-8 x widths 64-256: 4 x 3 graphs, captured when the engine is built
+
+
 def test_cuda_graph_steps_match_the_reference(cuda_base):
-    engine = Engine(cuda_base)
-    assert engine._step.graphs, "CUDA graphs are on by default on a GPU"
+    engine = Engine(cuda_base, capture=CAPTURE)
+    # Every bucket captured at startup, none lost to a failed or disagreeing capture.
+    assert engine._step.graph_shapes == [(r, w) for r in (1, 2, 4, 8) for w in (64, 128, 256)]
     rows = _joined_run(engine, cuda_base)
     for seq in rows:
         expected = reference_greedy(cuda_base.model, seq.prompt, seq.input_ids, seq.params.max_new_tokens,
                                     engine.eos_ids)
         assert seq.generated == expected, f"row {seq.request_id} differs from the no-cache reference"
-    # Still on: a capture that failed or disagreed with its eager step would have switched graphs off.
-    assert engine._step.graphs and engine._step._captured
+    assert len(engine._step.graph_shapes) == 12  # serving dropped none
+
+
+def test_device_work_on_another_thread_does_not_break_a_capture(cuda_base):
+    """Captures run in thread-local mode: another thread allocating on the device meanwhile is harmless."""
+    stop = threading.Event()
+
+    def busy() -> None:
+        while not stop.is_set():
+            torch.ones(1024, device="cuda").sum().item()
+
+    thread = threading.Thread(target=busy)
+    thread.start()
+    try:
+        engine = Engine(cuda_base, capture=CAPTURE)
+    finally:
+        stop.set()
+        thread.join()
+    assert len(engine._step.graph_shapes) == 12
 
 
 def test_bfloat16_graphs_give_the_eager_tokens(tiny_model_dir):
     base = load_base_model(str(tiny_model_dir), device="cuda", dtype="bfloat16")
     outputs = []
     for graphs in (True, False):
-        engine = Engine(base, cuda_graphs=graphs, pad_shapes=True)
+        engine = Engine(base, cuda_graphs=graphs, pad_shapes=True, capture=CAPTURE)
         rows = engine_rows(engine, base, 6)
         batch, _ = engine.prefill(rows)
         run_to_end(engine, batch)
         outputs.append([seq.generated for seq in rows])
-        assert engine._step.graphs is graphs
+        assert bool(engine._step.graph_shapes) is graphs
     assert outputs[0] == outputs[1]
 
 
 def test_sliding_window_graphs_give_the_reference(cuda_base):
-    """A sliding-window model's decode masks are rebuilt from the arena inside the captured graphs."""
+    """A sliding-window model's decode masks are rebuilt from the step's positions inside the captured graphs."""
     from transformers import AutoModelForCausalLM, MistralConfig
 
     from softprompt.prompts.base import spec_of
@@ -76,8 +99,8 @@ def test_sliding_window_graphs_give_the_reference(cuda_base):
         for p in model.parameters():
             p.mul_(8.0 if p.dim() > 1 else 1.0)
     base = BaseModel(model, tok, spec_of(model, "mistral"), torch.device("cuda"), torch.float32)
-    engine = Engine(base, ignore_eos=True)
+    engine = Engine(base, ignore_eos=True, capture=CAPTURE)
     rows = _joined_run(engine, base)
     for seq in rows:
         assert seq.generated == reference_greedy(model, seq.prompt, seq.input_ids, len(seq.generated), ())
-    assert engine._step.graphs and engine._step._captured
+    assert len(engine._step.graph_shapes) == 12

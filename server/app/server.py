@@ -73,7 +73,10 @@ def build_app(config: ServerConfig, base: BaseModel | None = None) -> App:
     # Resolved after the weights are loaded: a fraction is of the device memory they leave free.
     engine = Engine(base, prefix_cache_bytes=int(config.prefix_cache_mb * 1024 * 1024),
                     cuda_graphs=config.cuda_graphs and base.device.type == "cuda",
-                    kv_cache_bytes=resolve_kv_cache_bytes(config.kv_cache, base.device))
+                    kv_cache_bytes=resolve_kv_cache_bytes(config.kv_cache, base.device),
+                    # Graphs for every batch size and for rows as long as a request may make them.
+                    capture=(config.max_batch_size,
+                             config.max_virtual_tokens + config.max_input_tokens + config.max_new_tokens))
     kv = engine.kv_usage()
     log.info("KV cache: %.2f GiB for %d tokens in %d blocks of %d, %d bytes per token (--kv-cache-memory %s)",
              kv.total_bytes / (1 << 30), kv.total_tokens, kv.total_blocks, kv.block_size, kv.bytes_per_token,

@@ -1,22 +1,25 @@
 """Attention masks in real positions: causal, and windowed on sliding-window layers.
 
-A row's buffer column is not its position: serving and scoring rows are left-padded,
-and a prompt's cached prefix leaves a gap in front of its row's fresh columns. transformers builds
-its masks over buffer columns from a 2D padding mask. For full attention that is exact, as a row's
-real columns come in the order of their positions; a sliding window, though, it measures in
-columns, so padding inside the window hides real tokens, and a prebuilt decode mask has no window
-at all. Here the window is measured in real positions, a key column's position being the count of
-real columns before it in its row.
+Two layouts of keys reach attention. Over the KV pool (prefill, chunks, decode steps) a row's
+columns are its positions, in order, with no gaps (`over_positions`): the mask is a comparison of
+positions. Classify's scoring forwards and a prompt prefix's first computation run over
+left-padded rows, where a prompt's cached prefix also leaves a gap before the fresh columns
+(`prefill`); transformers builds its masks over buffer columns from a 2D padding mask, which for
+full attention is exact, as a row's real columns come in the order of their positions, but a
+sliding window it measures in columns, so padding inside the window would hide real tokens. There
+the window is measured in real positions, a key column's position being the count of real columns
+before it in its row.
 
 The rule is transformers' own, in positions: a query at position q sees the real keys at positions
 k <= q, and on a sliding layer only those with k > q - window (itself and the window - 1 tokens
-before it). A padding query also sees itself, so no row of a mask is empty: some attention kernels
-return NaN for an all-masked row, and a NaN in a padding column poisons real rows (0 * NaN).
+before it). A padding query also sees a column (itself, or over the pool column 0), so no row of a
+mask is empty: some attention kernels return NaN for an all-masked row, and a NaN in a padding
+column poisons real rows (0 * NaN).
 
 `MaskLayout.of` reads the model's window structure once:
 
-- full attention everywhere: nothing changes; a prefill hands transformers the 2D mask (so sdpa
-  may still take its `is_causal` fast path) and a decode step the [rows, 1, 1, width] padding mask;
+- full attention everywhere: a padded forward hands transformers the 2D mask (so sdpa may still
+  take its `is_causal` fast path); over the pool, one 4D mask;
 - every layer sliding (Mistral, Phi-3, Starcoder2, or `layer_types` all sliding): one 4D mask;
 - both kinds (`config.layer_types`: Gemma 2/3, Qwen2/3 with `max_window_layers`, Cohere2, ...):
   a dict by layer type, which those models use as it is.

@@ -6,7 +6,7 @@ never served with wrong tokens or failed per request. What is refused, and why:
 
 - ALiBi models (Bloom, MPT, Falcon with `alibi`): transformers builds their biases from a 2D
   padding mask (Bloom: its running count) and their forwards take no position ids, while the
-  engine's decode steps pass a prebuilt 4D mask over its KV arena and per-row positions; Bloom
+  engine's steps pass a prebuilt 4D mask over its KV pool rows and per-row positions; Bloom
   fails every decode step. Serving them would need the decode step to build the biases itself.
 - attention implementations other than sdpa and eager: the engine hands attention boolean (sdpa)
   or additive float (eager) 4D masks, which flash-attention and flex-attention kernels do not take.
@@ -118,7 +118,7 @@ def _alibi(base: BaseModel) -> str | None:
     if not (config.model_type in ALIBI_MODEL_TYPES or getattr(config, "alibi", False) or in_attn_config):
         return None
     return ("it uses ALiBi position biases, which transformers builds from a 2D padding mask, while the engine's "
-            "decode steps pass a prebuilt 4D mask over their KV arena and per-row position ids (Bloom fails every "
+            "steps pass a prebuilt 4D mask over their KV pool rows and per-row position ids (Bloom fails every "
             "step); serve a model with rotary or learned positions")
 
 

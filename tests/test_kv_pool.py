@@ -17,7 +17,7 @@ from softprompt.server.app.server import build_app
 from softprompt.server.config import ServerConfig
 from softprompt.server.core.engine import Engine, Sequence
 from softprompt.server.core.errors import InvalidRequestError
-from softprompt.server.core.pool import BLOCK_SIZE, KvPool, KvPoolFullError, blocks_for
+from softprompt.server.core.pool import BLOCK_SIZE, SCRATCH, TRASH, KvPool, KvPoolFullError, blocks_for
 from softprompt.server.core.sampling import SamplingParams
 from softprompt.server.core.types import DecodingOptions, GenerationRequest
 
@@ -107,3 +107,21 @@ def test_the_pool_hands_out_and_takes_back_blocks():
     pool.release(a)
     b = pool.allocate(3)
     assert sorted(b) == [1, 2, 3] and 0 not in b  # block 0 is reserved (TRASH, SCRATCH)
+
+
+def test_padding_rows_and_queries_never_write_the_slot_padding_columns_read(tiny_base):
+    """Padded steps (graph buckets) and left-padded prefills write SCRATCH; TRASH stays zero, so a masked
+    padding column can never hold a NaN that poisons a real row (0 * NaN)."""
+    engine = Engine(tiny_base, pad_shapes=True)
+    rows = [Sequence(request_id=i, input_ids=tiny_base.tokenizer(TEXTS[i]).input_ids,
+                     params=SamplingParams(max_new_tokens=6)) for i in range(3)]  # 3 rows pad to 4
+    for seq in rows:
+        engine.start(seq)
+    batch, _ = engine.prefill(rows)  # different lengths: left-padded queries
+    assert engine.shape_of(batch)[0] == 4
+    while batch is not None:
+        engine.decode(batch)
+        batch = engine.filter(batch, [i for i, s in enumerate(batch.sequences) if s.finish_reason is None])
+    for keys, values in zip(engine.pool.keys, engine.pool.values):
+        assert not keys[:, TRASH].any() and not values[:, TRASH].any()
+        assert keys[:, SCRATCH].any()  # the padding did write somewhere: its own slot

@@ -130,15 +130,18 @@ class DecodeStep:
             return
         rows, blocks = max(rows, have_rows), max(blocks, have_blocks)
         device = self.pool.device
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        # All four are allocated before any is swapped in: an allocation that fails (out of memory)
+        # leaves the buffers, and the graphs captured on them, as they were.
+        tokens = torch.zeros(rows, dtype=torch.long, device=device)
+        positions = torch.full((rows,), -1, dtype=torch.long, device=device)
+        table = torch.zeros(rows, blocks, dtype=torch.long, device=device)
+        logits = torch.zeros(rows, vocab, dtype=torch.float32, device=device)
         if self._graphs:
             log.warning("decode inputs outgrew the buffers graphs were captured on (%d rows x %d tokens): "
                         "dropping %d graphs; steps run eagerly", rows, blocks * BLOCK_SIZE, len(self._graphs))
             self._graphs.clear()
-        self._tokens = torch.zeros(rows, dtype=torch.long, device=device)
-        self._positions = torch.full((rows,), -1, dtype=torch.long, device=device)
-        self._table = torch.zeros(rows, blocks, dtype=torch.long, device=device)
-        vocab = self.model.get_output_embeddings().weight.shape[0]
-        self._logits = torch.zeros(rows, vocab, dtype=torch.float32, device=device)
+        self._tokens, self._positions, self._table, self._logits = tokens, positions, table, logits
 
     # ------------------------------------------------------------------ CUDA graphs
 

@@ -17,7 +17,9 @@ Ratios are against (a). All requests arrive at once (t0); latency runs from a re
 
 Modules: `workload` (settings, inputs, prompts, model), `baselines` (HF and PEFT), `engine_methods`
 (our engine and server), `methods` (the catalogue), `results` and `measure` (timing one method),
-`report` (the printed report), `cli` (the command line); `sampling` times the sampler alone
-(`python -m softprompt.benchmarks.sampling`) and `churn` times decode while rows leave and join every
-step (`python -m softprompt.benchmarks.churn`), apart from the report above.
+`report` (the printed report), `cli` (the command line); apart from the report above, `sampling`
+times the sampler alone (`python -m softprompt.benchmarks.sampling`), `churn` times decode while rows
+leave and join every step (`python -m softprompt.benchmarks.churn`), `memory` counts the rows held at
+once in one KV budget, paged pool against the old arena (`python -m softprompt.benchmarks.memory`),
+and `overload` drives a real server past its pool (`python -m softprompt.benchmarks.overload`).
 """

@@ -35,7 +35,7 @@ def engine_config(s: Settings, base: BaseModel, work: Workload, store: Path) -> 
         port=0, model=s.model, device=s.device, dtype=s.dtype, store=store, max_batch_size=s.batch_size,
         max_queued_requests=max(256, s.requests), max_new_tokens=max(1024, s.new_tokens),
         max_input_tokens=max(2048, longest), max_virtual_tokens=max(256, s.virtual_tokens),
-        kv_cache_memory=str(kv_cache_bytes(s, base, longest)), cuda_graphs=s.cuda_graphs,
+        kv_cache_memory=str(kv_cache_bytes(s, base, longest)), cuda_graphs=s.cuda_graphs, http_port=0,
     )
 
 

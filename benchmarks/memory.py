@@ -2,8 +2,8 @@
 
 One trace of `--requests` requests, all queued at once (seeded): inputs uniform in 16-1,024 tokens,
 `max_new_tokens` uniform in 16-512, a 20-token soft prompt on one of 8 tasks per request (round-robin;
-`--virtual-tokens 0` for none). Both sides get the same KV budget M, printed in tokens and bytes
-(by default M holds 16,384 tokens of the model's keys and values).
+`--virtual-tokens 0` for none). Both sides get the same KV memory M, printed in tokens and bytes:
+the memory of a pool holding `--kv-tokens` tokens (16,384 by default) plus its reserved block.
 
   pool   measured: the real Scheduler and Engine (no gRPC) with `kv_cache_bytes=M` and 256 rows
          allowed, every row greedy with `ignore_eos`, so lengths are exactly as planned. Each decode
@@ -80,7 +80,7 @@ class Held:
     steps: int
     preemptions: int = 0
     failed: int = 0
-    mean_used_tokens: float = 0.0  # KV token slots held (pool: used blocks; arena: its reservation)
+    mean_kv_tokens: float = 0.0  # KV token slots taken per step: the pool's used blocks, the arena's reservation
 
 
 def power_of_two(value: int) -> int:
@@ -96,7 +96,8 @@ def arena_reservation(spans: list[int], remaining: list[int]) -> int:
 
 def simulate_arena(trace: Trace, budget_tokens: int) -> Held:
     """Replays the arena's admission on `trace`: rows join in order while its reservation fits the budget."""
-    queue = [(trace.virtual_tokens * (t is not None) + n, m) for n, m, t in zip(trace.inputs, trace.max_new, trace.tasks)]
+    queue = [(trace.virtual_tokens * (t is not None) + n, m)
+             for n, m, t in zip(trace.inputs, trace.max_new, trace.tasks)]
     spans: list[int] = []  # per held row: KV columns written (its prefill made its first token)
     left: list[int] = []  # per held row: decode steps still to run
     steps = rows = most = reserved = 0
@@ -107,11 +108,13 @@ def simulate_arena(trace: Trace, budget_tokens: int) -> Held:
                 spans.append(length)
                 left.append(max_new - 1)
         if not spans:
-            raise ValueError(f"a request's reservation alone exceeds {budget_tokens} tokens")
+            if queue:
+                raise ValueError(f"a request's reservation alone exceeds {budget_tokens} tokens")
+            break  # the last rows made their only token at prefill
         reserved += arena_reservation(spans, left)
         steps, rows, most = steps + 1, rows + len(spans), max(most, len(spans))
         spans, left = [s + 1 for s, r in zip(spans, left) if r > 1], [r - 1 for r in left if r > 1]
-    return Held(mean_rows=rows / steps, max_rows=most, steps=steps, mean_used_tokens=reserved / steps)
+    return Held(mean_rows=rows / steps, max_rows=most, steps=steps, mean_kv_tokens=reserved / steps)
 
 
 class RecordingEngine(Engine):
@@ -162,7 +165,7 @@ def measure_pool(base: BaseModel, trace: Trace, budget_bytes: int) -> Held:
     steps = len(engine.step_rows)
     return Held(mean_rows=sum(engine.step_rows) / steps, max_rows=max(engine.step_rows), steps=steps,
                 preemptions=scheduler.stats.preemptions, failed=failed,
-                mean_used_tokens=sum(engine.step_blocks) * BLOCK_SIZE / steps)
+                mean_kv_tokens=sum(engine.step_blocks) * BLOCK_SIZE / steps)
 
 
 def measure(base: BaseModel, trace: Trace, pool_tokens: int) -> dict[str, Any]:
@@ -222,7 +225,7 @@ def main(argv: Seq[str] | None = None) -> int:
     for name in ("pool", "arena"):
         h = Held(**figures[name])
         print(f"  {name:<6} {h.mean_rows:6.1f} rows held on average, {h.max_rows:4d} at most, {h.steps:5d} decode "
-              f"steps, {h.mean_used_tokens:8.0f} KV tokens held on average, {h.preemptions} preemptions, "
+              f"steps, {h.mean_kv_tokens:8.0f} KV token slots taken on average, {h.preemptions} preemptions, "
               f"{h.failed} failed")
     print(f"  pool / arena: {figures['ratio']:.2f}x rows held on average")
     if a.json:

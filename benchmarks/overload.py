@@ -28,7 +28,6 @@ import time
 from collections.abc import Sequence as Seq
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -125,7 +124,7 @@ def run(base: BaseModel, plan: Plan) -> Outcome:
     rng = random.Random(SEED)
     asks = [(i % plan.distinct, rng.randint(plan.min_new, plan.max_new)) for i in range(plan.clients)]
     with tempfile.TemporaryDirectory() as store:
-        config = ServerConfig(port=0, store=Path(store), kv_cache_memory=str((plan.kv_tokens + BLOCK_SIZE) * per_token),
+        config = ServerConfig(port=0, http_port=None, store=Path(store), kv_cache_memory=str((plan.kv_tokens + BLOCK_SIZE) * per_token),
                               max_batch_size=256, max_queued_requests=2 * plan.clients)
         app = build_app(config, base=base)
         app.scheduler.engine.ignore_eos = True  # every stream makes exactly the tokens it asked for
@@ -190,7 +189,8 @@ def main(argv: Seq[str] | None = None) -> int:
         outcome = run(peaked(base), plan)
     finally:
         torch.set_num_threads(threads)  # a caller in the same process (a test) keeps its own setting
-    print(f"model: random-weight Llama {json.dumps(shape)} (matrices x8), cpu ({base.dtype}), torch threads {a.threads}")
+    print(f"model: random-weight Llama {json.dumps(shape)} (matrices x8), cpu ({base.dtype}), "
+          f"torch threads {a.threads}")
     print(f"{plan.clients} streaming clients at once over {plan.distinct} distinct requests ({plan.tasks} prompts of "
           f"{plan.virtual_tokens} virtual tokens and the bare model, ~{INPUT_TOKENS}-token inputs), "
           f"{plan.min_new}-{plan.max_new} new tokens each, greedy, ignore_eos; KV pool of {outcome.pool_tokens} tokens")

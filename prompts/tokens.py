@@ -9,6 +9,7 @@ as it was trained.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from softprompt.prompts.errors import ChatTemplateError
@@ -28,11 +29,17 @@ def _require_chat_template(tokenizer: Any) -> None:
 def encode_input(tokenizer: Any, text: str, *, chat: bool = False) -> list[int]:
     """Token ids of an input: wrapped as a user turn by the chat template if asked, else the tokenizer's defaults."""
     if chat:
-        _require_chat_template(tokenizer)
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
-        return list(tokenizer(text, add_special_tokens=False).input_ids)
+        return encode_messages(tokenizer, [("user", text)])
     return list(tokenizer(text).input_ids)
+
+
+def encode_messages(tokenizer: Any, messages: Sequence[tuple[str, str]]) -> list[int]:
+    """Token ids of a conversation of (role, content) turns through the chat template, ready for the
+    assistant's answer (the template's generation prompt appended)."""
+    _require_chat_template(tokenizer)
+    text = tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages], tokenize=False,
+                                         add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
 def encode_target(tokenizer: Any, text: str, end_id: int) -> list[int]:

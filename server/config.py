@@ -18,9 +18,22 @@ def default_store_dir() -> Path:
     return Path(base) / "softprompt" / "prompts"
 
 
-def setting(default: Any, help: str) -> Any:
-    """A settings field with its `--help` text beside it: `add_arguments` builds each flag from these."""
-    return field(default=default, metadata={"help": help})
+def setting(default: Any, help: str, parse: Any = None) -> Any:
+    """A settings field with its `--help` text beside it: `add_arguments` builds each flag from these.
+
+    `parse` turns the flag's text into the value, where the type of the default does not tell how.
+    """
+    return field(default=default, metadata={"help": help, "parse": parse})
+
+
+def port_or_off(text: str) -> int | None:
+    """A port number, or None for "off" (and for 0, which would pick a random port no client could guess)."""
+    if text.strip().lower() in ("off", "0", "none", ""):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number or 'off', got {text!r}") from None
 
 
 @dataclass(frozen=True)
@@ -29,6 +42,12 @@ class ServerConfig:
 
     host: str = setting("127.0.0.1", 'address to bind (use 0.0.0.0 to accept remote clients)')
     port: int = setting(50051, 'port to listen on; 0 picks a free one and logs it')
+    http_port: int | None = setting(
+        8000,
+        'port of the OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions, /v1/classify), '
+        "on --host beside gRPC, with the same tokens, TLS files and limits; 0 or 'off' turns it off",
+        parse=port_or_off,
+    )
     model: str | None = setting(
         None,
         'Hugging Face model id or local folder; default: the embedded SmolLM2-135M-Instruct',
@@ -122,6 +141,11 @@ class ServerConfig:
             raise ValueError("tls_cert and tls_key must be given together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            # 0 here picks a free port (tests); the flag's 0 means off (`port_or_off`).
+            raise ValueError(f"http_port must be 0..65535 or None (off), got {self.http_port}")
+        if self.http_port and self.http_port == self.port:
+            raise ValueError(f"http_port and port are both {self.port}: give the HTTP API a port of its own")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be 0..65535, got {self.metrics_port}")
         if self.attn_implementation not in (None, *SUPPORTED_ATTENTION):
@@ -161,7 +185,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=default,
                                 action=argparse.BooleanOptionalAction, help=f.metadata["help"] + f" (default: {default})")
             continue
-        kind = {int: int, float: float}.get(type(default), str)
+        kind = f.metadata["parse"] or {int: int, float: float}.get(type(default), str)
         shown = "" if default is None else f" (default: {default})"
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=default,
                             help=f.metadata["help"] + shown)

@@ -81,6 +81,7 @@ def running_server(base, store: Path, **settings) -> Iterator[tuple[object, str]
     from softprompt.server.app.server import build_app, shutdown, start
     from softprompt.server.config import ServerConfig
 
+    settings.setdefault("http_port", None)  # the HTTP API only where a test asks for it (0: a free port)
     app = build_app(ServerConfig(port=0, store=store, **settings), base=base)
     grpc_server, port, health = start(app)
     try:

@@ -27,7 +27,8 @@ def default_base():
 
 @pytest.fixture(scope="module")
 def address(default_base, tmp_path_factory):
-    app = build_app(ServerConfig(port=0, store=tmp_path_factory.mktemp("store"), batch_wait_ms=5), base=default_base)
+    app = build_app(ServerConfig(port=0, http_port=None, store=tmp_path_factory.mktemp("store"), batch_wait_ms=5),
+                    base=default_base)
     server, port, health = start(app)
     yield f"127.0.0.1:{port}"
     shutdown(app, server, health, grace_s=1.0)

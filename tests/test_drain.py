@@ -121,6 +121,7 @@ def _start_server(base: Any, store: Path, **settings: Any) -> tuple[Any, Any, An
     from softprompt.server.app.server import build_app, start
     from softprompt.server.config import ServerConfig
 
+    settings.setdefault("http_port", None)
     app = build_app(ServerConfig(port=0, store=store, **settings), base=base)
     server, port, health = start(app)
     return app, server, health, f"127.0.0.1:{port}"

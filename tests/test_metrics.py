@@ -91,18 +91,18 @@ def test_rpcs_tokens_and_latency_are_counted_by_method_and_status(server, client
     after = scrape(server)
 
     rpcs = "softprompt_rpc_requests_total"
-    assert delta(before, after, rpcs, service=INFERENCE, method="Generate", code="OK") == 2
-    assert delta(before, after, rpcs, service=INFERENCE, method="Generate", code="NOT_FOUND") == 1
-    assert delta(before, after, rpcs, service=INFERENCE, method="GenerateStream", code="OK") == 1
-    assert delta(before, after, rpcs, service="softprompt.v1.Registry", method="RegisterPrompt", code="OK") == 1
+    assert delta(before, after, rpcs, transport="grpc", service=INFERENCE, method="Generate", code="OK") == 2
+    assert delta(before, after, rpcs, transport="grpc", service=INFERENCE, method="Generate", code="NOT_FOUND") == 1
+    assert delta(before, after, rpcs, transport="grpc", service=INFERENCE, method="GenerateStream", code="OK") == 1
+    assert delta(before, after, rpcs, transport="grpc", service="softprompt.v1.Registry", method="RegisterPrompt", code="OK") == 1
     # Every RPC is timed, failed ones too; only generations that produced a token have a first-token time.
     latency = "softprompt_rpc_duration_seconds_count"
-    assert delta(before, after, latency, service=INFERENCE, method="Generate") == 3
-    assert delta(before, after, latency, service=INFERENCE, method="GenerateStream") == 1
+    assert delta(before, after, latency, transport="grpc", service=INFERENCE, method="Generate") == 3
+    assert delta(before, after, latency, transport="grpc", service=INFERENCE, method="GenerateStream") == 1
     ttft = "softprompt_time_to_first_token_seconds_count"
-    assert delta(before, after, ttft, method="Generate") == 2
-    assert delta(before, after, ttft, method="GenerateStream") == 1
-    assert delta(before, after, "softprompt_time_to_first_token_seconds_sum", method="Generate") > 0
+    assert delta(before, after, ttft, transport="grpc", method="Generate") == 2
+    assert delta(before, after, ttft, transport="grpc", method="GenerateStream") == 1
+    assert delta(before, after, "softprompt_time_to_first_token_seconds_sum", transport="grpc", method="Generate") > 0
     assert delta(before, after, "softprompt_generated_tokens_total") == tokens == 5 + 4 + 3
     assert delta(before, after, "softprompt_task_generated_tokens_total", task="pirate") == 8
     assert delta(before, after, "softprompt_task_generated_tokens_total", task=BASE_TASK) == 4
@@ -216,7 +216,7 @@ class _Recorder(NoMetrics):
         self.done: list[tuple[str, str]] = []
         self.changed = threading.Condition()
 
-    def rpc_done(self, method: str, code: str, seconds: float) -> None:
+    def rpc_done(self, method: str, code: str, seconds: float, transport: str = "grpc") -> None:
         with self.changed:
             self.done.append((method, code))
             self.changed.notify_all()

@@ -14,6 +14,7 @@ from softprompt.client import errors as client_errors
 from softprompt.prompts import errors as prompt_errors
 from softprompt.server.core import errors
 from softprompt.server.grpc_api import status
+from softprompt.server.service import statuses
 from softprompt.server.app.server import build_app, create_server
 from softprompt.server.config import ServerConfig
 from softprompt.server.core.types import DecodingOptions, GenerationRequest
@@ -122,18 +123,21 @@ def _wait_for(condition, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-@pytest.mark.parametrize(("exc", "code"), [
-    (prompt_errors.PromptNotFoundError("x"), grpc.StatusCode.NOT_FOUND),
-    (prompt_errors.InvalidPromptError("x"), grpc.StatusCode.INVALID_ARGUMENT),
-    (prompt_errors.InvalidNameError("x"), grpc.StatusCode.INVALID_ARGUMENT),
-    (prompt_errors.BaseModelMismatchError("x"), grpc.StatusCode.FAILED_PRECONDITION),
-    (prompt_errors.RegistryConflictError("x"), grpc.StatusCode.FAILED_PRECONDITION),
-    (prompt_errors.CorruptPromptError("x"), grpc.StatusCode.DATA_LOSS),
-    (errors.OverloadedError("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (errors.UploadTooLargeError("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (errors.DeadlineError("x"), grpc.StatusCode.DEADLINE_EXCEEDED),
-    (errors.ShuttingDownError("x"), grpc.StatusCode.UNAVAILABLE),
-    (RuntimeError("x"), grpc.StatusCode.INTERNAL),
+@pytest.mark.parametrize(("exc", "code", "http"), [
+    (prompt_errors.PromptNotFoundError("x"), grpc.StatusCode.NOT_FOUND, 404),
+    (prompt_errors.InvalidPromptError("x"), grpc.StatusCode.INVALID_ARGUMENT, 400),
+    (prompt_errors.InvalidNameError("x"), grpc.StatusCode.INVALID_ARGUMENT, 400),
+    (prompt_errors.BaseModelMismatchError("x"), grpc.StatusCode.FAILED_PRECONDITION, 400),
+    (prompt_errors.RegistryConflictError("x"), grpc.StatusCode.FAILED_PRECONDITION, 409),
+    (prompt_errors.CorruptPromptError("x"), grpc.StatusCode.DATA_LOSS, 500),
+    (errors.OverloadedError("x"), grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+    (errors.UploadTooLargeError("x"), grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
+    (errors.DeadlineError("x"), grpc.StatusCode.DEADLINE_EXCEEDED, 504),
+    (errors.ShuttingDownError("x"), grpc.StatusCode.UNAVAILABLE, 503),
+    (errors.CancelledError("x"), grpc.StatusCode.CANCELLED, 499),
+    (RuntimeError("x"), grpc.StatusCode.INTERNAL, 500),
 ])
-def test_status_table(exc, code):
+def test_status_table(exc, code, http):
+    """One table, both transports."""
     assert status.status_for(exc) == code
+    assert statuses.status_for(exc).http == http

@@ -33,6 +33,8 @@ from softprompt.server.core.support import check_servable
 from softprompt.server.grpc_api.servicers import InferenceServicer, RegistryServicer, TrainingServicer
 from softprompt.server.jobs.training import TrainingJobs
 from softprompt.server.grpc_api.interceptors.decoding import DecodeErrorInterceptor
+from softprompt.server.http_api.app import create_http_app
+from softprompt.server.http_api.server import HttpServer
 from softprompt.server.service import Services
 from softprompt.server.service.inference import InferenceService
 from softprompt.server.service.prompts import PromptService
@@ -60,6 +62,13 @@ class App:
     services: Services  # what the transports serve
     metrics: Metrics = field(default_factory=NoMetrics)
     metrics_port: int | None = None  # the bound /metrics port, once `start` serves it
+    exposure: security.Exposure | None = None  # tokens and TLS, checked when the gRPC server is created
+    http: HttpServer | None = None  # the OpenAI-compatible API, once `start` serves it
+
+    @property
+    def http_port(self) -> int | None:
+        """The bound HTTP API port, once `start` serves it."""
+        return None if self.http is None else self.http.port
 
 
 def build_app(config: ServerConfig, base: BaseModel | None = None) -> App:
@@ -109,7 +118,7 @@ def build_app(config: ServerConfig, base: BaseModel | None = None) -> App:
 def create_server(app: App) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Creates a started-ready gRPC server with every service, health and reflection; returns the bound port."""
     cfg = app.config
-    exposure = security.prepare(cfg)
+    exposure = app.exposure = security.prepare(cfg)
     interceptors = [] if exposure.tokens is None else [auth.AuthInterceptor(exposure.tokens, auth.rules(_job_task(app.jobs)))]
     limit = max(4 << 20, cfg.max_upload_bytes * _HARD_MESSAGE_FACTOR)
     server = grpc.server(
@@ -151,8 +160,18 @@ def _job_task(jobs: TrainingJobs) -> auth.JobTask:
 
 
 def start(app: App) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """Starts the scheduler and a gRPC server for `app`."""
+    """Starts the scheduler, a gRPC server and (unless --http-port is off) the HTTP API for `app`."""
     server, port, health_servicer = create_server(app)
+    cfg = app.config
+    if cfg.http_port is not None:
+        assert app.exposure is not None
+        api = create_http_app(app.services, tokens=app.exposure.tokens, max_body_bytes=cfg.max_upload_bytes,
+                              metrics=app.metrics)
+        app.http = HttpServer(api, cfg.host, cfg.http_port, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key,
+                              tls_client_ca=cfg.tls_client_ca)
+        app.http.start()
+        scheme = "https" if cfg.tls_cert is not None else "http"
+        log.info("OpenAI-compatible API on %s://%s:%d/v1", scheme, cfg.host, app.http.port)
     if app.config.metrics_port is not None:
         app.metrics_port = app.metrics.serve(app.config.host, app.config.metrics_port)
         log.info("metrics on http://%s:%d/metrics", app.config.host, app.metrics_port)
@@ -171,6 +190,8 @@ def shutdown(app: App, server: grpc.Server, health_servicer: health.HealthServic
     health_servicer.enter_graceful_shutdown()
     app.jobs.close()
     app.scheduler.close(grace_s)
+    if app.http is not None:
+        app.http.stop()
     server.stop(grace=1.0).wait()
     app.metrics.close()
 

@@ -14,7 +14,7 @@ import torch
 
 from softprompt.prompts.format.tensor import check_base_model
 from softprompt.prompts.registry import Registry
-from softprompt.prompts.tokens import encode_input, encode_target, target_end_id
+from softprompt.prompts.tokens import encode_input, encode_messages, encode_target, target_end_id
 from softprompt.server.config import ServerConfig
 from softprompt.server.core.engine import Engine, Sequence
 from softprompt.server.core.errors import InvalidRequestError
@@ -87,7 +87,10 @@ class Admission:
         """Builds the engine row for a request, or raises a ServingError / PromptError."""
         params = self.sampling_params(request.options)
         prompt, version, key = self.resolve(request.task)
-        input_ids = list(self.tokenize(request.input, chat=request.options.chat).token_ids)
+        if request.messages:
+            input_ids = encode_messages(self.engine.tokenizer, request.messages)
+        else:
+            input_ids = list(self.tokenize(request.input, chat=request.options.chat).token_ids)
         self._check_lengths(input_ids, prompt, params.max_new_tokens, fix="lower max_new_tokens")
         seq = Sequence(request_id=next(self._ids), input_ids=input_ids, params=params, prompt=prompt, prompt_key=key)
         self._check_fits_pool(seq)

@@ -323,8 +323,9 @@ class Engine:
             kv_.length = n
         index = torch.tensor(slots, device=self.device)
         for layer, (keys, values) in enumerate(zip(self.pool.keys, self.pool.values)):
-            keys.index_copy_(1, index, torch.cat([p[layer][0] for _, p in rows], dim=1))
-            values.index_copy_(1, index, torch.cat([p[layer][1] for _, p in rows], dim=1))
+            # A prefix's layer is [kv_heads, tokens, head_dim]; the pool's is slot-major.
+            keys.index_copy_(0, index, torch.cat([p[layer][0].transpose(0, 1) for _, p in rows]))
+            values.index_copy_(0, index, torch.cat([p[layer][1].transpose(0, 1) for _, p in rows]))
 
     def _table(self, sequences: list[Sequence]) -> torch.Tensor:
         """[rows, blocks] block numbers of the rows (0-padded: columns past a row's length read TRASH anyway)."""

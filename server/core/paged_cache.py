@@ -57,10 +57,10 @@ class PagedCache:
                 self._write_and_gather(self._pool.values[layer_idx], value_states))
 
     def _write_and_gather(self, buffer: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        heads, dim = buffer.shape[0], buffer.shape[2]
-        buffer.index_copy_(1, self._writes, new.transpose(0, 1).reshape(heads, -1, dim).to(buffer.dtype))
-        gathered = buffer.index_select(1, self._reads).view(heads, self._rows, self._width, dim)
-        return gathered.transpose(0, 1)
+        heads, dim = buffer.shape[1], buffer.shape[2]
+        buffer.index_copy_(0, self._writes, new.transpose(1, 2).reshape(-1, heads, dim).to(buffer.dtype))
+        gathered = buffer.index_select(0, self._reads).view(self._rows, self._width, heads, dim)
+        return gathered.transpose(1, 2)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Positions before this forward's (some transformers releases ask, though positions are given)."""

@@ -6,9 +6,10 @@ names them in its own block list (the block table); a row joining or leaving all
 its own blocks, and a row's memory grows with what it holds, not with the batch's longest row.
 This is vLLM's paged KV design; the attention reads a row's tokens through its block table.
 
-Layout per layer: keys and values `[kv_heads, (blocks + 1) * BLOCK_SIZE, head_dim]`, token-slot
-major within a head, so one `index_select` over slot numbers gathers any rows' tokens in order and
-one `index_copy_` writes a step's new tokens wherever their rows' blocks are. Block 0 is reserved:
+Layout per layer: keys and values `[(blocks + 1) * BLOCK_SIZE, kv_heads, head_dim]`, token-slot
+major, so one `index_select` over slot numbers gathers any rows' tokens in order, copying each
+token's heads as one contiguous piece (twice as fast on a CPU as gathering per head), and one
+`index_copy_` writes a step's new tokens wherever their rows' blocks are. Block 0 is reserved:
 slot `TRASH` stays zero and is what padding columns read (a masked column gets weight 0, and 0 * a
 finite value is 0, never NaN), slot `SCRATCH` is where padding rows and padding queries write.
 
@@ -106,8 +107,8 @@ class KvPool:
         self._rows = 0
 
     def _buffer(self, shape: LayerShape, slots: int) -> torch.Tensor:
-        buffer = torch.empty(shape.kv_heads, slots, shape.head_dim, dtype=self.dtype, device=self.device)
-        buffer[:, :BLOCK_SIZE] = 0  # block 0: TRASH must read as zeros
+        buffer = torch.empty(slots, shape.kv_heads, shape.head_dim, dtype=self.dtype, device=self.device)
+        buffer[:BLOCK_SIZE] = 0  # block 0: TRASH must read as zeros
         return buffer
 
     @staticmethod

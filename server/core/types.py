@@ -29,6 +29,8 @@ class GenerationRequest:
     input: str
     options: DecodingOptions = DecodingOptions()
     deadline: float | None = None
+    # A conversation of (role, content) turns, through the chat template, instead of `input`.
+    messages: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

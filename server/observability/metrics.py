@@ -60,11 +60,12 @@ class Snapshot:
 class Metrics(Protocol):
     """The recorder the servicers and the interceptor feed."""
 
-    def rpc_done(self, method: str, code: str, seconds: float) -> None:
-        """One RPC ended: its full method (`/package.Service/Method`), status code name and duration."""
+    def rpc_done(self, method: str, code: str, seconds: float, transport: str = "grpc") -> None:
+        """One request ended: gRPC's full method (`/package.Service/Method`) and status code name, or HTTP's
+        route (`/v1/completions`) and status (`200`), and its duration."""
 
-    def first_token(self, method: str, seconds: float) -> None:
-        """A generation's first token reached the servicer `seconds` after its RPC started."""
+    def first_token(self, method: str, seconds: float, transport: str = "grpc") -> None:
+        """A generation's first token reached the transport `seconds` after its request arrived."""
 
     def task_request(self, task: str) -> None:
         """A Generate, GenerateStream or Classify request for `task` (empty: the base model) was admitted."""

@@ -21,8 +21,13 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
-def _split(method: str) -> tuple[str, str]:
-    """`/softprompt.v1.Inference/Generate` -> (`softprompt.v1.Inference`, `Generate`)."""
+HTTP_SERVICE = "openai"  # the `service` label of the HTTP API's routes
+
+
+def _split(method: str, transport: str) -> tuple[str, str]:
+    """`/softprompt.v1.Inference/Generate` -> (`softprompt.v1.Inference`, `Generate`); an HTTP route stays whole."""
+    if transport != "grpc":
+        return HTTP_SERVICE, method
     service, _, name = method.lstrip("/").rpartition("/")
     return service, name
 
@@ -99,12 +104,13 @@ class PrometheusMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._tasks = TaskLabels()
         r = self.registry
-        self._rpcs = Counter("softprompt_rpc_requests", "RPCs finished, by service, method and status code",
-                             ["service", "method", "code"], registry=r)
-        self._latency = Histogram("softprompt_rpc_duration_seconds", "RPC duration, from arrival to status",
-                                  ["service", "method"], buckets=LATENCY_BUCKETS, registry=r)
+        self._rpcs = Counter("softprompt_rpc_requests",
+                             "Requests finished, by transport (grpc, http), service, method (HTTP: route) and "
+                             "status code", ["transport", "service", "method", "code"], registry=r)
+        self._latency = Histogram("softprompt_rpc_duration_seconds", "Request duration, from arrival to status",
+                                  ["transport", "service", "method"], buckets=LATENCY_BUCKETS, registry=r)
         self._ttft = Histogram("softprompt_time_to_first_token_seconds",
-                               "From a generation RPC's arrival to its first token", ["method"],
+                               "From a generation request's arrival to its first token", ["transport", "method"],
                                buckets=TTFT_BUCKETS, registry=r)
         self._tokens = Counter("softprompt_generated_tokens", "Tokens generated, all tasks", registry=r)
         self._task_requests = Counter("softprompt_task_requests",
@@ -115,15 +121,15 @@ class PrometheusMetrics:
         self._httpd: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
-    def rpc_done(self, method: str, code: str, seconds: float) -> None:
-        """Counts an ended RPC and records its duration."""
-        service, name = _split(method)
-        self._rpcs.labels(service, name, code).inc()
-        self._latency.labels(service, name).observe(seconds)
+    def rpc_done(self, method: str, code: str, seconds: float, transport: str = "grpc") -> None:
+        """Counts an ended request and records its duration."""
+        service, name = _split(method, transport)
+        self._rpcs.labels(transport, service, name, code).inc()
+        self._latency.labels(transport, service, name).observe(seconds)
 
-    def first_token(self, method: str, seconds: float) -> None:
+    def first_token(self, method: str, seconds: float, transport: str = "grpc") -> None:
         """Records a generation's time to first token."""
-        self._ttft.labels(_split(method)[1] or method).observe(seconds)
+        self._ttft.labels(transport, _split(method, transport)[1] or method).observe(seconds)
 
     def task_request(self, task: str) -> None:
         """Counts an admitted request under its (bounded) task label."""

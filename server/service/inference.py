@@ -88,14 +88,14 @@ class InferenceService:
         self.metrics.task_request(handle.admitted.prompt_version)
         return handle
 
-    def stream(self, handle: Handle, endpoint: str, started: float) -> Iterator[StreamChunk]:
+    def stream(self, handle: Handle, endpoint: str, started: float, transport: str = "grpc") -> Iterator[StreamChunk]:
         """The handle's chunks, recording time to first token (since `started`, time.monotonic(), under
-        `endpoint`) and the tokens produced, also for a request that fails or is abandoned midway."""
+        `endpoint` of `transport`) and the tokens produced, also for a request that fails or is abandoned midway."""
         generated = 0
         try:
             for chunk in handle.chunks():
                 if not generated:
-                    self.metrics.first_token(endpoint, time.monotonic() - started)
+                    self.metrics.first_token(endpoint, time.monotonic() - started, transport)
                 generated += len(chunk.token_ids)
                 yield chunk
         finally:

@@ -10,10 +10,11 @@ exactly `--new-tokens` tokens per request, so their tokens/s compare:
   (e) our server over gRPC on loopback, with concurrent streaming clients;
   (f) (e) while a server-side training job runs;
   (g) HF `generate`, one batch with a static cache and no prompt at all;
-  (h) (d) with every request on one task.
+  (h) (d) with every request on one task;
+  (i) (e) over the OpenAI-compatible HTTP API: streamed `/v1/completions`, run right after (e).
 
 Ratios are against (a). All requests arrive at once (t0); latency runs from a request's arrival
-(for (e): from its client's send) to its last token.
+(for (e), (f), (i): from its client's send) to its last token.
 
 Modules: `workload` (settings, inputs, prompts, model), `baselines` (HF and PEFT), `engine_methods`
 (our engine and server), `methods` (the catalogue), `results` and `measure` (timing one method),

@@ -22,7 +22,7 @@ def _skip_keys(value: str) -> frozenset[str]:
     for item in filter(None, (v.strip().lower() for v in value.split(","))):
         if item not in aliases:
             known = ", ".join(sorted(aliases))
-            raise argparse.ArgumentTypeError(f"unknown method {item!r}: use letters a-e or {known}")
+            raise argparse.ArgumentTypeError(f"unknown method {item!r}: use letters a-i or {known}")
         keys.add(aliases[item])
     return frozenset(keys)
 
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The `bench` argument parser."""
     parser = argparse.ArgumentParser(
         prog="softprompt bench",
-        description="Measure our engine and gRPC server against HF generate and PEFT on one model and one "
+        description="Measure our engine and server (gRPC and HTTP) against HF generate and PEFT on one model and one "
                     "multi-task workload, in one process; prints generated tokens/s with ratios vs (a).\n\n"
                     + "\n".join(f"  ({k}) {label}" for k, (_, label) in METHODS.items()),
         epilog="examples:\n"
@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--input-tokens", type=_positive, default=32,
                    help="approximate input length, from built-in sentences (default: 32)")
     w.add_argument("--data", type=Path, metavar="FILE.jsonl", help='real inputs: one {"input": "..."} per line, cycled')
-    w.add_argument("--clients", type=_positive, help="concurrent gRPC streaming clients for (e) (default: --requests)")
+    w.add_argument("--clients", type=_positive,
+                   help="concurrent streaming clients for (e), (f) and (i) (default: --requests)")
     w.add_argument("--batch-size", type=_positive, default=64, help="our engine's max batch (default: 64)")
     m = parser.add_argument_group("model")
     m.add_argument("--model", help="Hugging Face id or local folder (default: the embedded SmolLM2-135M-Instruct)")

@@ -1,4 +1,5 @@
-"""Our methods: the engine offline (d, h), the gRPC server (e) and the server while a job trains (f).
+"""Our methods: the engine offline (d, h), the gRPC server (e), the server while a job trains (f) and the
+server's OpenAI-compatible HTTP API (i).
 
 Each builds its own App on the shared model with two public engine options: `ignore_eos`, so every
 request runs to max_new_tokens like HF with min_new_tokens, and `timings`, which splits the
@@ -8,12 +9,14 @@ engine's time into its step parts for the report.
 from __future__ import annotations
 
 import copy
+import http.client
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -131,32 +134,50 @@ def _read_handle(handle: Any, sent: float) -> tuple[list[int], float, float]:
     return ids, (first or time.perf_counter()) - sent, time.perf_counter() - sent
 
 
-class GrpcServer:
-    """(e) the real server on 127.0.0.1, one streaming client per thread, each sending its share of the requests."""
+class Streamed(NamedTuple):
+    """One streamed request as its client saw it; `ids` is None where the transport streams text only."""
+
+    ids: list[int] | None
+    text: str
+    made: int  # tokens generated, as the stream reported them
+    ttft: float  # send to first streamed chunk
+    latency: float  # send to the stream's end
+
+
+class _StreamingServer:
+    """The real server on 127.0.0.1 (gRPC and HTTP both served), one streaming client per thread, each
+    sending its share of the requests one after another; subclasses say how a client connects and streams."""
 
     def __init__(self, s: Settings, base: BaseModel, work: Workload, store: Path) -> None:
-        from softprompt.client import Client
         from softprompt.server.app.server import start
 
         self.work = work
         self.app, self.timings = build_bench_app(s, base, work, store)
-        self.server, port, self.health = start(self.app)
+        self.server, self.grpc_port, self.health = start(self.app)
         n = max(1, min(s.clients, len(work.texts)))
-        self.clients = [Client(f"127.0.0.1:{port}", timeout=3600) for _ in range(n)]
+        self.clients = [self._connect() for _ in range(n)]
         self.pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="bench-client")
+
+    def _connect(self) -> Any:
+        """One client, used by one thread only; it must have `close()`."""
+        raise NotImplementedError
+
+    def _request(self, client: Any, task: str, text: str, new_tokens: int) -> Streamed:
+        """Streams one request to its end."""
+        raise NotImplementedError
 
     def run(self, new_tokens: int) -> Outcome:
         """See `Runner.run`."""
         n = len(self.work.texts)
         before, stats0 = self.timings.snapshot(), copy.copy(self.app.scheduler.stats)
-        results: list[tuple[list[int], float, float]] = [([], 0.0, 0.0)] * n
+        results: list[Streamed | None] = [None] * n
         go = threading.Event()
 
         def client_loop(c: int) -> None:
             go.wait()
             for i in range(c, n, len(self.clients)):
                 task = task_name(self.work.task_of[i])
-                results[i] = _stream_one(self.clients[c], task, self.work.texts[i], new_tokens)
+                results[i] = self._request(self.clients[c], task, self.work.texts[i], new_tokens)
 
         futures = [self.pool.submit(client_loop, c) for c in range(len(self.clients))]
         t0 = time.perf_counter()
@@ -164,8 +185,32 @@ class GrpcServer:
         for f in futures:
             f.result()
         wall = time.perf_counter() - t0
-        return Outcome([r[0] for r in results], [r[2] for r in results], [r[1] for r in results],
-                       engine_extra(self.app, self.timings, before, stats0, wall))
+        done = [r for r in results if r is not None]  # every slot: a failed request raised above
+        ids = [r.ids for r in done if r.ids is not None]
+        return Outcome(ids if len(ids) == n else None, [r.latency for r in done], [r.ttft for r in done],
+                       engine_extra(self.app, self.timings, before, stats0, wall),
+                       texts=[r.text for r in done], counts=[r.made for r in done])
+
+    def close(self) -> None:
+        """Closes the clients and drains the server."""
+        from softprompt.server.app.server import shutdown
+
+        for client in self.clients:
+            client.close()
+        self.pool.shutdown()
+        shutdown(self.app, self.server, self.health, grace_s=1.0)
+
+
+class GrpcServer(_StreamingServer):
+    """(e) the server's gRPC streams, through our client."""
+
+    def _connect(self) -> Any:
+        from softprompt.client import Client
+
+        return Client(f"127.0.0.1:{self.grpc_port}", timeout=3600)
+
+    def _request(self, client: Any, task: str, text: str, new_tokens: int) -> Streamed:
+        return _stream_one(client, task, text, new_tokens)
 
     def probe_registration(self, rounds: int = REGISTRATION_ROUNDS) -> dict[str, float]:
         """Seconds from RegisterPrompt returning to the first streamed token of the next request for that
@@ -184,15 +229,6 @@ class GrpcServer:
                 if chunk.prompt_version != version:
                     raise RuntimeError(f"the request after registering {version} was served {chunk.prompt_version}")
         return {"fresh_p50_s": percentile(fresh, 50), "warm_p50_s": percentile(warm, 50), "rounds": rounds}
-
-    def close(self) -> None:
-        """Closes the clients and drains the server."""
-        from softprompt.server.app.server import shutdown
-
-        for client in self.clients:
-            client.close()
-        self.pool.shutdown()
-        shutdown(self.app, self.server, self.health, grace_s=1.0)
 
 
 class GrpcWhileTraining(GrpcServer):
@@ -235,12 +271,67 @@ class GrpcWhileTraining(GrpcServer):
         super().close()
 
 
-def _stream_one(client: Any, task: str, text: str, new_tokens: int) -> tuple[list[int], float, float]:
-    """One streamed request: (ids, time to first token, latency), both from the send."""
+class HttpStreams(_StreamingServer):
+    """(i) the server's OpenAI-compatible API: each client streams `/v1/completions` over its own kept-alive
+    HTTP/1.1 connection.
+
+    The client is the standard library's `http.client` rather than httpx or the `openai` package: it needs
+    no dependency the server extra lacks, and reads each event with the least Python work (no pydantic
+    objects, no async transport under a sync facade), so (i)/(e) measures the servers, not the clients.
+    """
+
+    def _connect(self) -> Any:
+        return http.client.HTTPConnection("127.0.0.1", self.app.http_port, timeout=3600)
+
+    def _request(self, client: Any, task: str, text: str, new_tokens: int) -> Streamed:
+        return _stream_http(client, task, text, new_tokens)
+
+
+def _stream_http(conn: http.client.HTTPConnection, task: str, text: str, new_tokens: int) -> Streamed:
+    """One greedy request streamed from `/v1/completions`, its usage asked for in a last event.
+
+    The API streams text, not ids: the usage's completion_tokens is what the server made.
+    """
+    body = json.dumps({"model": task, "prompt": text, "max_tokens": new_tokens, "temperature": 0, "stream": True,
+                       "stream_options": {"include_usage": True}})
+    parts: list[str] = []
+    made: int | None = None
+    first: float | None = None
+    sent = time.perf_counter()
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    if response.status != 200:
+        raise RuntimeError(f"/v1/completions answered {response.status}: {response.read()[:500]!r}")
+    for line in response:
+        if not line.startswith(b"data:"):
+            continue  # the blank line ending each event, and keep-alive comments
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            break
+        event = json.loads(data)
+        if "error" in event:
+            raise RuntimeError(f"/v1/completions failed mid-stream: {event['error']}")
+        if event["choices"]:
+            first = first or time.perf_counter()
+            parts.append(event["choices"][0]["text"])
+        if event.get("usage"):
+            made = event["usage"]["completion_tokens"]
+    response.read()  # the chunked body's end, so the connection can carry the next request
+    end = time.perf_counter()
+    if made is None:
+        raise RuntimeError("/v1/completions ended its stream without the usage event")
+    return Streamed(None, "".join(parts), made, (first or end) - sent, end - sent)
+
+
+def _stream_one(client: Any, task: str, text: str, new_tokens: int) -> Streamed:
+    """One request streamed over gRPC."""
     ids: list[int] = []
+    parts: list[str] = []
     first = None
     sent = time.perf_counter()
     for chunk in client.stream(task, text, max_new_tokens=new_tokens):
         first = first or time.perf_counter()
         ids.extend(chunk.token_ids)
-    return ids, (first or time.perf_counter()) - sent, time.perf_counter() - sent
+        parts.append(chunk.text)
+    end = time.perf_counter()
+    return Streamed(ids, "".join(parts), len(ids), (first or end) - sent, end - sent)

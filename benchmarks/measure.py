@@ -91,7 +91,7 @@ def measure(key: str, s: Settings, base: BaseModel, work: Workload, store: Path)
             outcome.extra["registration"] = runner.probe_registration()  # type: ignore[attr-defined]
     finally:
         runner.close()
-    made = [len(o) for o in outcome.outputs]
+    made = outcome.made()
     if any(m != s.new_tokens for m in made):
         raise RuntimeError(f"({key}) {label} generated {made} tokens, not {s.new_tokens} per request")
     generated = sum(made)
@@ -101,7 +101,7 @@ def measure(key: str, s: Settings, base: BaseModel, work: Workload, store: Path)
         latency_p50_s=percentile(outcome.latencies, 50), latency_p99_s=percentile(outcome.latencies, 99),
         ttft_p50_s=percentile(ttfts, 50) if ttfts else None, ttft_p99_s=percentile(ttfts, 99) if ttfts else None,
         peak_memory_bytes=memory, memory_kind=kind, other_load_cores=others, outputs=outcome.outputs,
-        extra=outcome.extra,
+        texts=outcome.texts, extra=outcome.extra,
     )
     progress(f"({key}) {result.tokens_per_s:.1f} generated tokens/s in {wall:.2f} s")
     return result

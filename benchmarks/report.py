@@ -85,7 +85,7 @@ def table(results: list[MethodResult], eos_ids: frozenset[int]) -> list[str]:
     for r in results:
         ratio = f"{r.tokens_per_s / baseline.tokens_per_s:.2f}x" if baseline else "n/a"
         same = "n/a"
-        if reference is not None and r.key not in OTHER_PROMPTS:
+        if reference is not None and r.key not in OTHER_PROMPTS and r.outputs is not None:
             same = f"{sum(agrees(a, b, eos_ids) for a, b in zip(r.outputs, reference.outputs))}/{len(r.outputs)}"
         rows.append((f"({r.key}) {r.label}", f"{r.tokens_per_s:,.1f}", f"{r.wall_s:.2f}", ratio,
                      _seconds(r.latency_p50_s), _seconds(r.latency_p99_s), _seconds(r.ttft_p50_s),
@@ -146,12 +146,20 @@ def eos_ids(base: BaseModel) -> frozenset[int]:
     return frozenset(eos_token_ids(base.model, base.tokenizer))
 
 
+IDENTICAL_LABEL = "outputs identical ((d), (e), (f) by ids; (i) by text against (e))"
+
+
 def identical(results: list[MethodResult]) -> bool | None:
-    """Whether (d), (e) and (f), all our greedy engine, produced the same ids for every request."""
-    ours = [r.outputs for r in results if r.key in ("d", "e", "f")]
-    if len(ours) < 2:
-        return None
-    return all(o == ours[0] for o in ours[1:])
+    """Whether (d), (e) and (f), all our greedy engine, produced the same ids for every request, and (i),
+    whose HTTP API streams text only, the same text as (e); None when fewer than two of them ran."""
+    by_key = {r.key: r for r in results}
+    checks = []
+    ours = [by_key[k].outputs for k in ("d", "e", "f") if k in by_key]
+    if len(ours) >= 2:
+        checks.append(all(o == ours[0] for o in ours[1:]))
+    if "e" in by_key and "i" in by_key:
+        checks.append(by_key["i"].texts == by_key["e"].texts)
+    return all(checks) if checks else None
 
 
 def training_line(results: list[MethodResult]) -> list[str]:
@@ -164,6 +172,16 @@ def training_line(results: list[MethodResult]) -> list[str]:
             f"throughput of serving alone; p99 latency {f.latency_p99_s / e.latency_p99_s:.2f}x, p50 time to first "
             f"token {f.ttft_p50_s / e.ttft_p50_s:.2f}x; the job ran {f.extra['training_units']} units of work "
             f"({f.extra['training_steps']} optimizer steps completed) meanwhile"]
+
+
+def http_line(results: list[MethodResult]) -> list[str]:
+    """What the OpenAI-compatible HTTP API costs against gRPC: (i) against (e)."""
+    by_key = {r.key: r for r in results}
+    if "e" not in by_key or "i" not in by_key:
+        return []
+    e, i = by_key["e"], by_key["i"]
+    return [f"(i)/(e) HTTP streams vs gRPC streams: {i.tokens_per_s / e.tokens_per_s:.2f}x tokens/s, "
+            f"TTFT p50 {i.ttft_p50_s / e.ttft_p50_s:.2f}x"]
 
 
 def report(s: Settings, base: BaseModel, work: Workload, results: list[MethodResult]) -> dict[str, Any]:
@@ -181,12 +199,13 @@ def report(s: Settings, base: BaseModel, work: Workload, results: list[MethodRes
     notes = [
         "generated tokens/s = requests x new tokens / wall; every method makes exactly --new-tokens per request "
         "(HF: min_new_tokens = max_new_tokens; our engine: EOS disabled in this bench process).",
-        "all requests arrive at once; latency = arrival to last token ((e): from its client's send); "
-        "TTFT = submit to first streamed token.",
+        "all requests arrive at once; latency = arrival to last token ((e), (f), (i): from its client's send); "
+        "TTFT = submit to first streamed token ((i): to the first streamed event with a choice).",
         "peak mem: " + ("torch.cuda.max_memory_allocated, reset before each timed run." if base.device.type == "cuda"
                         else "process-wide peak RSS so far (never resets: later methods include earlier ones)."),
         "ids = (d): requests whose greedy ids equal our engine's up to its first EOS (after it HF, which masks EOS "
-        "for min_new_tokens, takes another token); informative: padding and kernels can flip near-ties.",
+        "for min_new_tokens, takes another token); informative: padding and kernels can flip near-ties. (i)'s API "
+        "streams text, not ids: n/a, checked against (e)'s text instead.",
         "others' CPU: cores other processes kept busy during the timed run (/proc/stat); well above 0 means a "
         "shared, busy machine and slower, noisier figures.",
     ]
@@ -199,13 +218,14 @@ def report(s: Settings, base: BaseModel, work: Workload, results: list[MethodRes
     print(f"settings: {settings['model']} on {settings['device']} ({settings['dtype']}); {s.requests} requests over "
           f"{s.tasks} tasks, {s.virtual_tokens} virtual tokens, input tokens {min(lengths)}-{max(lengths)} "
           f"(mean {settings['input_tokens']['mean']:.1f}, {settings['input_source']}), {s.new_tokens} new tokens; "
-          f"{settings['clients']} gRPC clients; engine max batch {s.batch_size}; {s.warmup} warm-up run(s)", file=out)
+          f"{settings['clients']} streaming clients; engine max batch {s.batch_size}; {s.warmup} warm-up run(s)",
+          file=out)
     print(file=out)
     lines = [*table(results, eos_ids(base)), "", *engine_lines(results), *ratio_lines(results),
-             *registration_line(results), *training_line(results)]
+             *registration_line(results), *training_line(results), *http_line(results)]
     for line in lines:
         print(line, file=out)
-    print(f"outputs identical ((d), (e), (f)): {'n/a' if same is None else 'yes' if same else 'no'}", file=out)
+    print(f"{IDENTICAL_LABEL}: {'n/a' if same is None else 'yes' if same else 'no'}", file=out)
     print(file=out)
     for note in notes:
         print(f"note: {note}", file=out)

@@ -9,12 +9,26 @@ from typing import Any, Protocol
 
 @dataclass
 class Outcome:
-    """One run of a method: per request its generated ids, latency and (our server only) time to first token."""
+    """One run of a method: per request its generated ids, latency and (our server only) time to first token.
 
-    outputs: list[list[int]]
+    A transport that streams text only ((i), the HTTP API) has no ids: `outputs` is None, `counts` holds the
+    tokens the server reported per request, and `texts` the streamed text (which (e) records too, to compare).
+    """
+
+    outputs: list[list[int]] | None
     latencies: list[float]
     ttfts: list[float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    texts: list[str] | None = None
+    counts: list[int] | None = None
+
+    def made(self) -> list[int]:
+        """Tokens generated per request: counted from the ids, else as the server reported them."""
+        if self.outputs is not None:
+            return [len(o) for o in self.outputs]
+        if self.counts is None:
+            raise ValueError("an outcome without ids must carry the server's token counts")
+        return self.counts
 
 
 class Runner(Protocol):
@@ -46,7 +60,8 @@ class MethodResult:
     peak_memory_bytes: int
     memory_kind: str
     other_load_cores: float | None  # CPU cores other processes used during the run
-    outputs: list[list[int]]
+    outputs: list[list[int]] | None  # None: the transport returns text only
+    texts: list[str] | None = None  # the streamed text, where the method streams text
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -499,6 +499,27 @@ def mtls_server(tiny_base, tmp_path_factory, pki) -> Iterator[str]:
         yield address
 
 
+def test_the_http_api_uses_the_same_tls_files_and_client_certificates(tiny_base, tmp_path, pki, token_file):
+    import httpx
+    import ssl
+
+    cert, key = _pem(pki, "server")
+    ca = _pem(pki, "ca")[0]
+    with running_server(tiny_base, tmp_path / "store", http_port=0, auth_tokens=token_file, tls_cert=cert, tls_key=key,
+                        tls_client_ca=ca) as (app, _):
+        url = f"https://127.0.0.1:{app.http_port}/v1/models"
+        trusted = ssl.create_default_context(cafile=str(ca))
+        trusted.load_cert_chain(*_pem(pki, "client"))
+        response = httpx.get(url, verify=trusted, headers={"Authorization": f"Bearer {INFER}"}, timeout=30)
+        assert response.status_code == 200 and response.json()["object"] == "list"
+        assert httpx.get(url, verify=trusted, timeout=30).status_code == 401  # TLS is no substitute for a token
+        no_cert = ssl.create_default_context(cafile=str(ca))
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url, verify=no_cert, headers={"Authorization": f"Bearer {INFER}"}, timeout=30).raise_for_status()
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url.replace("https", "http"), timeout=30).raise_for_status()
+
+
 def test_mutual_tls(mtls_server, pki):
     ca = _pem(pki, "ca")[0]
     cert, key = _pem(pki, "client")

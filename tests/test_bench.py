@@ -2,7 +2,7 @@
 
 No timing is asserted: a loaded CI machine makes any threshold flaky. What must hold is that every
 method produced exactly the asked tokens, and that our engine gives the same greedy ids offline
-and over gRPC.
+and over gRPC, and the same text over the HTTP API.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from helpers import engine_rows, reference_greedy, run_to_end
-from softprompt.benchmarks.cli import main
+from softprompt.benchmarks.cli import main, parse_settings
 from softprompt.benchmarks.methods import METHODS
 from softprompt.client.cli import main as cli_main
 from softprompt.server.core.engine import Engine, StepTimings
@@ -32,14 +32,24 @@ def test_bench_runs_every_method_on_the_tiny_model(
     for key, method in figures["methods"].items():
         assert method["tokens_per_s"] > 0, key
         assert method["generated_tokens"] == 4 * 4, key
-        assert all(len(ids) == 4 for ids in method["outputs"]), key
+        assert key == "i" or all(len(ids) == 4 for ids in method["outputs"]), key
+    # The HTTP API streams text, not ids: (i) is compared with (e) by the text of each request.
+    http, grpc = figures["methods"]["i"], figures["methods"]["e"]
+    assert http["outputs"] is None and http["texts"] == grpc["texts"] and len(grpc["texts"]) == 4
     assert figures["outputs_identical"] is True
     printed = capsys.readouterr().out
-    assert "outputs identical ((d), (e), (f)): yes" in printed and "vs (a)" in printed
+    assert "outputs identical ((d), (e), (f) by ids; (i) by text against (e)): yes" in printed and "vs (a)" in printed
+    assert "(i)/(e) HTTP streams vs gRPC streams:" in printed
     assert "(f)/(e): serving while a training job runs" in printed
     # The probe raises unless every request right after a RegisterPrompt was served the new version.
     assert figures["methods"]["e"]["extra"]["registration"]["rounds"] == 10
     assert "each was served by the very next request" in printed
+
+
+def test_skip_takes_letters_names_and_aliases() -> None:
+    assert parse_settings(["--skip", "http,a,peft"]).skip == {"i", "a", "c"}
+    with pytest.raises(SystemExit):
+        parse_settings(["--skip", "websocket"])
 
 
 def test_cli_hands_bench_its_argv(monkeypatch: pytest.MonkeyPatch) -> None:

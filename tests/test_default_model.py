@@ -26,12 +26,18 @@ def default_base():
 
 
 @pytest.fixture(scope="module")
-def address(default_base, tmp_path_factory):
-    app = build_app(ServerConfig(port=0, http_port=None, store=tmp_path_factory.mktemp("store"), batch_wait_ms=5),
+def served(default_base, tmp_path_factory):
+    """(app, gRPC address) of a server on the default model, its HTTP API on a free port too."""
+    app = build_app(ServerConfig(port=0, http_port=0, store=tmp_path_factory.mktemp("store"), batch_wait_ms=5),
                     base=default_base)
     server, port, health = start(app)
-    yield f"127.0.0.1:{port}"
+    yield app, f"127.0.0.1:{port}"
     shutdown(app, server, health, grace_s=1.0)
+
+
+@pytest.fixture(scope="module")
+def address(served):
+    return served[1]
 
 
 def _text_prompt(base, text: str) -> torch.Tensor:
@@ -114,3 +120,17 @@ def test_training_on_default_model_registers_a_better_prompt_that_classifies(add
         result = client.classify("sentiment@prod", "What a lovely film.", ["positive", "negative"])
         assert result.prompt_version == done.version.ref and result.virtual_tokens == 20
         assert sum(s.probability for s in result.scores) == pytest.approx(1.0)
+
+
+def test_the_openai_sdk_chats_with_the_default_model_as_grpc_does(served):
+    """Issue 13's path on the real model: its chat template, through the official SDK, equals gRPC's chat."""
+    import openai
+
+    app, address = served
+    sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{app.http_port}/v1", api_key="-", max_retries=0)
+    question = "What is the capital of France?"
+    out = sdk.chat.completions.create(model=app.base.spec.model_id, messages=[{"role": "user", "content": question}],
+                                      max_tokens=24, temperature=0)
+    with Client(address, timeout=300) as client:
+        expected = client.generate("", question, chat=True, max_new_tokens=24)
+    assert out.choices[0].message.content == expected.text and "Paris" in expected.text

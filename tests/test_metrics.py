@@ -38,7 +38,7 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 @pytest.fixture(scope="module")
 def server(tiny_base, tmp_path_factory):
-    with running_server(tiny_base, tmp_path_factory.mktemp("store"), metrics_port=0, max_batch_size=8,
+    with running_server(tiny_base, tmp_path_factory.mktemp("store"), metrics_port=0, max_batch_size=8, http_port=0,
                           max_new_tokens=32, default_max_new_tokens=6, max_virtual_tokens=32, batch_wait_ms=2) as s:
         yield s
 
@@ -209,6 +209,25 @@ def test_endpoint_stops_with_the_server(tiny_base, tmp_path):
         assert port and scrape((app, None))
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+def test_http_requests_are_counted_under_the_http_transport(server, tiny_base):
+    import httpx
+
+    app, _ = server
+    url = f"http://127.0.0.1:{app.http_port}/v1"
+    before = scrape(server)
+    body = {"model": tiny_base.spec.model_id, "prompt": "hello", "max_tokens": 3, "temperature": 0}
+    assert httpx.post(f"{url}/completions", json=body, timeout=60).status_code == 200
+    with httpx.stream("POST", f"{url}/completions", json={**body, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200 and list(r.iter_lines())
+    assert httpx.post(f"{url}/completions", json={**body, "model": "nobody"}, timeout=60).status_code == 404
+    after = scrape(server)
+    rpcs, route = "softprompt_rpc_requests_total", "/v1/completions"
+    assert delta(before, after, rpcs, transport="http", service="openai", method=route, code="200") == 2
+    assert delta(before, after, rpcs, transport="http", service="openai", method=route, code="404") == 1
+    assert delta(before, after, "softprompt_time_to_first_token_seconds_count", transport="http", method=route) == 2
+    assert delta(before, after, "softprompt_task_requests_total", task=BASE_TASK) == 2  # shared with gRPC
 
 
 class _Recorder(NoMetrics):

@@ -44,7 +44,8 @@ class HttpServer:
             raise OSError(f"could not bind the HTTP API to {host}:{port} ({e.strerror}): is another server using "
                           "the port? Choose another with --http-port, or turn it off with --http-port off") from None
         self.port = int(self._socket.getsockname()[1])
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+        # log_config None: uvicorn leaves logging alone and its records go through the server's own format.
+        config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=5, **ssl_options)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},

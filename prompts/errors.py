@@ -41,3 +41,7 @@ class ChatTemplateError(PromptError):
 
 class TrainingDataError(PromptError):
     """Training or evaluation data is unreadable, empty or inconsistent; the message names the line."""
+
+
+class StoreUnavailableError(PromptError):
+    """The prompt store cannot be reached or refuses access; the message names the store and what failed."""

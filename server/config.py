@@ -64,7 +64,23 @@ class ServerConfig:
         'serve a model type outside the tested families (README, Supported models) if a startup exactness '
         'probe finds the engine reproduces its own forward',
     )
-    store: Path | None = setting(None, 'prompt registry folder (default: ~/.local/share/softprompt/prompts)')
+    store: str | Path | None = setting(
+        None,
+        'prompt registry: a folder (default: ~/.local/share/softprompt/prompts), or s3://BUCKET/PREFIX on AWS S3, '
+        'MinIO or any S3-compatible store (credentials from the standard AWS configuration; see --s3-endpoint-url), '
+        'which many servers share',
+    )
+    s3_endpoint_url: str | None = setting(
+        None,
+        'endpoint of an s3:// --store that is not AWS (MinIO, Ceph, ...), e.g. http://minio:9000 (default: the AWS '
+        'configuration, $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL)',
+    )
+    store_refresh_s: float = setting(
+        1.0,
+        "how stale this server's view of the registry may get: a version registered, an alias moved or a version "
+        'deleted through another server is seen here within this many seconds (a version named explicitly, '
+        "'task@7', is read at once); 0 reads the store on every request",
+    )
     cache_dir: Path | None = setting(None, 'where the converted default model is kept (default: ~/.cache/softprompt)')
     max_batch_size: int = setting(32, 'most requests decoded together in one step')
     max_queued_requests: int = setting(256, 'requests waiting beyond the running batch before RESOURCE_EXHAUSTED')
@@ -135,6 +151,8 @@ class ServerConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ValueError("default_max_new_tokens must not exceed max_new_tokens")
+        if self.store_refresh_s < 0:
+            raise ValueError(f"store_refresh_s must be >= 0 seconds, got {self.store_refresh_s}")
         if not 0.0 < self.train_share <= 1.0:
             raise ValueError(f"train_share must be within (0, 1], got {self.train_share}")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -156,9 +174,9 @@ class ServerConfig:
             raise ValueError(f"port must be 0..65535 (0 picks a free port), got {self.port}")
 
     @property
-    def store_dir(self) -> Path:
-        """The prompt store folder in effect."""
-        return self.store or default_store_dir()
+    def store_url(self) -> str:
+        """The prompt store in effect: a folder path or an s3:// URL."""
+        return str(self.store or default_store_dir())
 
     @property
     def kv_cache(self) -> KvCacheMemory:
@@ -196,7 +214,9 @@ def from_args(args: argparse.Namespace) -> ServerConfig:
     values = {f.name: getattr(args, f.name) for f in fields(ServerConfig)}
     if values["metrics_port"] is not None:
         values["metrics_port"] = int(values["metrics_port"])
-    for name in ("store", "cache_dir", "auth_tokens", "tls_cert", "tls_key", "tls_client_ca"):
+    for name in ("cache_dir", "auth_tokens", "tls_cert", "tls_key", "tls_client_ca"):
         if values[name] is not None:
             values[name] = Path(values[name]).expanduser()
+    if values["store"] is not None and "://" not in values["store"]:
+        values["store"] = Path(values["store"]).expanduser()  # a URL stays as written
     return ServerConfig(**values)

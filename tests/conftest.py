@@ -6,6 +6,7 @@ as any `--model` folder; only its size is small, so the whole suite runs offline
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,3 +25,20 @@ def tiny_base(tiny_model_dir: Path):
     from softprompt.server.app.loading import load_base_model
 
     return load_base_model(str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint_url() -> Iterator[str]:
+    """A real S3 HTTP endpoint (moto's server) on loopback for the session, with dummy credentials set."""
+    from helpers import s3_endpoint
+
+    with s3_endpoint() as url:
+        yield url
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint_url: str) -> str:
+    """A fresh, empty bucket on `s3_endpoint_url`."""
+    from helpers import new_bucket
+
+    return new_bucket(s3_endpoint_url)

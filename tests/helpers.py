@@ -210,3 +210,63 @@ def expected_ids(base, prompt: torch.Tensor | None, text: str, max_new_tokens: i
     """The reference greedy continuation of `text` under `prompt` (no KV cache, no batching)."""
     ids = base.tokenizer(text).input_ids
     return reference_greedy(base.model, prompt, ids, max_new_tokens, {base.tokenizer.eos_token_id})
+
+
+# Dummy credentials for the loopback S3 endpoint; no real AWS configuration may leak into the tests.
+S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+               "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}
+
+
+@contextmanager
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 HTTP endpoint (moto's server) on a free loopback port: yields its URL, then stops it.
+
+    Sets dummy AWS credentials in the environment meanwhile (inherited by spawned processes). Requests
+    are handled one at a time: moto checks If-None-Match / If-Match and stores the object in two steps,
+    and serializing them gives the atomic conditional writes real S3 has.
+    """
+    import os
+    import threading
+
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
+
+    class QuietHandler(MotoRequestHandler):
+        def log_request(self, *args, **kwargs) -> None:  # one line per request would drown test output
+            pass
+
+    moto_app = DomainDispatcherApplication(create_backend_app)
+    lock = threading.Lock()
+
+    def serialized(environ, start_response):
+        with lock:
+            return list(moto_app(environ, start_response))
+
+    saved = {k: os.environ.get(k) for k in [*S3_TEST_ENV, "AWS_PROFILE", "AWS_SESSION_TOKEN"]}
+    os.environ.update(S3_TEST_ENV)
+    os.environ.pop("AWS_PROFILE", None)
+    os.environ.pop("AWS_SESSION_TOKEN", None)
+    server = make_server("127.0.0.1", 0, serialized, threaded=True, request_handler=QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        thread.join(timeout=30)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def new_bucket(endpoint_url: str) -> str:
+    """Creates a bucket with a fresh name on the S3 endpoint and returns its name."""
+    import uuid
+
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:16]}"
+    boto3.client("s3", endpoint_url=endpoint_url).create_bucket(Bucket=name)
+    return name

@@ -330,3 +330,44 @@ def _tensor_prompt(base):
     from softprompt.prompts.format.tensor import PromptTensor
 
     return PromptTensor(embeddings=_prompt(base, 3), source_type="RAW")
+
+
+def test_more_streams_than_a_default_thread_pool_all_get_their_first_token(tiny_base, tmp_path):
+    """Each stream holds a reader thread for its whole length: 48 streams (anyio's shared pool has 40 threads)
+    all see their first token while every one of them is still running."""
+    streams = 48
+    with running_server(tiny_base, tmp_path / "store", http_port=0, max_batch_size=streams) as (app, _):
+        url = f"http://127.0.0.1:{app.http_port}/v1/completions"
+        body = {"model": tiny_base.spec.model_id, "prompt": "hi", "max_tokens": 40, "temperature": 0, "stream": True}
+        first = threading.Semaphore(0)
+        all_started, release = threading.Event(), threading.Event()
+        scheduler = app.scheduler
+
+        def hold(module, args, kwargs) -> None:  # once every stream made a token, the worker waits for all readers
+            running = list(scheduler._state.running.values())
+            if len(running) == streams and all(h.admitted.sequence.generated for h in running) \
+                    and not release.is_set():
+                all_started.set()
+                release.wait(60)
+
+        def client() -> int:
+            with httpx.stream("POST", url, json=body, timeout=120) as r:
+                lines = r.iter_lines()
+                next(line for line in lines if line.startswith("data: "))
+                first.release()
+                return sum(1 for line in lines if line.startswith("data: "))
+
+        hook = tiny_base.model.register_forward_pre_hook(hold, with_kwargs=True)
+        app.scheduler.engine.ignore_eos = True
+        try:
+            with ThreadPoolExecutor(streams) as pool:
+                results = [pool.submit(client) for _ in range(streams)]
+                assert all_started.wait(120)
+                got = sum(first.acquire(timeout=60) for _ in range(streams))
+                release.set()
+                assert got == streams, f"only {got} of {streams} streams saw a token while all were running"
+                assert all(r.result() > 0 for r in results)
+        finally:
+            release.set()
+            hook.remove()
+            app.scheduler.engine.ignore_eos = False

@@ -1,5 +1,5 @@
-"""Tests of softprompt.prompts.registry on real folders, with real PEFT loading and real processes, and on a
-store in memory."""
+"""Tests of softprompt.prompts.registry on real folders, with real PEFT loading and real processes, on S3 (a real
+S3 HTTP endpoint on loopback: the `reg` tests run against both stores), and on a store in memory."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 
 import pytest
@@ -30,6 +31,7 @@ from softprompt.prompts.format.stored import parse_embeddings, parse_metadata
 from softprompt.prompts.format.tensor import PromptTensor
 from softprompt.prompts.refs import PromptRef
 from softprompt.prompts.registry import LocalStore, MissingVersionError, PromptStore, PromptVersion, Registry
+from softprompt.prompts.registry.s3 import S3Store
 
 HIDDEN = 32
 # The base model facts without building a model: enough for everything but PEFT loading.
@@ -60,9 +62,37 @@ def make_prompt(seed: int, rows: int = 4, source_type: str = "PROMPT_TUNING") ->
     return PromptTensor(torch.randn(rows, HIDDEN, generator=g), source_type)
 
 
-@pytest.fixture
-def reg(tmp_path) -> Registry:
-    return Registry(tmp_path / "store")
+@pytest.fixture(params=["local", "s3"])
+def reg(request, tmp_path) -> Registry:
+    """A registry on an empty folder, and on an empty bucket of a real S3 endpoint."""
+    if request.param == "local":
+        return Registry(tmp_path / "store")
+    endpoint = request.getfixturevalue("s3_endpoint_url")
+    bucket = request.getfixturevalue("s3_bucket")
+    return Registry(store=S3Store(bucket, "prompts", endpoint_url=endpoint, cache_dir=tmp_path / "cache"))
+
+
+def tamper(store: PromptStore, name: str, version: int, filename: str, change: Callable[[bytes], bytes | None]) -> None:
+    """Replaces a stored file's bytes by `change(bytes)` (None: deletes it) behind the registry's back: on disk, or
+    straight through boto3."""
+    if isinstance(store, LocalStore):
+        path = store.version_dir(name, version) / filename
+        data = change(path.read_bytes())
+        path.unlink() if data is None else path.write_bytes(data)
+        return
+    import boto3
+
+    bucket, key = store.location(name, version, filename).removeprefix("s3://").split("/", 1)
+    client = boto3.client("s3", endpoint_url=store.endpoint_url)
+    data = change(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    if data is None:
+        client.delete_object(Bucket=bucket, Key=key)
+    else:
+        client.put_object(Bucket=bucket, Key=key, Body=data)
+
+
+def flip_a_bit(data: bytes) -> bytes:
+    return data[:-3] + bytes([data[-3] ^ 0x40]) + data[-2:]
 
 
 def refs(versions: list[PromptVersion]) -> list[str]:
@@ -91,8 +121,7 @@ def test_register_and_resolve(reg):
     assert torch.equal(reg.load_embeddings(v1), p1.embeddings)
     assert torch.equal(reg.load_embeddings(reg.resolve("sentiment")), p2.embeddings)
     # The checksum is the weights file's, so clients can verify downloads.
-    weights = reg.store.version_dir("sentiment", 1) / PEFT_WEIGHTS
-    assert v1.sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert v1.sha256 == hashlib.sha256(reg.store.read_file("sentiment", 1, PEFT_WEIGHTS)).hexdigest()
     assert reg.tasks() == ["sentiment"]
 
 
@@ -114,7 +143,7 @@ def test_register_revalidates_the_tensor(reg):
         reg.register("t", PromptTensor(torch.randn(2, 7), "RAW"), SPEC)
     assert reg.tasks() == []
     # Nothing half-written is left behind.
-    assert list((reg.store.root / ".tmp").iterdir()) == []
+    assert reg.store.clean_stale_temp(max_age_s=0) == []
 
 
 def test_not_found_messages_list_what_exists(reg):
@@ -151,8 +180,10 @@ def test_bad_names_are_refused(reg, name):
     with pytest.raises(InvalidNameError):
         reg.set_alias(name, "prod", 1)
     # Nothing was created anywhere, inside or outside the store.
-    assert sorted(p.name for p in reg.store.root.iterdir()) == [".tmp"]
-    assert sorted(p.name for p in reg.store.root.parent.iterdir()) == ["store"]
+    assert reg.store.task_names() == []
+    if isinstance(reg.store, LocalStore):
+        assert sorted(p.name for p in reg.store.root.iterdir()) == [".tmp"]
+        assert sorted(p.name for p in reg.store.root.parent.iterdir()) == ["store"]
 
 
 @pytest.mark.parametrize(
@@ -243,7 +274,7 @@ def test_alias_errors(reg):
     assert "task 't' has version 1" in str(e.value)
     with pytest.raises(PromptNotFoundError):
         reg.set_alias("nosuch", "prod", 1)
-    assert reg.tasks() == ["t"] and not (reg.store.root / "nosuch").exists()
+    assert reg.tasks() == ["t"] and reg.store.task_names() == ["t"]
     with pytest.raises(InvalidNameError) as e:
         reg.set_alias("t", "latest", 1)
     assert "reserved" in str(e.value)
@@ -313,14 +344,15 @@ def test_delete_whole_task(reg):
         reg.delete("t", all_versions=True)
     with pytest.raises(PromptNotFoundError):
         reg.delete("nosuch@1")
-    assert not (reg.store.root / "nosuch").exists()
+    assert "nosuch" not in reg.store.task_names()
     # Re-creating the task continues the numbering; the old alias is gone.
     v = reg.register("t", make_prompt(3), SPEC)
     assert v.version == 3 and v.aliases == ()
     assert reg.list_page("t")[0] == [v]
 
 
-def test_numbering_survives_a_lost_counter(reg):
+def test_numbering_survives_a_lost_counter(tmp_path):
+    reg = Registry(tmp_path / "store")
     for seed in range(3):
         reg.register("t", make_prompt(seed), SPEC)
     (reg.store.root / "t" / "counter").unlink()
@@ -430,16 +462,13 @@ def test_version_folder_and_export_load_with_peft(tmp_path, source_type):
 
 def test_corrupt_weights_detected_on_load(reg, tmp_path):
     v = reg.register("t", make_prompt(0), SPEC)
-    weights = reg.store.version_dir("t", 1) / PEFT_WEIGHTS
-    data = bytearray(weights.read_bytes())
-    data[-3] ^= 0x40
-    weights.write_bytes(bytes(data))
+    tamper(reg.store, "t", 1, PEFT_WEIGHTS, flip_a_bit)
     with pytest.raises(CorruptPromptError) as e:
         reg.load_embeddings(v)
     assert "sha256" in str(e.value) and "register the prompt again" in str(e.value)
     with pytest.raises(CorruptPromptError):
         reg.export(v, tmp_path / "exported")
-    weights.unlink()
+    tamper(reg.store, "t", 1, PEFT_WEIGHTS, lambda _: None)
     with pytest.raises(CorruptPromptError, match="missing"):
         reg.load_embeddings(v)
 
@@ -447,15 +476,16 @@ def test_corrupt_weights_detected_on_load(reg, tmp_path):
 def test_corrupt_metadata_detected_on_resolve_and_skipped_in_listing(reg):
     reg.register("t", make_prompt(0), SPEC)
     reg.register("t", make_prompt(1), SPEC)
-    (reg.store.root / "t" / "2" / METADATA).write_text('{"name": "t"}')
+    tamper(reg.store, "t", 2, METADATA, lambda _: b'{"name": "t"}')
     with pytest.raises(CorruptPromptError):
         reg.resolve("t@2")
     assert refs(reg.list_page()[0]) == ["t@1"]
 
 
-def test_copied_version_folder_is_detected(reg):
+def test_copied_version_folder_is_detected(tmp_path):
     import shutil
 
+    reg = Registry(tmp_path / "store")
     reg.register("t", make_prompt(0), SPEC)
     shutil.copytree(reg.store.root / "t" / "1", reg.store.root / "t" / "7")
     with pytest.raises(CorruptPromptError) as e:
@@ -494,7 +524,8 @@ def test_leftover_temp_dirs_are_ignored_and_old_ones_cleaned(tmp_path):
     assert reopened.tasks() == ["t"] and refs(reopened.list_page()[0]) == ["t@2", "t@1"]
 
 
-def test_failed_publish_leaves_no_version(reg, monkeypatch):
+def test_failed_publish_leaves_no_version(tmp_path, monkeypatch):
+    reg = Registry(tmp_path / "store")
     reg.register("t", make_prompt(0), SPEC)
 
     def crash(*args, **kwargs):

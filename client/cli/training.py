@@ -127,9 +127,10 @@ def add_train(commands: Any, common: argparse.ArgumentParser) -> None:
 
     where = parser.add_argument_group("where to train")
     where.add_argument(
-        "--store", type=Path, metavar="DIR",
-        help="train locally and register into the prompt store DIR, as `softprompt serve --store` "
-        "uses it (default: train on the server)",
+        "--store", metavar="DIR_OR_URL",
+        help="train locally and register into the prompt store DIR_OR_URL (a folder or s3://bucket/prefix; "
+        "S3 endpoint and credentials from the AWS configuration), as `softprompt serve --store` uses it "
+        "(default: train on the server)",
     )
     where.add_argument(
         "--no-wait", action="store_true",

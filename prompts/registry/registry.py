@@ -151,6 +151,7 @@ class Registry:
         validate_name(name)
         validate_alias(alias)
         validate_version(version)
+        self.store.refresh(name)  # a write acts on the store as it is, never on a view of it
         self._require_task(name)
         # Each failed swap means another writer changed the table or deleted the version meanwhile, so
         # the loop always makes progress; looking again re-checks everything against the new state.
@@ -190,6 +191,7 @@ class Registry:
                 f"of {name!r}, pass all_versions=True (CLI: --all)"
             )
         version = parsed.version
+        self.store.refresh(name)
         self._require_task(name)
         # As in set_alias, every failed step means another writer made progress; look again.
         while True:
@@ -215,6 +217,7 @@ class Registry:
 
     def _delete_task(self, name: str) -> list[int]:
         """Deletes every version and alias of task `name`; returns the deleted versions, ascending."""
+        self.store.refresh(name)
         self._require_task(name)
         remaining = self.store.versions(name)
         aliases = self.store.read_aliases(name)
@@ -261,8 +264,19 @@ class Registry:
 
 
     def resolve(self, ref: str | PromptRef) -> PromptVersion:
-        """The version a reference names: newest for a bare name, else the given version or alias."""
+        """The version a reference names: newest for a bare name, else the given version or alias.
+
+        Over a store that serves a bounded-staleness view (`CachedStore`), what the view lacks is read
+        through once before "not found": a version or alias another server just made works at once.
+        """
         parsed = PromptRef.parse(ref) if isinstance(ref, str) else ref
+        try:
+            return self._resolve(parsed)
+        except PromptNotFoundError:
+            self.store.refresh(parsed.name)
+            return self._resolve(parsed)
+
+    def _resolve(self, parsed: PromptRef) -> PromptVersion:
         name = parsed.name
         # A concurrent delete can remove the chosen version between listing and reading; retrying picks
         # the next newest for a bare name and reports "not found" otherwise.

@@ -12,7 +12,10 @@ Guarantees every backend must give, to every thread and process sharing the stor
 - **Numbers never reused.** `publish` gives a version a number above every number the task ever had,
   including deleted versions and versions of a task whose versions were all deleted. The number is
   durably recorded before the version becomes visible: a crash in between leaves a gap, never a number
-  that could come back. Concurrent publishers get distinct numbers, published in increasing order.
+  that could come back. Concurrent publishers get distinct numbers. A folder publishes them in
+  increasing order; object storage, without a lock server, may show a racing writer's higher number
+  while a lower one is still uploading (each writer's own versions appear in order, and the newest
+  visible version is what a bare task name resolves to).
 - **Aliases by compare-and-swap.** `swap_aliases` replaces a task's alias table in one atomic step, only
   if it still holds what the caller read, and only if every target it adds or moves exists at that
   moment; `delete_version` refuses a version an alias points at. Together: no alias ever points at a
@@ -127,6 +130,10 @@ class PromptStore(ABC):
         Returns False, changing nothing, if an alias points at it; raises `MissingVersionError` if the
         version does not exist. Its number is never reused.
         """
+
+    def refresh(self, name: str) -> None:
+        """Forgets anything read of task `name`, for a store that keeps a view (`cached.CachedStore`);
+        the others always read the store, so there is nothing to forget."""
 
     # -- maintenance
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from softprompt.prompts.errors import StoreUnavailableError
 from softprompt.server import config as server_config
 from softprompt.server.core.errors import UnsupportedModelError
 from softprompt.server.observability import logs
@@ -14,6 +15,9 @@ examples:
   softprompt serve                                  # embedded SmolLM2-135M-Instruct on localhost:50051
   softprompt serve --model ./my-model --device cuda # any Hugging Face causal LM folder or hub id
   softprompt serve --port 0 --store /srv/prompts    # a free port (logged) and a shared prompt store
+  softprompt serve --store s3://team-prompts/prod --s3-endpoint-url http://minio:9000
+                                                    # a registry on object storage, shared by every replica
+  softprompt serve --http-port off                  # gRPC only (the OpenAI-compatible API is on :8000 by default)
   softprompt serve --host 0.0.0.0 --auth-tokens tokens.txt --tls-cert cert.pem --tls-key key.pem
                                                     # remote clients: bearer tokens over TLS
 
@@ -30,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The `serve` argument parser."""
     parser = argparse.ArgumentParser(
         prog="softprompt serve",
-        description="Serve one frozen causal LM and every soft prompt in a registry over gRPC, "
-                    "batching requests of different tasks together.",
+        description="Serve one frozen causal LM and every soft prompt in a registry over gRPC and OpenAI's HTTP "
+                    "API, batching requests of different tasks together.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -55,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         serve(config, grace_s=args.grace)
-    except UnsupportedModelError as exc:
-        # Refused before the port opened: the reasons, not a traceback.
+    except (UnsupportedModelError, StoreUnavailableError, OSError, ValueError) as exc:
+        # Refused before serving (a model it cannot serve exactly, a store it cannot reach or a URL it does not
+        # support, a KV cache too small for one block, a port in use): the reason, not a traceback.
         raise SystemExit(f"softprompt serve: {exc}") from None
     return 0

@@ -12,7 +12,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from softprompt.prompts.registry import Registry
+from softprompt.prompts.registry import Registry, open_store
+from softprompt.prompts.registry.cached import CachedStore
 from softprompt.protos import softprompt_pb2 as pb
 from softprompt.protos import softprompt_pb2_grpc as pb_grpc
 from softprompt.server.grpc_api.interceptors import auth
@@ -25,7 +26,7 @@ from softprompt.server.grpc_api.interceptors.observing import ObservingIntercept
 from softprompt.server.observability.factory import create_metrics
 from softprompt.server.observability.metrics import Metrics, NoMetrics, snapshot_reader
 from softprompt.server.kv_memory import resolve_kv_cache_bytes
-from softprompt.server.app.loading import load_base_model
+from softprompt.server.app.loading import default_cache_dir, load_base_model
 from softprompt.server.core.model import BaseModel
 from softprompt.server.core.prompt_cache import PromptCache
 from softprompt.server.core.scheduler import Scheduler
@@ -76,6 +77,11 @@ def build_app(config: ServerConfig, base: BaseModel | None = None) -> App:
 
     Raises UnsupportedModelError for a model the engine cannot serve exactly, before anything is built.
     """
+    # The store first: one that cannot be reached fails the start before the (slow) model load.
+    registry = Registry(store=CachedStore(
+        open_store(config.store_url, endpoint_url=config.s3_endpoint_url,
+                   cache_dir=(config.cache_dir or default_cache_dir()) / "store-files"),
+        refresh_s=config.store_refresh_s))
     base = base or load_base_model(config.model, device=config.device, dtype=config.dtype, cache_dir=config.cache_dir,
                                    attn_implementation=config.attn_implementation)
     check_servable(base, allow_untested=config.allow_untested_model)
@@ -90,7 +96,6 @@ def build_app(config: ServerConfig, base: BaseModel | None = None) -> App:
     log.info("KV cache: %.2f GiB for %d tokens in %d blocks of %d, %d bytes per token (--kv-cache-memory %s)",
              kv.total_bytes / (1 << 30), kv.total_tokens, kv.total_blocks, kv.block_size, kv.bytes_per_token,
              config.kv_cache_memory)
-    registry = Registry(config.store_dir)
     prompts = PromptCache(int(config.prompt_cache_mb * 1024 * 1024), base.device, base.dtype)
     scheduler = Scheduler(
         engine,
@@ -165,10 +170,12 @@ def start(app: App) -> tuple[grpc.Server, int, health.HealthServicer]:
     cfg = app.config
     if cfg.http_port is not None:
         assert app.exposure is not None
+        # As many stream readers as gRPC has RPC threads: every request the batch and the queue may hold.
+        readers = futures.ThreadPoolExecutor(max_workers=cfg.rpc_workers, thread_name_prefix="softprompt-http-stream")
         api = create_http_app(app.services, tokens=app.exposure.tokens, max_body_bytes=cfg.max_upload_bytes,
-                              metrics=app.metrics)
+                              readers=readers, metrics=app.metrics)
         app.http = HttpServer(api, cfg.host, cfg.http_port, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key,
-                              tls_client_ca=cfg.tls_client_ca)
+                              tls_client_ca=cfg.tls_client_ca, on_stop=readers.shutdown)
         app.http.start()
         scheme = "https" if cfg.tls_cert is not None else "http"
         log.info("OpenAI-compatible API on %s://%s:%d/v1", scheme, cfg.host, app.http.port)
@@ -207,7 +214,7 @@ def serve(config: ServerConfig, grace_s: float = 30.0) -> None:
     server, port, health_servicer = start(app)
     spec = app.base.spec
     log.info("serving %s (%s, %s, fingerprint %s) on %s:%d; prompt store %s", spec.model_id, app.base.device,
-             str(app.base.dtype).removeprefix("torch."), spec.fingerprint, config.host, port, config.store_dir)
+             str(app.base.dtype).removeprefix("torch."), spec.fingerprint, config.host, port, config.store_url)
     # Never one untimed wait: Python runs signal handlers only in the main thread, and a signal the kernel
     # hands to one of the many other threads does not interrupt a blocked wait here, so SIGTERM would be
     # lost until some other signal arrived. Waking up twice a second lets the handler run.

@@ -21,7 +21,7 @@ from softprompt.prompts import pipeline
 from softprompt.prompts.data import load_jsonl
 from softprompt.prompts.errors import PromptError
 from softprompt.prompts.options import TrainingOptions
-from softprompt.prompts.registry import Registry
+from softprompt.prompts.registry import Registry, open_store
 from softprompt.prompts.train import Progress, PromptTrainer
 
 log = logging.getLogger("softprompt.train")
@@ -70,7 +70,7 @@ def run_local_training(
     train_path: Path,
     eval_path: Path | None,
     options: TrainingOptions,
-    store: Path,
+    store: str | Path,
     description: str = "",
     tags: dict[str, str] | None = None,
     promote_alias: str = "",
@@ -86,8 +86,8 @@ def run_local_training(
     try:
         train = load_jsonl(train_path)
         held_out = load_jsonl(eval_path) if eval_path is not None else None
-        registry = Registry(store)
-    except PromptError as e:
+        registry = Registry(store=open_store(str(store)))
+    except (PromptError, ValueError) as e:  # bad data, or a store URL that is unsupported or unreachable
         print(f"error: {e}", file=sys.stderr)
         return 1
     from softprompt.server.app.loading import load_base_model  # torch and transformers: only after the data is good

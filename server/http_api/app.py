@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
+
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
@@ -18,12 +20,15 @@ from softprompt.server.observability.metrics import Metrics, NoMetrics
 from softprompt.server.service import Services
 
 
-def create_http_app(services: Services, *, tokens: TokenTable | None, max_body_bytes: int,
+def create_http_app(services: Services, *, tokens: TokenTable | None, max_body_bytes: int, readers: Executor,
                     metrics: Metrics | None = None) -> FastAPI:
-    """The OpenAI-compatible API over `services`: /v1/models, /v1/completions, /v1/chat/completions, /v1/classify."""
+    """The OpenAI-compatible API over `services`: /v1/models, /v1/completions, /v1/chat/completions, /v1/classify.
+
+    `readers` runs one thread per generation being answered (size it for the batch and the queue).
+    """
     app = FastAPI(title="softprompt", summary="OpenAI-compatible API: the task (a soft prompt) is the model",
                   docs_url=None, redoc_url=None, openapi_url="/openapi.json")
-    app.include_router(Api(services, tokens).router)
+    app.include_router(Api(services, tokens, readers).router)
     app.add_exception_handler(RequestValidationError, errors.on_validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, errors.on_http_exception)  # type: ignore[arg-type]
     # Expected failures answer by the status table; anything else is a bug: 500, and logged with its traceback.

@@ -15,6 +15,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
 from typing import Any
 
 from fastapi import APIRouter, Header, Request
@@ -62,9 +63,10 @@ def _sum_usage(usages: list[Usage]) -> dict[str, Any]:
 class Api:
     """The routes, bound to one server's services and token table."""
 
-    def __init__(self, services: Services, tokens: TokenTable | None) -> None:
+    def __init__(self, services: Services, tokens: TokenTable | None, readers: Executor) -> None:
         self.services = services
         self.tokens = tokens
+        self.readers = readers  # one thread per generation being streamed (see `streams`)
         self.started = int(time.time())
         self.router = APIRouter()
         r = self.router
@@ -173,7 +175,7 @@ class Api:
     async def _results(self, request: Request, handles: list[Handle], endpoint: str) -> list[GenerationResult]:
         """Every generation whole; a client that disconnects meanwhile cancels them."""
         chunks: list[list[StreamChunk]] = [[] for _ in handles]
-        reading = asyncio.ensure_future(self._collect(merged(handles, self._reader(endpoint)), chunks))
+        reading = asyncio.ensure_future(self._collect(merged(handles, self._reader(endpoint), self.readers), chunks))
         while not (await asyncio.wait([reading], timeout=_DISCONNECT_POLL_S))[0]:
             if await request.is_disconnected():
                 reading.cancel()  # merged's cleanup cancels the handles
@@ -199,7 +201,7 @@ class Api:
             try:
                 if first is not None:
                     yield _event({**head(0), "choices": [first], **({"usage": None} if include_usage else {})})
-                async for index, chunk in merged(handles, reader):
+                async for index, chunk in merged(handles, reader, self.readers):
                     if chunk.usage is not None:
                         usages.append(chunk.usage)
                     out = {**head(index), "choices": choices(index, chunk),

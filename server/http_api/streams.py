@@ -3,14 +3,18 @@
 `merged` interleaves the chunks of several generations (a completion with a list of prompts) as
 they arrive, each tagged with its index. Whoever stops reading early (the client went away, an
 error) cancels every handle, so the scheduler frees their rows at its next step.
+
+A reader holds its thread for the whole generation, so readers get an executor of their own, sized
+for every request the server may hold at once (the running batch and the queue): on anyio's shared
+pool of 40 threads, the 41st stream would wait for another to end before its first token, and
+admission, which also runs there, would wait with it.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
-
-from starlette.concurrency import run_in_threadpool
+from concurrent.futures import Executor
 
 from softprompt.server.core.scheduler import Handle
 from softprompt.server.core.types import StreamChunk
@@ -18,11 +22,12 @@ from softprompt.server.core.types import StreamChunk
 _END = object()
 
 
-async def merged(handles: list[Handle], read: Callable[[Handle], Iterator[StreamChunk]]
+async def merged(handles: list[Handle], read: Callable[[Handle], Iterator[StreamChunk]], readers: Executor
                  ) -> AsyncIterator[tuple[int, StreamChunk]]:
     """(index, chunk) of every handle's chunks, in arrival order; raises the first error any of them raises.
 
-    `read` turns a handle into its chunk iterator (the service's `stream`, which records metrics).
+    `read` turns a handle into its chunk iterator (the service's `stream`, which records metrics); each
+    handle is read on a thread of `readers`.
     """
     queue: asyncio.Queue[tuple[int, object]] = asyncio.Queue()
     loop = asyncio.get_running_loop()
@@ -36,7 +41,7 @@ async def merged(handles: list[Handle], read: Callable[[Handle], Iterator[Stream
         finally:
             loop.call_soon_threadsafe(queue.put_nowait, (index, _END))
 
-    workers = [asyncio.ensure_future(run_in_threadpool(pump, i, h)) for i, h in enumerate(handles)]
+    workers = [loop.run_in_executor(readers, pump, i, h) for i, h in enumerate(handles)]
     left = len(handles)
     try:
         while left:

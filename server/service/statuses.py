@@ -46,6 +46,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], Status], ...] = (
     (prompt_errors.PromptNotFoundError, NOT_FOUND),
     (prompt_errors.RegistryConflictError, Status("FAILED_PRECONDITION", 409)),
     (prompt_errors.CorruptPromptError, Status("DATA_LOSS", 500)),
+    (prompt_errors.StoreUnavailableError, Status("UNAVAILABLE", 503)),
     (prompt_errors.ChatTemplateError, PRECONDITION),
     (prompt_errors.TrainingDataError, INVALID),
     (InvalidRequestError, INVALID),

@@ -8,9 +8,9 @@ subprocess, clients connecting to it directly) and one replica of the Ray Serve 
 in a temporary folder store both servers read), each sending `multiplexed_model_id` as a Ray client does;
 tokens/s is the tokens generated over the wall time from the first send to the last stream's end. Both
 servers generate the same tokens (checked): only the ingress differs. The replica gets every CPU of the
-machine (`ray.init(num_cpus=...)` and its `num_cpus`), as the direct server does. `--proxy-transport actor`
-measures Ray's default proxy-to-replica path (Ray actor calls, a streamed message at a time); the default,
-gRPC (RAY_SERVE_PROXY_USE_GRPC=1), is what the README advises.
+machine (`ray.init(num_cpus=...)` and its `num_cpus`), as the direct server does. `--proxy-transport`
+picks how Ray's proxy reaches the replica: Ray actor calls (Ray's default) or gRPC
+(RAY_SERVE_PROXY_USE_GRPC=1).
 """
 
 from __future__ import annotations
@@ -83,8 +83,8 @@ def direct_server(flags: list[str]) -> Iterator[str]:
 def ray_server(flags: list[str], cpus: int, proxy_grpc: bool) -> Iterator[str]:
     """One Ray Serve replica behind Ray Serve's gRPC proxy on a local Ray instance: yields the proxy's address.
 
-    `proxy_grpc`: the proxy reaches the replica over gRPC (RAY_SERVE_PROXY_USE_GRPC=1, as the README advises),
-    else through Ray's actor calls.
+    `proxy_grpc`: the proxy reaches the replica over gRPC (RAY_SERVE_PROXY_USE_GRPC=1), else through Ray's
+    actor calls (Ray's default).
     """
     # Read by the proxy's worker process, which the local Ray instance starts with this environment.
     os.environ["RAY_SERVE_PROXY_USE_GRPC"] = "1" if proxy_grpc else "0"
@@ -118,9 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input-tokens", type=int, default=32, help="input length (default: 32)")
     parser.add_argument("--new-tokens", type=int, default=32, help="new tokens per request (default: 32)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per server (default: 3)")
-    parser.add_argument("--proxy-transport", choices=["grpc", "actor"], default="grpc",
-                        help="how Ray's proxy reaches the replica: gRPC (RAY_SERVE_PROXY_USE_GRPC=1, default) or "
-                             "Ray actor calls (Ray's default)")
+    parser.add_argument("--proxy-transport", choices=["actor", "grpc"], default="actor",
+                        help="how Ray's proxy reaches the replica: Ray actor calls (Ray's default, and this one's) "
+                             "or gRPC (RAY_SERVE_PROXY_USE_GRPC=1)")
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="the replica's CPUs (default: all)")
     return parser
 

@@ -480,7 +480,7 @@ def test_train_defaults_and_local_arguments(
     assert code == 0, err
     assert local_trainer[-1] == dict(
         task="t", train_path=Path("d.jsonl"), eval_path=Path("e.jsonl"), options=TrainingOptions(),
-        store=Path("store"), description="hi", tags={"k": "v"}, promote_alias="prod",
+        store="store", description="hi", tags={"k": "v"}, promote_alias="prod",
         output_dir=Path("out"), model="m", device="cpu", dtype="float32", json_output=True,
     )
     run_cli(capsys, "train", "--task", "t", "--data", "d.jsonl", "--store", "s")

@@ -1,8 +1,8 @@
 """softprompt on Ray Serve: a local Ray instance, two replicas of the tiny model, Ray Serve's gRPC ingress.
 
 Real parts only: `ray.init` on this machine, the deployment and builder of `server/app/ray_serve.py`, Ray's
-own gRPC proxy on a free loopback port, and plain gRPC stubs as clients (they send the per-request
-`multiplexed_model_id` metadata that routes by task). Prompts are registered in a local folder store that
+own gRPC and HTTP proxies on free loopback ports, and plain gRPC stubs and httpx as clients (they send the
+per-request `multiplexed_model_id` metadata that routes by task). Prompts are registered in a local folder store that
 both replicas read. Outputs are compared with the no-cache greedy reference.
 """
 
@@ -62,7 +62,7 @@ def _running_replicas() -> int:
 
 @pytest.fixture(scope="module")
 def ingress(tiny_model_dir: Path, tiny_base, tmp_path_factory: pytest.TempPathFactory):
-    """Two replicas behind Ray Serve's gRPC proxy: yields the proxy's address; Ray is shut down after."""
+    """Two replicas behind Ray Serve's proxies: yields the gRPC proxy's address and the HTTP proxy's URL."""
     store = tmp_path_factory.mktemp("ray-store")
     registry = Registry(store)
     for task in SEEDS:
@@ -73,25 +73,25 @@ def ingress(tiny_model_dir: Path, tiny_base, tmp_path_factory: pytest.TempPathFa
     flags = [f"--model={tiny_model_dir}", "--device=cpu", f"--store={store}", f"--auth-tokens={tokens}",
              "--max-batch-size=8", f"--max-new-tokens={LONG}", f"--default-max-new-tokens={NEW_TOKENS}",
              "--kv-cache-memory=64MiB", "--prompt-cache-mb=8", "--prefix-cache-mb=8", "--batch-wait-ms=2"]
-    port = _free_port()
+    port, http_port = _free_port(), _free_port()
     # Logical CPUs: one per replica and room for Ray's own actors; the tiny model needs no more.
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": _free_port()},
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                     grpc_options={"port": port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS})
         # What deploy/ray/serve_config.yaml sets per deployment, here in code: two replicas, and Ray's health
         # check every second so that a killed replica is noticed and replaced quickly.
         app = Deployment.options(num_replicas=2, health_check_period_s=1).bind(flags)
         serve.run(app, name=APP)
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", f"http://127.0.0.1:{http_port}"
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
 @pytest.fixture(scope="module")
-def channel(ingress: str):
-    with grpc.insecure_channel(ingress) as ch:
+def channel(ingress: tuple[str, str]):
+    with grpc.insecure_channel(ingress[0]) as ch:
         yield ch
 
 
@@ -162,6 +162,20 @@ def test_service_errors_keep_their_status_codes(channel):
                                                     params=pb.DecodingParameters(max_new_tokens=10_000)),
                                  metadata=_metadata(ADMIN, "alpha"), timeout=60))
     assert streamed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_the_http_api_is_served_through_rays_http_proxy(ingress, channel):
+    import httpx
+
+    body = {"model": "alpha", "prompt": "hello", "max_tokens": NEW_TOKENS, "temperature": 0}
+    url = f"{ingress[1]}/v1/completions"
+    answer = httpx.post(url, json=body, headers={"authorization": f"Bearer {ADMIN}",
+                                                 "serve_multiplexed_model_id": "alpha"}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    request = pb.GenerateRequest(task="alpha", input="hello", params=pb.DecodingParameters(max_new_tokens=NEW_TOKENS))
+    same = pb_grpc.InferenceStub(channel).Generate(request, metadata=_metadata(ADMIN, "alpha"), timeout=60)
+    assert answer.json()["choices"][0]["text"] == same.text
+    assert httpx.post(url, json=body, timeout=60).status_code == 401  # the same tokens guard HTTP
 
 
 def _open_stream(channel: grpc.Channel, task: str, text: str) -> tuple[list[int], Iterator[pb.GenerateStreamResponse]]:

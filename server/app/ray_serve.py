@@ -18,6 +18,8 @@ picks a replica. This module only adapts the two worlds:
   unknown task with a loader error instead of the servicer's NOT_FOUND).
 - Auth: the replica loads `--auth-tokens` (the path must exist on every node) and checks the
   `authorization: Bearer` metadata with the unchanged interceptor; Ray's proxy forwards metadata.
+- HTTP: the OpenAI-compatible API (`http_api`, same tokens) is the deployment's ASGI ingress, built in
+  the replica over its App and served by Ray's HTTP proxy.
 
 `build` is the application builder `serve run` imports (see deploy/ray/serve_config.yaml).
 """
@@ -141,8 +143,8 @@ class SoftpromptDeployment:
 
     def __init__(self, flags: Sequence[str] = ()) -> None:
         config = config_from_flags(flags)
-        self.app = build_app(config)
-        services = self.app.services
+        self.served = build_app(config)
+        services = self.served.services
         self._servicers = {"Inference": InferenceServicer(services.inference),
                            "Registry": RegistryServicer(services.prompts, config.max_upload_bytes)}
         self._tokens = None if config.auth_tokens is None else TokenTable.load(config.auth_tokens)
@@ -150,19 +152,19 @@ class SoftpromptDeployment:
         self._auth = None if self._tokens is None else auth.AuthInterceptor(self._tokens,
                                                                            auth.rules(lambda job_id: None))
         if self._auth is None:
-            log.warning("no --auth-tokens: this replica answers anyone who reaches Ray's gRPC proxy")
+            log.warning("no --auth-tokens: this replica answers anyone who reaches Ray's proxies")
         # One thread per RPC in flight, as the gRPC server holds them; Ray's max_ongoing_requests bounds it.
         self._threads = ThreadPoolExecutor(max_workers=config.rpc_workers, thread_name_prefix="softprompt-ray")
-        self.app.scheduler.start()
-        self.app.jobs.start()
-        spec = self.app.base.spec
-        log.info("Ray Serve replica serving %s on %s; prompt store %s", spec.model_id, self.app.base.device,
+        self.served.scheduler.start()
+        self.served.jobs.start()
+        spec = self.served.base.spec
+        log.info("Ray Serve replica serving %s on %s; prompt store %s", spec.model_id, self.served.base.device,
                  config.store_url)
 
     def __serve_build_asgi_app__(self) -> Any:
         """The OpenAI-compatible HTTP API of this replica, which Ray's HTTP proxy serves (`serve.ingress`)."""
-        return create_http_app(self.app.services, tokens=self._tokens, max_body_bytes=self.app.config.max_upload_bytes,
-                               readers=self._threads, metrics=self.app.metrics)
+        return create_http_app(self.served.services, tokens=self._tokens, readers=self._threads,
+                               max_body_bytes=self.served.config.max_upload_bytes, metrics=self.served.metrics)
 
     @serve.multiplexed(max_num_models_per_replica=TASKS_PER_REPLICA)
     async def _advertise(self, task: str) -> str:
@@ -207,7 +209,7 @@ class SoftpromptDeployment:
 
     def __del__(self) -> None:
         """Ray Serve's graceful shutdown: refuse new work, stop training, give in-flight requests time."""
-        app = getattr(self, "app", None)
+        app = getattr(self, "served", None)
         if app is None:  # the constructor failed
             return
         app.scheduler.stop_admitting()

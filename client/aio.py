@@ -60,8 +60,9 @@ class AsyncClient(BaseClient):
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
         tls: TlsOptions | bool | None = None,
+        route_by_task: bool = False,
     ) -> None:
-        super().__init__(target, timeout, token, tls, credentials, options)
+        super().__init__(target, timeout, token, tls, credentials, options, route_by_task)
         if self._credentials is None:
             self._channel = grpc.aio.insecure_channel(target, options=self._options)
         else:
@@ -86,10 +87,11 @@ class AsyncClient(BaseClient):
         await self.close()
 
     async def _call(
-        self, method: Callable[..., Awaitable[Response]], request: Any, timeout: float | None
+        self, method: Callable[..., Awaitable[Response]], request: Any, timeout: float | None,
+        metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> Response:
         try:
-            return await method(request, timeout=self._deadline(timeout), metadata=self._metadata)
+            return await method(request, timeout=self._deadline(timeout), metadata=self._metadata if metadata is None else metadata)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
@@ -121,7 +123,7 @@ class AsyncClient(BaseClient):
             stop=stop,
             chat=chat,
         )
-        response = await self._call(self._inference.Generate, request, timeout)
+        response = await self._call(self._inference.Generate, request, timeout, self._task_metadata(task))
         return convert.generate_result(response)
 
     def stream(
@@ -153,7 +155,8 @@ class AsyncClient(BaseClient):
         return self._stream(request, timeout)
 
     async def _stream(self, request: Any, timeout: float | None) -> AsyncIterator[StreamChunk]:
-        call = self._inference.GenerateStream(request, timeout=self._deadline(timeout), metadata=self._metadata)
+        call = self._inference.GenerateStream(request, timeout=self._deadline(timeout),
+                                              metadata=self._task_metadata(request.task))
         try:
             async for message in call:
                 yield convert.stream_chunk(message)
@@ -180,7 +183,7 @@ class AsyncClient(BaseClient):
     ) -> ClassifyResult:
         """See `Client.classify`."""
         request = requests.classify_request(task, input, labels, chat=chat)
-        response = await self._call(self._inference.Classify, request, timeout)
+        response = await self._call(self._inference.Classify, request, timeout, self._task_metadata(task))
         return convert.classify_result(response)
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:

@@ -59,6 +59,9 @@ class Client(BaseClient):
         token: bearer token sent with every call, for servers started with --auth-tokens.
         tls: TLS settings (`TlsOptions`), or True for TLS with the system's root certificates;
             None connects without TLS.
+        route_by_task: send each Generate, GenerateStream and Classify request's task as Ray Serve's
+            `multiplexed_model_id`, so a Ray Serve deployment routes a task's requests to the replica that
+            already holds its prompt (README, Running on Ray Serve); a plain server ignores it.
     """
 
     def __init__(
@@ -70,8 +73,9 @@ class Client(BaseClient):
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
         tls: TlsOptions | bool | None = None,
+        route_by_task: bool = False,
     ) -> None:
-        super().__init__(target, timeout, token, tls, credentials, options)
+        super().__init__(target, timeout, token, tls, credentials, options, route_by_task)
         if self._credentials is None:
             self._channel = grpc.insecure_channel(target, options=self._options)
         else:
@@ -96,10 +100,11 @@ class Client(BaseClient):
         self.close()
 
     def _call(
-        self, method: Callable[..., Response], request: Any, timeout: float | None
+        self, method: Callable[..., Response], request: Any, timeout: float | None,
+        metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> Response:
         try:
-            return method(request, timeout=self._deadline(timeout), metadata=self._metadata)
+            return method(request, timeout=self._deadline(timeout), metadata=self._metadata if metadata is None else metadata)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
@@ -136,7 +141,8 @@ class Client(BaseClient):
             stop=stop,
             chat=chat,
         )
-        return convert.generate_result(self._call(self._inference.Generate, request, timeout))
+        response = self._call(self._inference.Generate, request, timeout, self._task_metadata(task))
+        return convert.generate_result(response)
 
     def stream(
         self,
@@ -171,7 +177,8 @@ class Client(BaseClient):
         return self._stream(request, timeout)
 
     def _stream(self, request: Any, timeout: float | None) -> Iterator[StreamChunk]:
-        call = self._inference.GenerateStream(request, timeout=self._deadline(timeout), metadata=self._metadata)
+        call = self._inference.GenerateStream(request, timeout=self._deadline(timeout),
+                                              metadata=self._task_metadata(request.task))
         try:
             for message in call:
                 yield convert.stream_chunk(message)
@@ -205,7 +212,7 @@ class Client(BaseClient):
         with the model's chat template (do so if the prompt was trained that way).
         """
         request = requests.classify_request(task, input, labels, chat=chat)
-        return convert.classify_result(self._call(self._inference.Classify, request, timeout))
+        return convert.classify_result(self._call(self._inference.Classify, request, timeout, self._task_metadata(task)))
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """Describes the base model and the server's limits."""

@@ -824,3 +824,35 @@ def test_client_imports_neither_torch_nor_numpy() -> None:
         "[m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy')]"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+class _Metadata(grpc.ServerInterceptor):
+    """Records each call's invocation metadata."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, str]] = []
+
+    def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        self.seen.append(dict(handler_call_details.invocation_metadata))
+        return continuation(handler_call_details)
+
+
+def test_route_by_task_sends_the_task_as_rays_multiplexed_model_id() -> None:
+    """A Ray Serve deployment routes a task's requests to the replica holding its prompt by this metadata."""
+    recorder = _Metadata()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=[recorder])
+    pb_grpc.add_InferenceServicer_to_server(FakeInference(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=10, route_by_task=True, token="t0ken") as routed:
+            routed.generate("pirate@prod", "hi")
+            list(routed.stream("poet", "hi"))
+            routed.generate("", "hi")  # the bare model: nothing to route on
+        with Client(f"127.0.0.1:{port}", timeout=10) as plain:
+            plain.generate("pirate", "hi")
+    finally:
+        server.stop(None)
+    ids = [m.get("multiplexed_model_id") for m in recorder.seen]
+    assert ids == ["pirate", "poet", None, None]
+    assert recorder.seen[0]["authorization"] == "Bearer t0ken"

@@ -21,6 +21,8 @@ import torch
 
 from helpers import expected_ids
 from softprompt.client import Client
+from softprompt.prompts.format.tensor import PromptTensor
+from softprompt.prompts.registry import Registry, open_store
 from softprompt.client import errors as client_errors
 from softprompt.server.app.serve_cli import main as serve_main
 
@@ -122,3 +124,32 @@ def test_an_unreachable_store_fails_the_start_with_a_clear_message(s3_endpoint_u
                     "--cache-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="gs://"):
         serve_main(["--store", "gs://bucket/prompts"])
+
+
+def test_store_outage_while_serving(tiny_base, tmp_path):
+    from helpers import new_bucket, running_server, s3_endpoint
+
+    endpoint_cm = s3_endpoint()
+    endpoint = endpoint_cm.__enter__()
+    stopped = False
+    try:
+        store = f"s3://{new_bucket(endpoint)}/prompts"
+        with running_server(tiny_base, store, s3_endpoint_url=endpoint, store_refresh_s=0.0,
+                            cache_dir=tmp_path) as (_, address), Client(address, timeout=120) as client:
+            prompt = _prompt(tiny_base, 3)
+            client.register("pirate", prompt)
+            assert client.generate("pirate", "hello", max_new_tokens=4).prompt_version == "pirate@1"
+            # Another server registers a task this one never read.
+            elsewhere = Registry(store=open_store(store, endpoint_url=endpoint))
+            elsewhere.register("other", PromptTensor(_prompt(tiny_base, 4), "PROMPT_TUNING"), tiny_base.spec)
+            endpoint_cm.__exit__(None, None, None)
+            stopped = True
+            # Cached: keeps serving, the same tokens.
+            result = client.generate("pirate", "hello", max_new_tokens=4)
+            assert list(result.token_ids) == expected_ids(tiny_base, prompt, "hello", 4)
+            # Never read here: UNAVAILABLE, naming the store.
+            with pytest.raises(client_errors.UnavailableError, match=r"s3://"):
+                client.generate("other", "hello", max_new_tokens=4)
+    finally:
+        if not stopped:
+            endpoint_cm.__exit__(None, None, None)

@@ -22,5 +22,9 @@ Modules: `workload` (settings, inputs, prompts, model), `baselines` (HF and PEFT
 times the sampler alone (`python -m softprompt.benchmarks.sampling`), `churn` times decode while rows
 leave and join every step (`python -m softprompt.benchmarks.churn`), `memory` counts the rows held at
 once in one KV budget, paged pool against the old arena (`python -m softprompt.benchmarks.memory`),
-and `overload` drives a real server past its pool (`python -m softprompt.benchmarks.overload`).
+`overload` drives a real server past its pool (`python -m softprompt.benchmarks.overload`),
+`long_prompt` times running streams while long prompts arrive (`python -m
+softprompt.benchmarks.long_prompt`), `replicas` times replicas over one S3 bucket (`python -m
+softprompt.benchmarks.replicas`) and `ray_ingress` Ray Serve's gRPC ingress against a direct
+connection (`python -m softprompt.benchmarks.ray_ingress`).
 """

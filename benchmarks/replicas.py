@@ -8,7 +8,8 @@ a local folder. Then:
   propagation  a new version registered through A (gRPC RegisterPrompt), then streamed through B at once:
                (a) named explicitly, `task@N` (B reads it through on the miss), and (b) by the bare task
                name (B serves the newest version it sees, which it sees within `--store-refresh-s`; B is
-               asked again every `--poll-ms` until it answers with the new version). Each round times
+               asked every `--poll-ms`, before the registration for a random part of a refresh period
+               and after it until it answers with the new version). Each round times
                RegisterPrompt's return to B's first streamed token; `--rounds` rounds of each,
                alternating, then p50 and p99. A first token for a version B already holds is the floor.
   cold read    `--cold` fresh versions written straight into each store (never read by any server),
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -56,6 +58,7 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_D
 BUCKET = "replicas-bench"
 START_TIMEOUT_S = 300.0
 INPUT = "hello there"
+SEED = 0
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,7 @@ def propagation(a: Client, b: Client, prompts: Sequence[torch.Tensor], plan: Pla
     explicit: list[float] = []
     bare: list[float] = []
     polls: list[int] = []
+    rng = random.Random(SEED)
     for r in range(plan.rounds):
         prompt = prompts[1 + r]
         started = time.monotonic()
@@ -198,6 +202,12 @@ def propagation(a: Client, b: Client, prompts: Sequence[torch.Tensor], plan: Pla
             raise RuntimeError(f"B served {served} for explicit@{version}")
         explicit.append(at - registered)
 
+        # B keeps being asked (as a busy replica is) for a random part of a refresh period first, so the
+        # registration lands at a random age of B's view, not at one phase of this loop.
+        until = time.monotonic() + rng.uniform(0, plan.refresh_s)
+        while time.monotonic() < until:
+            first_token(b, "newest")
+            time.sleep(plan.poll_ms / 1e3)
         version = a.register("newest", prompt).version
         registered = time.monotonic()
         asked = 0

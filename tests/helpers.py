@@ -270,3 +270,49 @@ def new_bucket(endpoint_url: str) -> str:
     name = f"test-{uuid.uuid4().hex[:16]}"
     boto3.client("s3", endpoint_url=endpoint_url).create_bucket(Bucket=name)
     return name
+
+
+def race(target: Callable[..., None], first: object, count: int, timeout: float = 180.0) -> dict[int, list[int]]:
+    """Runs `target(first, worker, count, barrier, results)` in two spawned processes (workers 1 and 2) that
+    start together at `barrier`; each puts `(worker, made, error)` on `results`. Returns what each made,
+    failing on a worker's error, exit or timeout."""
+    import multiprocessing
+    import queue
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    results = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(first, w, count, barrier, results)) for w in (1, 2)]
+    for p in procs:
+        p.start()
+    got: dict[int, list[int]] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(got) < len(procs):
+            try:
+                worker, made, error = results.get(timeout=1)
+            except queue.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                assert not dead, f"a worker died with exit code {dead}"
+                assert time.monotonic() < deadline, "workers did not finish"
+                continue
+            assert error is None, f"worker {worker} failed after {made}: {error}"
+            got[worker] = made
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert [p.exitcode for p in procs] == [0, 0]
+    return got
+
+
+def wait_until(condition: Callable[[], bool], what: str = "condition", timeout: float = 60.0) -> float:
+    """Polls `condition` until it holds; returns the seconds that took. Fails after `timeout` (never a pass
+    that depends on timing: only a generous upper bound on how long a correct system takes)."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"{what}: not reached within {timeout} s")
+        time.sleep(0.01)
+    return time.monotonic() - started

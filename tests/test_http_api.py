@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -17,7 +16,7 @@ import openai
 import pytest
 import torch
 
-from helpers import TEXTS, reference_greedy, running_server
+from helpers import TEXTS, reference_greedy, running_server, wait_until
 from softprompt.client import Client
 from softprompt.prompts.tokens import encode_messages
 from softprompt.server.access.tokens import Role, format_entry, hash_token
@@ -263,21 +262,13 @@ def test_a_client_that_disconnects_frees_its_row(server, tiny_base):
             (handle,) = list(scheduler._state.running.values())
             sequence = handle.admitted.sequence
         gate.set()
-        _wait(lambda: not scheduler._state.running)
+        wait_until(lambda: not scheduler._state.running)
     finally:
         gate.set()
         hook.remove()
         app.scheduler.engine.ignore_eos = False
     assert sequence.finish_reason is None and len(sequence.generated) < 10
     assert sequence.kv is None  # its KV blocks were given back
-
-
-def _wait(condition, timeout: float = 60.0) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError("condition not reached")
-        time.sleep(0.01)
 
 
 # ---------------------------------------------------------------- queue full, draining, auth: servers of their own
@@ -290,10 +281,10 @@ def test_a_full_queue_is_429_with_retry_after_and_draining_is_503(tiny_base, tmp
         release = threading.Event()
         busy = threading.Thread(target=app.scheduler.call, args=(release.wait,))  # holds the worker
         busy.start()
-        _wait(lambda: not app.scheduler._state.side)
+        wait_until(lambda: not app.scheduler._state.side)
         with ThreadPoolExecutor(1) as pool:
             queued = pool.submit(httpx.post, url, json=body, timeout=30)
-            _wait(lambda: app.scheduler.queue_depth() == 1)
+            wait_until(lambda: app.scheduler.queue_depth() == 1)
             refused = httpx.post(url, json=body, timeout=30)
             release.set()
             assert queued.result().status_code == 200

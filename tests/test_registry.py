@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import multiprocessing
 import os
 import threading
 import time
@@ -15,6 +14,8 @@ from datetime import datetime
 
 import pytest
 import torch
+
+from helpers import race
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -561,35 +562,9 @@ def _register_many(root: str, worker: int, count: int, barrier, results) -> None
 
 
 def test_two_processes_get_distinct_consecutive_versions(tmp_path):
-    import queue
-
     root = tmp_path / "s"
     Registry(root)
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(2)
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_register_many, args=(str(root), w, 10, barrier, results)) for w in (1, 2)]
-    for p in procs:
-        p.start()
-    got: dict[int, list[int]] = {}
-    deadline = time.monotonic() + 120
-    try:
-        while len(got) < len(procs):
-            try:
-                worker, made, error = results.get(timeout=1)
-            except queue.Empty:
-                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-                assert not dead, f"a worker died with exit code {dead}"
-                assert time.monotonic() < deadline, "workers did not finish"
-                continue
-            assert error is None, f"worker {worker} failed after {made}: {error}"
-            got[worker] = made
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    assert [p.exitcode for p in procs] == [0, 0]
+    got = race(_register_many, str(root), 10, timeout=120)
     assert sorted(got[1] + got[2]) == list(range(1, 21))
     # Each process saw its own versions in increasing order.
     assert got[1] == sorted(got[1]) and got[2] == sorted(got[2])

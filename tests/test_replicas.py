@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import expected_ids
+from helpers import expected_ids, wait_until
 from softprompt.client import Client
 from softprompt.prompts.format.tensor import PromptTensor
 from softprompt.prompts.registry import Registry, open_store
@@ -64,16 +64,6 @@ def _serve(model_dir: Path, store: str, endpoint: str, log: Path) -> Iterator[st
         process.wait(timeout=60)
 
 
-def _until(condition, what: str, timeout: float = 30.0) -> float:
-    """Seconds until `condition()` held (polled), failing after `timeout`."""
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.05)
-    return time.monotonic() - started
-
-
 def _prompt(base, seed: int) -> torch.Tensor:
     torch.manual_seed(seed)
     return torch.randn(4, base.spec.hidden_size) * base.model.get_input_embeddings().weight.std() * 4
@@ -94,11 +84,11 @@ def test_two_servers_on_one_bucket_behave_as_one(tiny_base, tiny_model_dir, s3_e
 
             on_a.register("pirate", _prompt(tiny_base, 2))
             on_b.set_alias("pirate", "prod", 2)
-            seen = _until(lambda: on_a.generate("pirate@prod", "hi", max_new_tokens=1).prompt_version == "pirate@2",
+            seen = wait_until(lambda: on_a.generate("pirate@prod", "hi", max_new_tokens=1).prompt_version == "pirate@2",
                           "A sees the alias B set")
             assert seen <= 10 * REFRESH_S
             on_b.set_alias("pirate", "prod", 1)  # moved: A follows within the refresh bound
-            _until(lambda: on_a.generate("pirate@prod", "hi", max_new_tokens=1).prompt_version == "pirate@1",
+            wait_until(lambda: on_a.generate("pirate@prod", "hi", max_new_tokens=1).prompt_version == "pirate@1",
                    "A follows the alias B moved")
 
             on_a.delete_prompt("pirate@2")
@@ -110,8 +100,8 @@ def test_two_servers_on_one_bucket_behave_as_one(tiny_base, tiny_model_dir, s3_e
                     return True
                 return False
 
-            _until(gone_on_b, "B answers NOT_FOUND for the version A deleted")
-            _until(lambda: [p.version for p in on_b.list_prompts("pirate")] == [1], "B lists what A lists")
+            wait_until(gone_on_b, "B answers NOT_FOUND for the version A deleted")
+            wait_until(lambda: [p.version for p in on_b.list_prompts("pirate")] == [1], "B lists what A lists")
             assert [p.version for p in on_a.list_prompts("pirate")] == [1]
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
-import queue
 import socket
-import time
 import boto3
 import pytest
 import torch
+
+from helpers import race
 
 from softprompt.prompts.base import BaseModelSpec
 from softprompt.prompts.errors import CorruptPromptError, StoreUnavailableError
@@ -138,31 +138,7 @@ def _register_many(store_args: tuple, worker: int, count: int, barrier, results)
 
 
 def test_two_processes_get_distinct_consecutive_versions(store):
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(2)
-    results = ctx.Queue()
-    args = (store.bucket, store.prefix, store.endpoint_url)
-    procs = [ctx.Process(target=_register_many, args=(args, w, 8, barrier, results)) for w in (1, 2)]
-    for p in procs:
-        p.start()
-    got: dict[int, list[int]] = {}
-    deadline = time.monotonic() + 180
-    try:
-        while len(got) < len(procs):
-            try:
-                worker, made, error = results.get(timeout=1)
-            except queue.Empty:
-                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-                assert not dead, f"a worker died with exit code {dead}"
-                assert time.monotonic() < deadline, "workers did not finish"
-                continue
-            assert error is None, f"worker {worker} failed after {made}: {error}"
-            got[worker] = made
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+    got = race(_register_many, (store.bucket, store.prefix, store.endpoint_url), 8)
     assert sorted(got[1] + got[2]) == list(range(1, 17))
     assert got[1] == sorted(got[1]) and got[2] == sorted(got[2])
     reg = Registry(store=store)

@@ -9,6 +9,8 @@ import grpc
 import pytest
 import torch
 
+from helpers import wait_until
+
 from softprompt.client import Client
 from softprompt.client import errors as client_errors
 from softprompt.prompts import errors as prompt_errors
@@ -99,7 +101,7 @@ def test_overload_and_upload_limit_over_grpc(app):
             threads = [threading.Thread(target=lambda s=s: first_chunks.append(list(s))) for s in queued]
             for t in threads:
                 t.start()
-            _wait_for(lambda: app.scheduler.queue_depth() == 2)
+            wait_until(lambda: app.scheduler.queue_depth() == 2)
             with pytest.raises(client_errors.ResourceExhaustedError, match="capacity"):
                 client.generate("", "hello")
             app.scheduler.start()
@@ -113,14 +115,6 @@ def test_overload_and_upload_limit_over_grpc(app):
     finally:
         server.stop(0)
         app.scheduler.close()
-
-
-def _wait_for(condition, timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError("condition not reached")
-        time.sleep(0.01)
 
 
 @pytest.mark.parametrize(("exc", "code", "http"), [

@@ -197,13 +197,16 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 60.0, poll_s: float = 0.01) -> None:
-    """Polls `predicate` until it holds; the generous bound only turns a hang into a failure."""
-    end = time.monotonic() + timeout_s
+def wait_until(predicate: Callable[[], bool], what: str = "the condition", timeout_s: float = 60.0,
+               poll_s: float = 0.01) -> float:
+    """Polls `predicate` until it holds; returns the seconds that took. The generous bound only turns a hang
+    into a failure: no test passes or fails by how fast a correct system is."""
+    started = time.monotonic()
     while not predicate():
-        if time.monotonic() > end:
+        if time.monotonic() - started > timeout_s:
             raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
         time.sleep(poll_s)
+    return time.monotonic() - started
 
 
 def expected_ids(base, prompt: torch.Tensor | None, text: str, max_new_tokens: int) -> list[int]:
@@ -306,13 +309,3 @@ def race(target: Callable[..., None], first: object, count: int, timeout: float 
     assert [p.exitcode for p in procs] == [0, 0]
     return got
 
-
-def wait_until(condition: Callable[[], bool], what: str = "condition", timeout: float = 60.0) -> float:
-    """Polls `condition` until it holds; returns the seconds that took. Fails after `timeout` (never a pass
-    that depends on timing: only a generous upper bound on how long a correct system takes)."""
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"{what}: not reached within {timeout} s")
-        time.sleep(0.01)
-    return time.monotonic() - started

@@ -26,6 +26,9 @@ TOKENS = 3  # greedy tokens per row: the prefill's and two decode steps'
 _VIRTUAL_TOKENS = 3
 _KEY = ("startup probe", 1, "")
 _PREFIX_CACHE_BYTES = 64 << 20
+# The probe's few short rows need little KV; a small pool leaves the device memory to the server's own,
+# which is sized from what is free after the probe.
+_KV_CACHE_BYTES = 64 << 20
 _TEXTS = ("The quick brown fox jumps over the lazy dog.", "Hello")
 # Differences that count as rounding, relative to the largest logit: float32 paths differ by ~1e-6 of
 # it; bfloat16 keeps 8 bits of mantissa. Wrong positions or masks move logits by a good part of it.
@@ -57,7 +60,8 @@ def _run(base: BaseModel, outputs: list[torch.Tensor]) -> str | None:
     prompt = embed(torch.tensor(inputs[0][:_VIRTUAL_TOKENS], device=base.device)).detach()
     prompts, keys = [None, prompt], [None, _KEY]
     # Scoring reuses the prefix the prefill cached under `keys`: one forward fewer.
-    engine = Engine(base, prefix_cache_bytes=_PREFIX_CACHE_BYTES, cuda_graphs=False, pad_shapes=True, ignore_eos=True)
+    engine = Engine(base, prefix_cache_bytes=_PREFIX_CACHE_BYTES, cuda_graphs=False, pad_shapes=True, ignore_eos=True,
+                    kv_cache_bytes=_KV_CACHE_BYTES)
     rows = [Sequence(row, ids, SamplingParams(max_new_tokens=TOKENS), prompt=p, prompt_key=k)
             for row, (ids, p, k) in enumerate(zip(inputs, prompts, keys))]
     for seq in rows:

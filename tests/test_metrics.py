@@ -28,7 +28,8 @@ from softprompt.client import errors as client_errors
 from softprompt.protos import softprompt_pb2 as pb
 from softprompt.protos import softprompt_pb2_grpc as pb_grpc
 from softprompt.server.observability import logs
-from softprompt.server.grpc_api.interceptors.observing import REQUEST_ID_KEY, ObservingInterceptor
+from softprompt.server.grpc_api.interceptors.observing import ObservingInterceptor
+from softprompt.server.observability.logs import REQUEST_ID_KEY
 from softprompt.server.observability.factory import create_metrics
 from softprompt.server.observability.metrics import BASE_TASK, MAX_TASK_LABELS, OTHER_TASK, NoMetrics, TaskLabels
 

@@ -62,11 +62,6 @@ class KvUsage:
         return self.total_blocks * self.block_size
 
     @property
-    def used_tokens(self) -> int:
-        """Token slots in blocks that rows hold (a row's last block may be partly empty)."""
-        return self.used_blocks * self.block_size
-
-    @property
     def free_tokens(self) -> int:
         """Token slots in free blocks."""
         return self.free_blocks * self.block_size
@@ -75,11 +70,6 @@ class KvUsage:
     def total_bytes(self) -> int:
         """Bytes of the pool's usable blocks."""
         return self.total_tokens * self.bytes_per_token
-
-    @property
-    def used_bytes(self) -> int:
-        """Bytes of the blocks rows hold."""
-        return self.used_tokens * self.bytes_per_token
 
 
 def blocks_for(tokens: int) -> int:
@@ -105,6 +95,7 @@ class KvPool:
         self._next = 1  # blocks from here to num_blocks have never been handed out
         self._used = 0
         self._rows = 0
+        self._bytes_per_token = self.bytes_per_token(self.layers, dtype)  # read at every step's admission
 
     def _buffer(self, shape: LayerShape, slots: int) -> torch.Tensor:
         buffer = torch.empty(slots, shape.kv_heads, shape.head_dim, dtype=self.dtype, device=self.device)
@@ -156,8 +147,7 @@ class KvPool:
 
     def usage(self) -> KvUsage:
         """Size and occupancy now."""
-        return KvUsage(BLOCK_SIZE, self.num_blocks, self._used, self._rows,
-                       self.bytes_per_token(self.layers, self.dtype))
+        return KvUsage(BLOCK_SIZE, self.num_blocks, self._used, self._rows, self._bytes_per_token)
 
 
 class RowKv:

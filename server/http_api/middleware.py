@@ -1,7 +1,7 @@
 """ASGI middleware of the HTTP API: request ids and metrics for every request, and the body size limit.
 
 `Observing` mirrors the gRPC interceptor: the client's `x-request-id` when it is a sane token (the
-same rule), else a fresh id, set in `logs.REQUEST_ID` while the request runs and sent back as a
+same rule, `logs.request_id`), else a fresh id, set in `logs.REQUEST_ID` while the request runs and sent back as a
 response header; each request's route, status and duration go to the metrics (transport `http`)
 when its response ends, a streamed one included, or when the client leaves (499).
 
@@ -17,9 +17,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from softprompt.server.grpc_api.interceptors.observing import REQUEST_ID_KEY, request_id
 from softprompt.server.http_api.errors import respond
-from softprompt.server.observability.logs import REQUEST_ID
+from softprompt.server.observability.logs import REQUEST_ID, REQUEST_ID_KEY, request_id
 from softprompt.server.observability.metrics import Metrics
 
 log = logging.getLogger(__name__)

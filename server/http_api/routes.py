@@ -106,9 +106,8 @@ class Api:
         requests = [GenerationRequest(task, p, options) for p in body.prompts]
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def head(index: int) -> dict[str, Any]:
-            return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
-                    "choices": [], "system_fingerprint": None}
+        head = {"id": rid, "object": "text_completion", "created": created, "model": body.model, "choices": [],
+                "system_fingerprint": None}
 
         def choice(index: int, text: str, finish: FinishReason | None) -> dict[str, Any]:
             return {"index": index, "text": text, "logprobs": None,
@@ -119,7 +118,7 @@ class Api:
             return self._sse(request, handles, "/v1/completions", body.include_usage, head,
                              lambda i, c: [choice(i, c.text, c.finish_reason)], first=None)
         results = await self._results(request, handles, "/v1/completions")
-        return {**head(0), "choices": [choice(i, r.text, r.finish_reason) for i, r in enumerate(results)],
+        return {**head, "choices": [choice(i, r.text, r.finish_reason) for i, r in enumerate(results)],
                 "system_fingerprint": results[0].prompt_version or None,
                 "usage": _sum_usage([r.usage for r in results])}
 
@@ -133,9 +132,8 @@ class Api:
         handles = await self._submit([GenerationRequest(task, "", body.decoding(), messages=body.turns)])
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def head(index: int) -> dict[str, Any]:
-            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                    "choices": [], "system_fingerprint": None}
+        head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                "choices": [], "system_fingerprint": None}
 
         def delta(index: int, chunk: StreamChunk) -> list[dict[str, Any]]:
             finish = None if chunk.finish_reason is None else _FINISH[chunk.finish_reason]
@@ -191,7 +189,7 @@ class Api:
             into[index].append(chunk)
 
     def _sse(self, request: Request, handles: list[Handle], endpoint: str, include_usage: bool,
-             head: Callable[[int], dict[str, Any]], choices: Callable[[int, StreamChunk], list[dict[str, Any]]],
+             head: dict[str, Any], choices: Callable[[int, StreamChunk], list[dict[str, Any]]],
              first: dict[str, Any] | None) -> EventSourceResponse:
         """The chunks as server-sent events, `data: [DONE]` last."""
         reader = self._reader(endpoint)
@@ -200,17 +198,17 @@ class Api:
             usages: list[Usage] = []
             try:
                 if first is not None:
-                    yield _event({**head(0), "choices": [first], **({"usage": None} if include_usage else {})})
+                    yield _event({**head, "choices": [first], **({"usage": None} if include_usage else {})})
                 async for index, chunk in merged(handles, reader, self.readers):
                     if chunk.usage is not None:
                         usages.append(chunk.usage)
-                    out = {**head(index), "choices": choices(index, chunk),
+                    out = {**head, "choices": choices(index, chunk),
                            "system_fingerprint": chunk.prompt_version or None}
                     if include_usage:
                         out["usage"] = None
                     yield _event(out)
                 if include_usage:
-                    yield _event({**head(0), "usage": _sum_usage(usages)})
+                    yield _event({**head, "usage": _sum_usage(usages)})
             except Exception as exc:  # noqa: BLE001 - the status line is sent: the error goes in the stream
                 response = for_exception(exc)
                 yield {"data": response.body.decode()}

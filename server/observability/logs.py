@@ -11,10 +11,26 @@ about one request are key=value pairs themselves (`rpc=Generate task=... ms=...`
 from __future__ import annotations
 
 import logging
+import re
 import time
+import uuid
+from collections.abc import Iterable
 from contextvars import ContextVar
 
 REQUEST_ID: ContextVar[str | None] = ContextVar("softprompt_request_id", default=None)
+# The metadata key (gRPC) and header (HTTP) a request id travels in, both ways.
+REQUEST_ID_KEY = "x-request-id"
+# Client-chosen ids end up in log lines: only short tokens without spaces or control characters pass.
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+
+def request_id(pairs: Iterable[tuple[str, object]] | None) -> str:
+    """The client's `x-request-id` among (key, value) pairs (gRPC metadata, HTTP headers) if it is a plain token
+    of at most 128 characters, else a new 16-hex-digit id."""
+    for key, value in pairs or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and _CLIENT_ID.fullmatch(value):
+            return value
+    return uuid.uuid4().hex[:16]
 
 
 class RequestIdFilter(logging.Filter):

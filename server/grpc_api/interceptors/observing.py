@@ -10,33 +10,18 @@ abandons mid-way is counted by the RPC's done-callback instead.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 
 from softprompt.server.grpc_api.interceptors import handlers
-from softprompt.server.observability.logs import REQUEST_ID
+from softprompt.server.observability.logs import REQUEST_ID, REQUEST_ID_KEY, request_id
 from softprompt.server.observability.metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-REQUEST_ID_KEY = "x-request-id"
-# Client-chosen ids end up in log lines: only short tokens without spaces or control characters pass.
-_CLIENT_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
-
-
-def request_id(metadata: Any) -> str:
-    """The client's `x-request-id` if it is a plain token of at most 128 characters, else a new 16-hex-digit id."""
-    for key, value in metadata or ():
-        if key == REQUEST_ID_KEY and isinstance(value, str) and _CLIENT_ID.fullmatch(value):
-            return value
-    return uuid.uuid4().hex[:16]
-
 
 def _code(context: grpc.ServicerContext, default: grpc.StatusCode) -> grpc.StatusCode:
     """The status the RPC ends with: the one its handler set or aborted with, else `default` while the client

@@ -39,7 +39,7 @@ import torch
 from softprompt.benchmarks.workload import make_prompts
 from softprompt.server.core.engine import STEP_PARTS, Batch, Engine, Sequence, StepTimings
 from softprompt.server.core.model import BaseModel
-from softprompt.server.core.sampling import SamplingParams
+from softprompt.prompts.options import DecodingOptions
 
 SEED = 0
 RANDOM = "random"
@@ -97,7 +97,7 @@ class Rows:
         length = self.rng.randint(self.plan.min_input, self.plan.max_input)
         task = self.made % self.plan.tasks
         seq = Sequence(request_id=self.made, input_ids=[self.rng.randrange(self.vocab) for _ in range(length)],
-                       params=SamplingParams(max_new_tokens=max_new_tokens),
+                       params=DecodingOptions(max_new_tokens=max_new_tokens),
                        prompt=self.prompts[task] if self.prompts else None,
                        prompt_key=(f"churn-task-{task}", 1, "random") if self.prompts else None)
         self.engine.start(seq)

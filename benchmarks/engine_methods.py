@@ -102,7 +102,8 @@ class EngineOffline:
 
     def run(self, new_tokens: int) -> Outcome:
         """See `Runner.run`."""
-        from softprompt.server.core.types import DecodingOptions, GenerationRequest
+        from softprompt.prompts.options import DecodingOptions
+        from softprompt.server.core.types import GenerationRequest
 
         before, stats0 = self.timings.snapshot(), copy.copy(self.app.scheduler.stats)
         options = DecodingOptions(max_new_tokens=new_tokens)

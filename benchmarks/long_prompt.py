@@ -47,7 +47,8 @@ def run(base: BaseModel, args: argparse.Namespace, budget: int) -> dict[str, Any
     """One run at prefill budget `budget`: the short streams' gaps between tokens, in ms."""
     from softprompt.server.app.server import build_app
     from softprompt.server.config import ServerConfig
-    from softprompt.server.core.types import DecodingOptions, GenerationRequest
+    from softprompt.prompts.options import DecodingOptions
+    from softprompt.server.core.types import GenerationRequest
 
     with tempfile.TemporaryDirectory(prefix="softprompt-long-") as store:
         config = ServerConfig(port=0, store=Path(store), max_batch_size=32, max_prefill_tokens=budget,

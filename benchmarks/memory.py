@@ -43,7 +43,7 @@ from softprompt.server.core.admission import Admitted
 from softprompt.server.core.engine import Batch, Engine, Sequence, TokenEvent
 from softprompt.server.core.model import BaseModel
 from softprompt.server.core.pool import BLOCK_SIZE, KvPool, LayerShape
-from softprompt.server.core.sampling import SamplingParams
+from softprompt.prompts.options import DecodingOptions
 from softprompt.server.core.scheduler import Scheduler
 
 SEED = 0
@@ -145,7 +145,7 @@ def measure_pool(base: BaseModel, trace: Trace, budget_bytes: int) -> Held:
     handles = []
     for i, (n, m, task) in enumerate(zip(trace.inputs, trace.max_new, trace.tasks)):
         seq = Sequence(request_id=i, input_ids=[rng.randrange(vocab) for _ in range(n)],
-                       params=SamplingParams(max_new_tokens=m), prompt=None if task is None else prompts[task],
+                       params=DecodingOptions(max_new_tokens=m), prompt=None if task is None else prompts[task],
                        prompt_key=None if task is None else (f"memory-task-{task}", 1, "random"))
         engine.start(seq)
         handles.append(scheduler.submit(Admitted(seq, "", None)))  # all queued before the worker starts

@@ -14,22 +14,23 @@ from collections.abc import Sequence
 
 import torch
 
-from softprompt.server.core.sampling import RowSampler, SamplingParams, seeded_generator, unseeded_generator
+from softprompt.prompts.options import DecodingOptions
+from softprompt.server.core.sampling import RowSampler, seeded_generator, unseeded_generator
 
 # name -> every row's parameters (seeded rows get seeds 0, 1, ...)
-CONFIGS: dict[str, SamplingParams] = {
-    "greedy": SamplingParams(),
-    "temperature": SamplingParams(temperature=0.8),
-    "top-k": SamplingParams(temperature=0.8, top_k=50),
-    "top-p": SamplingParams(temperature=0.8, top_p=0.9),
-    "top-k+top-p": SamplingParams(temperature=0.8, top_k=50, top_p=0.9),
+CONFIGS: dict[str, DecodingOptions] = {
+    "greedy": DecodingOptions(),
+    "temperature": DecodingOptions(temperature=0.8),
+    "top-k": DecodingOptions(temperature=0.8, top_k=50),
+    "top-p": DecodingOptions(temperature=0.8, top_p=0.9),
+    "top-k+top-p": DecodingOptions(temperature=0.8, top_k=50, top_p=0.9),
 }
 
 
-def time_config(params: SamplingParams, *, rows: int, vocab: int, steps: int, seeded: bool,
+def time_config(params: DecodingOptions, *, rows: int, vocab: int, steps: int, seeded: bool,
                 device: torch.device) -> float:
     """Seconds per step of sampling `rows` rows alike (the best of three runs of `steps` steps)."""
-    rows_params = [SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+    rows_params = [DecodingOptions(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                                   seed=i if seeded else None) for i in range(rows)]
     sample = RowSampler(rows_params, [seeded_generator(p, device) for p in rows_params], unseeded_generator(device),
                         device)

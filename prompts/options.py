@@ -1,7 +1,11 @@
-"""Training settings: one dataclass shared by the trainer, the server's Training service and the client.
+"""Request settings shared by the client, the wire mappings and the server, one dataclass each.
+
+`DecodingOptions`: how one generation picks tokens and when it stops, from the client's call through
+the wire (`protos/mapping.py`) and admission (which fills in the server's defaults) to the sampler.
+`TrainingOptions`: how to train one prompt, shared by the trainer, the Training service and the client.
 
 Pure Python (no torch), so the client library and CLI can build and check options without the
-server's dependencies. Every field has a default that works on the default model without tuning.
+server's dependencies. Every training field has a default that works on the default model without tuning.
 """
 
 from __future__ import annotations
@@ -9,6 +13,40 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    """How one generation picks tokens and when it stops; zero values mean the server's defaults or off.
+
+    Attributes:
+        max_new_tokens: tokens to generate at most (0: the server's default, ModelInfo's
+            `limits.default_max_new_tokens`); admission replaces 0 by that default.
+        temperature: 0 decodes greedily; > 0 samples from softmax(logits / temperature).
+        top_k: sampling keeps the k most likely tokens (0: off).
+        top_p: sampling keeps the most likely tokens until their probability reaches top_p (0 or 1: off).
+        seed: makes a sampled request reproducible, whatever shares its batch (None: not seeded).
+        stop: generation ends when the text ends with one of these; the stop text is not returned.
+        chat: the input is wrapped as a user turn with the model's chat template before tokenizing.
+    """
+
+    max_new_tokens: int = 0
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    chat: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        """Temperature 0 means argmax decoding."""
+        return self.temperature <= 0.0
+
+    @property
+    def top_p_on(self) -> bool:
+        """top_p filters only strictly between 0 and 1."""
+        return 0.0 < self.top_p < 1.0
+
 
 INIT_VOCAB = "vocab"
 INIT_RANDOM = "random"

@@ -15,7 +15,7 @@ import torch
 
 from softprompt.prompts.data import Example
 from softprompt.server.core.engine import Engine, Sequence
-from softprompt.server.core.sampling import SamplingParams
+from softprompt.prompts.options import DecodingOptions
 
 TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -144,7 +144,7 @@ def engine_rows(engine: Engine, base, count: int, max_new: int = 12) -> list[Seq
     rows = []
     for i in range(count):
         seq = Sequence(request_id=i, input_ids=base.tokenizer(TEXTS[i % 4]).input_ids,
-                       params=SamplingParams(max_new_tokens=max_new + i), prompt=prompts[i % 3])
+                       params=DecodingOptions(max_new_tokens=max_new + i), prompt=prompts[i % 3])
         engine.start(seq)
         rows.append(seq)
     return rows

@@ -23,8 +23,8 @@ from softprompt.server.core.errors import CancelledError
 from softprompt.server.core.model import BaseModel
 from softprompt.server.core.planning import PrefillPlan, plan_prefill
 from softprompt.server.core.pool import RowKv
-from softprompt.server.core.sampling import SamplingParams
-from softprompt.server.core.types import ClassifyRequest, DecodingOptions, GenerationRequest
+from softprompt.prompts.options import DecodingOptions
+from softprompt.server.core.types import ClassifyRequest, GenerationRequest
 
 WINDOW = 6
 # "mistral": every layer slides; "qwen2": layer 0 attends to everything, layers 1 and 2 slide.
@@ -94,7 +94,7 @@ def test_chunked_rows_join_a_batch_and_match_the_reference(family, impl, chunks,
     ids = base.tokenizer(LONG).input_ids
     rows = []
     for i, prompt in enumerate([*prompts, prompts[2]]):
-        seq = Sequence(request_id=i, input_ids=ids[:len(ids) - 3 * i], params=SamplingParams(max_new_tokens=8),
+        seq = Sequence(request_id=i, input_ids=ids[:len(ids) - 3 * i], params=DecodingOptions(max_new_tokens=8),
                        prompt=prompt, prompt_key=None if prompt is None else (str(i % 3), 1, "x"))
         engine.start(seq)
         rows.append(seq)
@@ -119,7 +119,7 @@ def test_chunked_rows_join_a_batch_and_match_the_reference(family, impl, chunks,
 
 def test_a_chunk_needs_a_position(tiny_base):
     engine = Engine(tiny_base)
-    seq = Sequence(request_id=0, input_ids=[5, 6], params=SamplingParams(max_new_tokens=2))
+    seq = Sequence(request_id=0, input_ids=[5, 6], params=DecodingOptions(max_new_tokens=2))
     engine.start(seq)
     with pytest.raises(ValueError, match="at least one position"):
         engine.prefill_chunk(PartialPrefill(seq), 0)

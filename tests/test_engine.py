@@ -7,7 +7,7 @@ import torch
 
 from helpers import TEXTS, engine_prompts, engine_rows, reference_greedy, run_to_end
 from softprompt.server.core.engine import Engine, Sequence
-from softprompt.server.core.sampling import SamplingParams
+from softprompt.prompts.options import DecodingOptions
 from softprompt.server.core.text import TextTracker
 
 def test_single_rows_match_reference(tiny_base):
@@ -95,7 +95,7 @@ def test_cached_prefixes_give_the_reference_and_are_reused(tiny_base):
         rows = []
         for i, (key, text) in enumerate(cases):
             seq = Sequence(request_id=i, input_ids=tiny_base.tokenizer(text).input_ids if text else [],
-                           params=SamplingParams(max_new_tokens=6), prompt=prompts.get(key), prompt_key=key)
+                           params=DecodingOptions(max_new_tokens=6), prompt=prompts.get(key), prompt_key=key)
             engine.start(seq)
             rows.append(seq)
         batch, _ = engine.prefill(rows)
@@ -137,9 +137,9 @@ def test_graph_shaped_steps_match_reference(tiny_base):
 def test_rows_of_any_lengths_join_and_leave_without_moving_each_others_kv(tiny_base):
     """A joiner longer than the running rows, and a row leaving, leave the other rows' blocks as they were."""
     engine = Engine(tiny_base)
-    short = Sequence(request_id=0, input_ids=tiny_base.tokenizer("hi").input_ids, params=SamplingParams(max_new_tokens=20))
+    short = Sequence(request_id=0, input_ids=tiny_base.tokenizer("hi").input_ids, params=DecodingOptions(max_new_tokens=20))
     long = Sequence(request_id=1, input_ids=tiny_base.tokenizer(TEXTS[2] * 3).input_ids,
-                    params=SamplingParams(max_new_tokens=5), prompt=engine_prompts(tiny_base)[2])
+                    params=DecodingOptions(max_new_tokens=5), prompt=engine_prompts(tiny_base)[2])
     for seq in (short, long):
         engine.start(seq)
     batch, _ = engine.prefill([short])

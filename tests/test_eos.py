@@ -22,7 +22,7 @@ from softprompt.prompts.options import TrainingOptions
 from softprompt.prompts.tokens import end_of_turn_id, eos_token_ids, target_end_id
 from softprompt.prompts.train import PromptTrainer
 from softprompt.server.core.engine import Engine, Sequence
-from softprompt.server.core.sampling import SamplingParams
+from softprompt.prompts.options import DecodingOptions
 
 TEXT = "the quick brown fox"
 NEW = 12
@@ -67,7 +67,7 @@ def test_every_end_id_of_the_generation_config_ends_a_row(ending, served):
     assert expected[-1] == second and len(expected) == step + 1
     # The test can fail: with only the first end id the row would run on.
     assert len(reference_greedy(base.model, None, input_ids, NEW, {base.tokenizer.eos_token_id})) == NEW
-    seq = Sequence(request_id=0, input_ids=input_ids, params=SamplingParams(max_new_tokens=NEW))
+    seq = Sequence(request_id=0, input_ids=input_ids, params=DecodingOptions(max_new_tokens=NEW))
     engine.start(seq)
     batch, _ = engine.prefill([seq])
     while seq.finish_reason is None:

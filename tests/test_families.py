@@ -24,7 +24,7 @@ from softprompt.server.core.engine import Engine, Sequence
 from softprompt.server.core.families import SUPPORTED_ATTENTION, TESTED_MODEL_TYPES
 from softprompt.server.core.masks import MaskLayout
 from softprompt.server.core.model import BaseModel
-from softprompt.server.core.sampling import SamplingParams
+from softprompt.prompts.options import DecodingOptions
 
 WINDOW = 6
 _COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -171,7 +171,7 @@ def test_cached_prefixes_of_a_sliding_family_match_the_reference(impl, tiny_base
         rows = []
         for i, text in enumerate([TEXTS[2], "", TEXTS[0], TEXTS[1] * 3]):
             seq = Sequence(request_id=i, input_ids=base.tokenizer(text).input_ids if text else [],
-                           params=SamplingParams(max_new_tokens=8), prompt=prompts[i % 3], prompt_key=keys[i % 3])
+                           params=DecodingOptions(max_new_tokens=8), prompt=prompts[i % 3], prompt_key=keys[i % 3])
             engine.start(seq)
             rows.append(seq)
         run_to_end(engine, engine.prefill(rows)[0])

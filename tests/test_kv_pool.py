@@ -18,8 +18,8 @@ from softprompt.server.config import ServerConfig
 from softprompt.server.core.engine import Engine, Sequence
 from softprompt.server.core.errors import InvalidRequestError
 from softprompt.server.core.pool import BLOCK_SIZE, SCRATCH, TRASH, KvPool, KvPoolFullError, blocks_for
-from softprompt.server.core.sampling import SamplingParams
-from softprompt.server.core.types import DecodingOptions, GenerationRequest
+from softprompt.prompts.options import DecodingOptions
+from softprompt.server.core.types import GenerationRequest
 
 LONG = 40  # new tokens per request: 3 blocks a row, so 8 rows outgrow a 12-block pool
 
@@ -71,9 +71,9 @@ def test_the_pool_holds_rows_for_what_they_hold_not_the_longest_row(tiny_base):
     """One long row beside short ones: the short rows' blocks grow with their own tokens only."""
     engine = Engine(tiny_base)
     long = Sequence(request_id=0, input_ids=tiny_base.tokenizer(TEXTS[2] * 8).input_ids,
-                    params=SamplingParams(max_new_tokens=4))
+                    params=DecodingOptions(max_new_tokens=4))
     shorts = [Sequence(request_id=i, input_ids=tiny_base.tokenizer("hi").input_ids,
-                       params=SamplingParams(max_new_tokens=4)) for i in range(1, 8)]
+                       params=DecodingOptions(max_new_tokens=4)) for i in range(1, 8)]
     for seq in (long, *shorts):
         engine.start(seq)
     batch, _ = engine.prefill([long, *shorts])
@@ -114,7 +114,7 @@ def test_padding_rows_and_queries_never_write_the_slot_padding_columns_read(tiny
     padding column can never hold a NaN that poisons a real row (0 * NaN)."""
     engine = Engine(tiny_base, pad_shapes=True)
     rows = [Sequence(request_id=i, input_ids=tiny_base.tokenizer(TEXTS[i]).input_ids,
-                     params=SamplingParams(max_new_tokens=6)) for i in range(3)]  # 3 rows pad to 4
+                     params=DecodingOptions(max_new_tokens=6)) for i in range(3)]  # 3 rows pad to 4
     for seq in rows:
         engine.start(seq)
     batch, _ = engine.prefill(rows)  # different lengths: left-padded queries

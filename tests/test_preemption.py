@@ -22,8 +22,8 @@ from softprompt.server.app.server import build_app
 from softprompt.server.config import ServerConfig
 from softprompt.server.core.engine import Engine, Sequence
 from softprompt.server.core.pool import BLOCK_SIZE, KvPool, KvPoolFullError, blocks_for
-from softprompt.server.core.sampling import SamplingParams
-from softprompt.server.core.types import DecodingOptions, GenerationRequest
+from softprompt.prompts.options import DecodingOptions
+from softprompt.server.core.types import GenerationRequest
 
 TEXTS = ["the quick brown fox", "hello", "a soft prompt is a small matrix of", "one frozen model serves",
          "translate english to french", "movie film great"]
@@ -112,7 +112,7 @@ def test_a_preempted_seeded_sampled_row_continues_its_own_stream(tiny_base):
     def rows(engine: Engine) -> list[Sequence]:
         out = engine_rows(engine, tiny_base, 3, max_new=10)
         for seq in out:
-            seq.params = SamplingParams(max_new_tokens=seq.params.max_new_tokens, temperature=1.0,
+            seq.params = DecodingOptions(max_new_tokens=seq.params.max_new_tokens, temperature=1.0,
                                         seed=100 + seq.request_id)
             engine.start(seq)
         return out
@@ -153,7 +153,7 @@ def test_a_pool_too_short_for_a_prefill_or_a_step_changes_nothing(tiny_base):
     """KvPoolFullError leaves every row's blocks and the free count as they were."""
     engine = Engine(tiny_base, kv_cache_bytes=_pool_bytes(engine_of=tiny_base, blocks=4))
     rows = [Sequence(request_id=i, input_ids=tiny_base.tokenizer("hello").input_ids,
-                     params=SamplingParams(max_new_tokens=40)) for i in range(6)]
+                     params=DecodingOptions(max_new_tokens=40)) for i in range(6)]
     for seq in rows:
         engine.start(seq)
     assert engine.kv_usage().total_blocks == 4 and all(blocks_for(s.kv_tokens) == 1 for s in rows)

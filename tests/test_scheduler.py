@@ -19,7 +19,8 @@ from softprompt.server.grpc_api import status
 from softprompt.server.service import statuses
 from softprompt.server.app.server import build_app, create_server
 from softprompt.server.config import ServerConfig
-from softprompt.server.core.types import DecodingOptions, GenerationRequest
+from softprompt.prompts.options import DecodingOptions
+from softprompt.server.core.types import GenerationRequest
 
 
 @pytest.fixture

@@ -13,7 +13,8 @@ from softprompt.server.config import ServerConfig
 from softprompt.server.core import kv
 from softprompt.server.core.engine import Engine
 from softprompt.server.core.planning import rows_that_fit
-from softprompt.server.core.types import ClassifyRequest, DecodingOptions, GenerationRequest
+from softprompt.prompts.options import DecodingOptions
+from softprompt.server.core.types import ClassifyRequest, GenerationRequest
 
 
 def test_a_prefill_counts_rows_times_its_widest_row():

@@ -12,7 +12,7 @@ import pytest
 
 from helpers import reference_greedy, running_server
 from softprompt.server.core.engine import Engine, Sequence
-from softprompt.server.core.sampling import SamplingParams
+from softprompt.prompts.options import DecodingOptions
 from softprompt.server.core.text import TextTracker
 
 TEXT = "hello fox!<|im_end|>\nmore<|im_start|> wörld"
@@ -130,7 +130,7 @@ def test_the_engine_stops_a_row_at_a_generated_special_token(tiny_base):
     input_ids = tiny_base.tokenizer("the dog").input_ids
     expected, cases = _special_stops(tiny_base, engine)
     for stop, kept in cases:
-        seq = Sequence(request_id=0, input_ids=input_ids, params=SamplingParams(max_new_tokens=12, stop=(stop,)))
+        seq = Sequence(request_id=0, input_ids=input_ids, params=DecodingOptions(max_new_tokens=12, stop=(stop,)))
         engine.start(seq)
         batch, events = engine.prefill([seq])
         while seq.finish_reason is None:

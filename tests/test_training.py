@@ -106,10 +106,10 @@ def test_trained_version_loads_in_peft_with_the_same_logits(tiny_base, tiny_mode
 
     # The serving engine (cached prefix KV, decode steps) generates what PEFT's own forward picks greedily.
     from softprompt.server.core.engine import Engine, Sequence
-    from softprompt.server.core.sampling import SamplingParams
+    from softprompt.prompts.options import DecodingOptions
 
     engine = Engine(tiny_base, prefix_cache_bytes=1 << 20)
-    seq = Sequence(request_id=1, input_ids=ids[0].tolist(), params=SamplingParams(max_new_tokens=5), prompt=prompt,
+    seq = Sequence(request_id=1, input_ids=ids[0].tolist(), params=DecodingOptions(max_new_tokens=5), prompt=prompt,
                    prompt_key=("sent", 1, outcome.version.sha256))
     engine.start(seq)
     batch, _ = engine.prefill([seq])

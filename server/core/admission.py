@@ -6,6 +6,7 @@ queue slot, so a bad request costs the model nothing and gets a message saying w
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
@@ -20,15 +21,8 @@ from softprompt.server.core.engine import Engine, Sequence
 from softprompt.server.core.errors import InvalidRequestError
 from softprompt.server.core.prompt_cache import Key, PromptCache
 from softprompt.server.core.pool import blocks_for
-from softprompt.server.core.sampling import SamplingParams
-from softprompt.server.core.types import (
-    ClassifyRequest,
-    ClassifyResult,
-    DecodingOptions,
-    GenerationRequest,
-    LabelScore,
-    Tokenization,
-)
+from softprompt.prompts.options import DecodingOptions
+from softprompt.server.core.types import ClassifyRequest, ClassifyResult, GenerationRequest, LabelScore, Tokenization
 
 _MAX_STOP_CHARS = 256
 
@@ -85,7 +79,7 @@ class Admission:
 
     def admit(self, request: GenerationRequest) -> Admitted:
         """Builds the engine row for a request, or raises a ServingError / PromptError."""
-        params = self.sampling_params(request.options)
+        params = self.check_decoding(request.options)
         prompt, version, key = self.resolve(request.task)
         if request.messages:
             input_ids = encode_messages(self.engine.tokenizer, request.messages)
@@ -122,7 +116,7 @@ class Admission:
             self._label_end[chat] = target_end_id(self.engine.model, self.engine.tokenizer, chat=chat)
         return self._label_end[chat]
 
-    def sampling_params(self, o: DecodingOptions) -> SamplingParams:
+    def check_decoding(self, o: DecodingOptions) -> DecodingOptions:
         """Checks decoding options against the limits and fills in defaults."""
         cfg = self.config
         if o.max_new_tokens > cfg.max_new_tokens:
@@ -140,14 +134,8 @@ class Admission:
         for s in o.stop:
             if not s or len(s) > _MAX_STOP_CHARS:
                 raise InvalidRequestError(f"each stop sequence must be 1..{_MAX_STOP_CHARS} characters, got {s!r:.40}")
-        return SamplingParams(
-            max_new_tokens=o.max_new_tokens or cfg.default_max_new_tokens,
-            temperature=o.temperature,
-            top_k=o.top_k,
-            top_p=o.top_p,
-            seed=o.seed,
-            stop=tuple(o.stop),
-        )
+        return dataclasses.replace(o, max_new_tokens=o.max_new_tokens or cfg.default_max_new_tokens,
+                                   stop=tuple(o.stop))
 
     def resolve(self, task: str) -> tuple[torch.Tensor | None, str, Key | None]:
         """A task reference's prompt tensor on the device (cached), its version ("name@3") and cache key;

@@ -35,10 +35,12 @@ from softprompt.server.core.decode_step import DecodeStep
 from softprompt.server.core.masks import MaskLayout
 from softprompt.server.core.model import BaseModel
 from softprompt.server.core.paged_cache import PagedCache, read_slots
-from softprompt.server.core.pool import SCRATCH, KvPool, KvPoolFullError, KvUsage, LayerShape, RowKv
+from softprompt.server.core.pool import SCRATCH, KvPool, KvPoolFullError, LayerShape, RowKv
 from softprompt.server.core.prompt_cache import DeviceLru, Key, PrefixKV, prefix_bytes
-from softprompt.server.core.sampling import RowSampler, SamplingParams, seeded_generator, unseeded_generator
+from softprompt.prompts.options import DecodingOptions
+from softprompt.server.core.sampling import RowSampler, seeded_generator, unseeded_generator
 from softprompt.server.core.text import TextTracker
+from softprompt.server.core.types import KvUsage
 
 
 @dataclass
@@ -47,7 +49,7 @@ class Sequence:
 
     request_id: int
     input_ids: list[int]
-    params: SamplingParams
+    params: DecodingOptions
     prompt: torch.Tensor | None = None  # [num_virtual_tokens, hidden] on the model's device and dtype
     prompt_key: Key | None = None  # (task, version, sha256): its prefix KV is cached under this key
     generated: list[int] = field(default_factory=list)
@@ -190,7 +192,7 @@ class Engine:
     use on CPU to check that padding changes no token.
 
     `ignore_eos` keeps a row generating past end-of-sequence tokens until `max_new_tokens` or a stop
-    string (as vLLM's `SamplingParams.ignore_eos`), so that every request makes the same number of
+    string (as vLLM's `DecodingOptions.ignore_eos`), so that every request makes the same number of
     tokens, as benchmarks need. `timings`, when given a StepTimings, has every step record its calls and
     seconds there; None (the default) times nothing. Both are plain attributes that whoever owns the
     engine may also set later, between steps.

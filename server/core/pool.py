@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from softprompt.server.core.types import KvUsage
+
 BLOCK_SIZE = 16  # token slots per block: vLLM's default, small enough that a row wastes < 16 slots
 TRASH = 0  # the slot padding columns read: zeros, forever
 SCRATCH = 1  # the slot padding rows and padding queries write to; never read through an unmasked column
@@ -39,37 +41,6 @@ class LayerShape:
 
     kv_heads: int
     head_dim: int
-
-
-@dataclass(frozen=True)
-class KvUsage:
-    """The pool's size and occupancy at one moment (for ModelInfo, metrics and admission)."""
-
-    block_size: int  # token slots per block
-    total_blocks: int  # blocks rows may hold (the reserved block 0 excluded)
-    used_blocks: int
-    rows: int  # rows holding blocks now (decoding, or part way through a chunked prefill)
-    bytes_per_token: int  # keys and values of one token over all layers
-
-    @property
-    def free_blocks(self) -> int:
-        """Blocks no row holds."""
-        return self.total_blocks - self.used_blocks
-
-    @property
-    def total_tokens(self) -> int:
-        """Tokens the pool holds when full."""
-        return self.total_blocks * self.block_size
-
-    @property
-    def free_tokens(self) -> int:
-        """Token slots in free blocks."""
-        return self.free_blocks * self.block_size
-
-    @property
-    def total_bytes(self) -> int:
-        """Bytes of the pool's usable blocks."""
-        return self.total_tokens * self.bytes_per_token
 
 
 def blocks_for(tokens: int) -> int:

@@ -20,7 +20,7 @@ import torch
 
 from softprompt.server.core.engine import Engine, Sequence
 from softprompt.server.core.model import BaseModel
-from softprompt.server.core.sampling import SamplingParams
+from softprompt.prompts.options import DecodingOptions
 
 TOKENS = 3  # greedy tokens per row: the prefill's and two decode steps'
 _VIRTUAL_TOKENS = 3
@@ -62,7 +62,7 @@ def _run(base: BaseModel, outputs: list[torch.Tensor]) -> str | None:
     # Scoring reuses the prefix the prefill cached under `keys`: one forward fewer.
     engine = Engine(base, prefix_cache_bytes=_PREFIX_CACHE_BYTES, cuda_graphs=False, pad_shapes=True, ignore_eos=True,
                     kv_cache_bytes=_KV_CACHE_BYTES)
-    rows = [Sequence(row, ids, SamplingParams(max_new_tokens=TOKENS), prompt=p, prompt_key=k)
+    rows = [Sequence(row, ids, DecodingOptions(max_new_tokens=TOKENS), prompt=p, prompt_key=k)
             for row, (ids, p, k) in enumerate(zip(inputs, prompts, keys))]
     for seq in rows:
         engine.start(seq)

@@ -18,38 +18,17 @@ from the operating system.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+
+from softprompt.prompts.options import DecodingOptions
 
 # A temperature that rounds to float32 zero would divide 0 by 0 at the row's best token.
 _SMALLEST_TEMPERATURE = torch.finfo(torch.float32).tiny
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one request picks tokens and when it stops."""
-
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 0.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-    @property
-    def greedy(self) -> bool:
-        """Temperature 0 means argmax decoding."""
-        return self.temperature <= 0.0
-
-    @property
-    def top_p_on(self) -> bool:
-        """top_p filters only strictly between 0 and 1."""
-        return 0.0 < self.top_p < 1.0
-
-
-def seeded_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+def seeded_generator(params: DecodingOptions, device: torch.device) -> torch.Generator | None:
     """A seeded sampled row's own generator, so that it samples the same tokens whatever shares its batch;
     None for greedy and unseeded rows."""
     if params.greedy or params.seed is None:
@@ -82,7 +61,7 @@ class RowSampler:
     launches the same few kernels whatever the batch size and never waits for the device.
     """
 
-    def __init__(self, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
+    def __init__(self, params: Sequence[DecodingOptions], generators: Sequence[torch.Generator | None],
                  unseeded: torch.Generator, device: torch.device) -> None:
         if len(params) != len(generators):
             raise ValueError(f"{len(params)} rows of parameters but {len(generators)} generators")

@@ -30,7 +30,6 @@ unit between two decode steps, so serving slows by a bounded share instead of st
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import deque
@@ -41,6 +40,7 @@ from typing import Any, TypeVar
 
 from softprompt.server.core.admission import Admitted, AdmittedScoring
 from softprompt.server.core.engine import Batch, Engine, PartialPrefill, Sequence, TokenEvent, fresh_positions
+from softprompt.server.core.handle import Failed, Handle
 from softprompt.server.core.errors import CancelledError, DeadlineError, OverloadedError, ShuttingDownError
 from softprompt.server.core.planning import plan_prefill
 from softprompt.server.core.pool import KvPoolFullError, blocks_for
@@ -52,42 +52,17 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-@dataclass
-class _Failed:
-    error: BaseException
+@dataclass(eq=False)
+class _Request:
+    """A queued or running generation: the engine's row and the caller's handle."""
 
+    admitted: Admitted
+    handle: Handle
 
-class Handle:
-    """The caller's side of a queued request: read its chunks, or cancel it."""
-
-    def __init__(self, admitted: Admitted, withdraw: Callable[[Handle], None] | None = None) -> None:
-        self.admitted = admitted
-        self._events: queue.SimpleQueue[StreamChunk | _Failed] = queue.SimpleQueue()
-        self.cancelled = threading.Event()
-        self._withdraw = withdraw
-
-    def cancel(self) -> None:
-        """Drops the request: at once if it is still queued, else at the worker's next step (the client went away)."""
-        self.cancelled.set()
-        if self._withdraw is not None:
-            self._withdraw(self)
-
-    def chunks(self) -> Iterator[StreamChunk]:
-        """Yields chunks as tokens are produced; the last has finish_reason. Raises the request's error."""
-        while True:
-            event = self._events.get()
-            if isinstance(event, _Failed):
-                raise event.error
-            yield event
-            if event.finish_reason is not None:
-                return
-
-    def result(self) -> GenerationResult:
-        """Waits for the whole generation."""
-        return GenerationResult.from_chunks(self.chunks())
-
-    def _put(self, event: StreamChunk | _Failed) -> None:
-        self._events.put(event)
+    @property
+    def sequence(self) -> Sequence:
+        """The request's engine row."""
+        return self.admitted.sequence
 
 
 @dataclass
@@ -110,18 +85,18 @@ class _SideJob:
 
 @dataclass
 class _Work:
-    new: list[Handle]
+    new: list[_Request]
     scoring: list[ScoringJob]
     side: _SideJob | None
 
 
 @dataclass
 class _State:
-    waiting: deque[Handle] = field(default_factory=deque)
-    running: dict[int, Handle] = field(default_factory=dict)
+    waiting: deque[_Request] = field(default_factory=deque)
+    running: dict[int, _Request] = field(default_factory=dict)
     scoring: deque[ScoringJob] = field(default_factory=deque)
     scored: ScoringGroup = field(default_factory=ScoringGroup)  # the Classify rows being scored
-    partial: tuple[Handle, PartialPrefill] | None = None  # a row being prefilled in chunks
+    partial: tuple[_Request, PartialPrefill] | None = None  # a row being prefilled in chunks
     side: deque[_SideJob] = field(default_factory=deque)
     # Worker seconds spent serving and on side jobs since the worker was last idle.
     serve_s: float = 0.0
@@ -155,10 +130,10 @@ class Scheduler:
 
     def submit(self, admitted: Admitted) -> Handle:
         """Queues a request; raises OverloadedError when the queue is full."""
-        handle = Handle(admitted, self._withdraw)
+        handle = Handle(admitted.sequence.request_id, admitted.prompt_version, self._withdraw)
         with self._cond:
             self._check_room()
-            self._state.waiting.append(handle)
+            self._state.waiting.append(_Request(admitted, handle))
             self._cond.notify()
         return handle
 
@@ -187,11 +162,11 @@ class Scheduler:
     def _withdraw(self, handle: Handle) -> None:
         """Takes a cancelled request out of the queue, so it stops holding a queue slot while the batch is full."""
         with self._cond:
-            try:
-                self._state.waiting.remove(handle)
-            except ValueError:
+            request = next((r for r in self._state.waiting if r.handle is handle), None)
+            if request is None:
                 return  # already taken by the worker, which drops it at its next step
-        self._fail(handle, CancelledError("the client cancelled the request"))
+            self._state.waiting.remove(request)
+        self._fail(request, CancelledError("the client cancelled the request"))
 
     def queue_depth(self) -> int:
         """Requests waiting to join the batch or to be scored."""
@@ -248,7 +223,7 @@ class Scheduler:
             except Exception as exc:  # noqa: BLE001 - a bug outside any row's model work must not kill the server
                 victims = {id(h): h for h in [*self._state.running.values(), *work.new]}
                 log.exception("engine step failed; failing %d requests", len(victims))
-                self.engine.release([h.admitted.sequence for h in victims.values()])
+                self.engine.release([h.sequence for h in victims.values()])
                 for handle in victims.values():
                     self._fail(handle, exc)
                 batch, self._state.partial = None, None
@@ -317,13 +292,13 @@ class Scheduler:
                 side = state.side.popleft()
             return _Work(taken, scoring, side)
 
-    def _take_prefill(self, room: int, running: int) -> list[Handle]:
+    def _take_prefill(self, room: int, running: int) -> list[_Request]:
         """The waiting rows the next prefill takes; a row over the budget instead starts its chunked prefill.
 
         Rows take KV blocks only while a reserve of one block per running row stays free.
         """
         state = self._state
-        waiting = [h.admitted.sequence for h in state.waiting]
+        waiting = [h.sequence for h in state.waiting]
         # A resumed row recomputes what it generated.
         fresh = [fresh_positions(s.prompt, len(s.input_ids) + len(s.generated)) for s in waiting]
         free = self.engine.kv_usage().free_blocks - running
@@ -333,11 +308,11 @@ class Scheduler:
         if not plan.chunked:
             return taken
         handle = taken[0]
-        state.running[handle.admitted.sequence.request_id] = handle
-        state.partial = handle, PartialPrefill(handle.admitted.sequence)
+        state.running[handle.sequence.request_id] = handle
+        state.partial = handle, PartialPrefill(handle.sequence)
         return []
 
-    def _step(self, batch: Batch | None, new: list[Handle]) -> Batch | None:
+    def _step(self, batch: Batch | None, new: list[_Request]) -> Batch | None:
         now = time.monotonic()
         new = [h for h in new if self._still_wanted(h, now)]
         if batch is not None:
@@ -350,13 +325,13 @@ class Scheduler:
             batch = self._decode(batch)
         return batch
 
-    def _prefill(self, new: list[Handle]) -> list[Batch]:
+    def _prefill(self, new: list[_Request]) -> list[Batch]:
         """Prefills arriving (or resumed) rows together; if that raises, each row alone, failing only the rows
         that fail alone. Returns the batches of the rows that did not finish at their first token."""
         for h in new:
-            self._state.running[h.admitted.sequence.request_id] = h
+            self._state.running[h.sequence.request_id] = h
         try:
-            done = [self.engine.prefill([h.admitted.sequence for h in new])]
+            done = [self.engine.prefill([h.sequence for h in new])]
         except Exception as exc:  # noqa: BLE001 - which row failed is found by running each alone
             if len(new) == 1:
                 self._fail_alone(new[0], exc, "prefill")
@@ -365,7 +340,7 @@ class Scheduler:
             done = []
             for h in new:
                 try:
-                    done.append(self.engine.prefill([h.admitted.sequence]))
+                    done.append(self.engine.prefill([h.sequence]))
                 except Exception as exc_alone:  # noqa: BLE001 - this row's own failure
                     self._fail_alone(h, exc_alone, "prefill")
         batches = []
@@ -464,18 +439,18 @@ class Scheduler:
         log.warning("preempted %d requests (%r): they resume by recompute; request ids %s",
                     len(handles), cause, [s.request_id for s in rows])
 
-    def _fail_alone(self, handle: Handle, error: BaseException, step: str) -> None:
-        log.error("%s failed for request %d alone: failing it", step, handle.admitted.sequence.request_id,
+    def _fail_alone(self, handle: _Request, error: BaseException, step: str) -> None:
+        log.error("%s failed for request %d alone: failing it", step, handle.sequence.request_id,
                   exc_info=error)
         self._fail(handle, error)
 
-    def _still_wanted(self, handle: Handle, now: float) -> bool:
-        if handle.cancelled.is_set():
+    def _still_wanted(self, handle: _Request, now: float) -> bool:
+        if handle.handle.cancelled.is_set():
             self._fail(handle, CancelledError("the client cancelled the request"))
             return False
         deadline = handle.admitted.deadline
         if deadline is not None and now >= deadline:
-            generated = len(handle.admitted.sequence.generated)
+            generated = len(handle.sequence.generated)
             self._fail(handle, DeadlineError(
                 f"deadline exceeded after {generated} generated tokens: raise the deadline or lower max_new_tokens"
             ))
@@ -492,14 +467,14 @@ class Scheduler:
     def _dispatch(self, events: list[TokenEvent]) -> None:
         for event in events:
             handle = self._state.running[event.request_id]
-            seq = handle.admitted.sequence
+            seq = handle.sequence
             usage = None
             if event.finish_reason is not None:
                 del self._state.running[event.request_id]
                 usage = Usage(len(seq.input_ids), seq.num_virtual_tokens, len(seq.generated))
-            handle._put(StreamChunk(event.text, (event.token_id,), handle.admitted.prompt_version,
+            handle.handle.put(StreamChunk(event.text, (event.token_id,), handle.admitted.prompt_version,
                                     event.finish_reason, usage))
 
-    def _fail(self, handle: Handle, error: BaseException) -> None:
-        self._state.running.pop(handle.admitted.sequence.request_id, None)
-        handle._put(_Failed(error))
+    def _fail(self, handle: _Request, error: BaseException) -> None:
+        self._state.running.pop(handle.sequence.request_id, None)
+        handle.handle.put(Failed(error))

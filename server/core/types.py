@@ -5,20 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from softprompt.prompts.options import DecodingOptions
 from softprompt.prompts.outcomes import FinishReason
-
-
-@dataclass(frozen=True)
-class DecodingOptions:
-    """A request's decoding parameters as the client sent them (0 means 'server default' / 'off')."""
-
-    max_new_tokens: int = 0
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 0.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    chat: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,3 +100,34 @@ class ClassifyResult:
     prompt_version: str
     input_tokens: int
     virtual_tokens: int
+
+
+@dataclass(frozen=True)
+class KvUsage:
+    """The pool's size and occupancy at one moment (for ModelInfo, metrics and admission)."""
+
+    block_size: int  # token slots per block
+    total_blocks: int  # blocks rows may hold (the reserved block 0 excluded)
+    used_blocks: int
+    rows: int  # rows holding blocks now (decoding, or part way through a chunked prefill)
+    bytes_per_token: int  # keys and values of one token over all layers
+
+    @property
+    def free_blocks(self) -> int:
+        """Blocks no row holds."""
+        return self.total_blocks - self.used_blocks
+
+    @property
+    def total_tokens(self) -> int:
+        """Tokens the pool holds when full."""
+        return self.total_blocks * self.block_size
+
+    @property
+    def free_tokens(self) -> int:
+        """Token slots in free blocks."""
+        return self.free_blocks * self.block_size
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of the pool's usable blocks."""
+        return self.total_tokens * self.bytes_per_token

@@ -14,17 +14,9 @@ from softprompt.protos import softprompt_pb2 as pb
 from softprompt.protos.enums import finish_reason_to_pb, training_state_to_pb
 from softprompt.protos.options import options_from_pb
 from softprompt.server.core.errors import InvalidRequestError
-from softprompt.server.core.pool import KvUsage
-from softprompt.server.core.types import (
-    ClassifyRequest,
-    ClassifyResult,
-    DecodingOptions,
-    GenerationRequest,
-    GenerationResult,
-    StreamChunk,
-    Tokenization,
-    Usage,
-)
+from softprompt.server.core.types import KvUsage
+from softprompt.prompts.options import DecodingOptions
+from softprompt.server.core.types import ClassifyRequest, ClassifyResult, GenerationRequest, GenerationResult, StreamChunk, Tokenization, Usage
 from softprompt.server.jobs.training import JobSnapshot, TrainJobRequest
 from softprompt.server.service.inference import ModelInfo
 from softprompt.server.service.prompts import PeftUpload, PromptUpload, TensorUpload

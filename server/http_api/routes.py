@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from softprompt.prompts.outcomes import FinishReason
 from softprompt.server.access.tokens import TokenTable
-from softprompt.server.core.scheduler import Handle
+from softprompt.server.core.handle import Handle
 from softprompt.server.core.types import ClassifyRequest as ServiceClassify
 from softprompt.server.core.types import GenerationRequest, GenerationResult, StreamChunk, Usage
 from softprompt.server.http_api import models

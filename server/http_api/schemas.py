@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from softprompt.server.core.types import DecodingOptions
+from softprompt.prompts.options import DecodingOptions
 
 # Fields that change nothing a request returns: accepted whatever their value.
 NO_EFFECT = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})

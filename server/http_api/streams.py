@@ -16,7 +16,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor
 
-from softprompt.server.core.scheduler import Handle
+from softprompt.server.core.handle import Handle
 from softprompt.server.core.types import StreamChunk
 
 _END = object()

@@ -19,7 +19,7 @@ from softprompt.prompts.refs import task_name
 from softprompt.server.jobs.training import TrainingJobs
 
 if TYPE_CHECKING:
-    from softprompt.server.core.pool import KvUsage
+    from softprompt.server.core.types import KvUsage
     from softprompt.server.core.prompt_cache import DeviceLru
     from softprompt.server.core.scheduler import Scheduler
 

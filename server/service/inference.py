@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from softprompt.server.config import ServerConfig
 from softprompt.server.core.admission import Admission, AdmittedScoring
 from softprompt.server.core.model import BaseModel
-from softprompt.server.core.pool import KvUsage
-from softprompt.server.core.scheduler import Handle, Scheduler
+from softprompt.server.core.types import KvUsage
+from softprompt.server.core.handle import Handle
+from softprompt.server.core.scheduler import Scheduler
 from softprompt.server.core.types import ClassifyRequest, ClassifyResult, GenerationRequest, StreamChunk, Tokenization
 from softprompt.server.observability.metrics import Metrics, NoMetrics
 
@@ -85,7 +86,7 @@ class InferenceService:
     def generate(self, request: GenerationRequest) -> Handle:
         """Admits and queues a generation; read it with `stream`, and cancel the handle if the client leaves."""
         handle = self.scheduler.submit(self.admission.admit(request))
-        self.metrics.task_request(handle.admitted.prompt_version)
+        self.metrics.task_request(handle.prompt_version)
         return handle
 
     def stream(self, handle: Handle, endpoint: str, started: float, transport: str = "grpc") -> Iterator[StreamChunk]:
@@ -99,7 +100,7 @@ class InferenceService:
                 generated += len(chunk.token_ids)
                 yield chunk
         finally:
-            self.metrics.tokens_generated(handle.admitted.prompt_version, generated)
+            self.metrics.tokens_generated(handle.prompt_version, generated)
 
     def classify(self, request: ClassifyRequest) -> PendingClassification:
         """Admits and queues a Classify request; cancel it if the client leaves."""

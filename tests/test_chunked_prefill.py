@@ -18,11 +18,12 @@ from softprompt.prompts.base import spec_of
 from softprompt.prompts.inject import score_continuations
 from softprompt.server.app.server import build_app
 from softprompt.server.config import ServerConfig
-from softprompt.server.core.engine import Engine, PartialPrefill, Sequence, fresh_positions
+from softprompt.server.core.engine import Engine, PartialPrefill, Sequence
 from softprompt.server.core.errors import CancelledError
 from softprompt.server.core.model import BaseModel
 from softprompt.server.core.planning import PrefillPlan, plan_prefill
-from softprompt.server.core.pool import RowKv
+from softprompt.server.core.kv_manager import KvManager, RowBlocks
+from softprompt.server.core.pool import BLOCK_SIZE, KvPool, LayerShape
 from softprompt.prompts.options import DecodingOptions
 from softprompt.server.core.types import ClassifyRequest, GenerationRequest
 
@@ -58,19 +59,46 @@ def _base(family: str, impl: str, tiny_base) -> BaseModel:
 
 
 def test_a_row_over_the_budget_is_planned_alone_in_chunks():
-    assert plan_prefill([5000, 10], [313, 1], room=4, max_positions=4096, free_blocks=999) == PrefillPlan(1, chunked=True)
-    assert plan_prefill([10, 5000], [1, 313], room=4, max_positions=4096, free_blocks=999) == PrefillPlan(1)
-    assert plan_prefill([10, 10], [1, 1], room=4, max_positions=4096, free_blocks=999) == PrefillPlan(2)
-    assert plan_prefill([5000], [313], room=0, max_positions=4096, free_blocks=999) == PrefillPlan(0)
-    assert plan_prefill([], [], room=4, max_positions=4096, free_blocks=999) == PrefillPlan(0)
+    assert plan_prefill([5000, 10], room=4, max_positions=4096) == PrefillPlan(1, chunked=True)
+    assert plan_prefill([10, 5000], room=4, max_positions=4096) == PrefillPlan(1)
+    assert plan_prefill([10, 10], room=4, max_positions=4096) == PrefillPlan(2)
+    assert plan_prefill([5000], room=0, max_positions=4096) == PrefillPlan(0)
+    assert plan_prefill([], room=4, max_positions=4096) == PrefillPlan(0)
+
+
+def _manager(free_blocks: int) -> KvManager:
+    return KvManager(KvPool([LayerShape(1, 2)], free_blocks, dtype=torch.float32, device=torch.device("cpu")))
+
+
+def _joined(manager: KvManager, blocks: list[int]) -> int:
+    """How many leading rows (each needing that many blocks) get theirs, asked in arrival order as the
+    scheduler asks: the first told no holds back those behind it."""
+    for joined, need in enumerate(blocks):
+        if manager.allocate_slots(RowBlocks(), need * BLOCK_SIZE) is None:
+            return joined
+    return len(blocks)
 
 
 def test_a_prefill_takes_only_rows_whose_kv_blocks_are_free():
-    """Rows wait while the pool cannot hold them, in arrival order: a long row is not overtaken."""
-    assert plan_prefill([10, 10, 10], [2, 2, 2], room=4, max_positions=4096, free_blocks=5) == PrefillPlan(2)
-    assert plan_prefill([10, 10], [6, 1], room=4, max_positions=4096, free_blocks=5) == PrefillPlan(0)
-    assert plan_prefill([5000], [313], room=4, max_positions=4096, free_blocks=312) == PrefillPlan(0)
-    assert plan_prefill([5000], [313], room=4, max_positions=4096, free_blocks=313) == PrefillPlan(1, chunked=True)
+    """Rows wait while the pool cannot hold them, in arrival order: a long row is not overtaken. A row
+    joining leaves one block per row already holding blocks, so those can grow."""
+    assert _joined(_manager(5), [2, 2, 2]) == 2
+    assert _joined(_manager(5), [6, 1]) == 0
+    assert _joined(_manager(312), [313]) == 0
+    assert _joined(_manager(313), [313]) == 1
+    manager = _manager(4)
+    row = RowBlocks()
+    assert manager.allocate_slots(row, BLOCK_SIZE) == [1] and manager.usage().rows == 1
+    assert manager.allocate_slots(RowBlocks(), 3 * BLOCK_SIZE) is None  # 3 free, less one in reserve for `row`
+    assert manager.allocate_slots(row, 4 * BLOCK_SIZE) == [2, 3, 4]  # a running row grows into the reserve
+    assert manager.allocate_slots(row, 5 * BLOCK_SIZE) is None and len(row.blocks) == 4  # no: nothing changes
+    manager.free(row)
+    assert manager.allocate_slots(row, BLOCK_SIZE) == [4]
+    scored = RowBlocks(transient=True)  # gives its blocks back within the step: it may take the reserve
+    assert manager.allocate_slots(scored, 3 * BLOCK_SIZE) is not None and manager.usage().free_blocks == 0
+    manager.free(scored)
+    manager.free(row)
+    assert manager.usage().used_blocks == manager.usage().rows == 0 and not row.blocks
 
 
 def _chunked(engine: Engine, seq: Sequence, budget: int):
@@ -106,7 +134,7 @@ def test_chunked_rows_join_a_batch_and_match_the_reference(family, impl, chunks,
     batch, _ = engine.prefill([rows[0]])  # a row prefilled whole, decoding while the others are chunked
     engine.decode(batch)
     for seq in rows[1:]:
-        fresh = fresh_positions(seq.prompt, len(seq.input_ids) + len(seq.generated))
+        fresh = engine.fresh_positions(seq.prompt, seq.prompt_key, len(seq.tokens))
         budget = {1: fresh, 2: -(-fresh // 2), "many": 4}[chunks]
         part, count = _chunked(engine, seq, budget)
         assert count == -(-fresh // budget)
@@ -196,7 +224,7 @@ def test_a_row_stopped_mid_prefill_frees_its_partial_kv(how, tiny_base, tmp_path
     budget = 5
     chunks, short_new = _long_run(tiny_base, budget)
     app = _app(tiny_base, tmp_path, budget)
-    held: list[RowKv] = []  # the long row's blocks, taken at its first chunk
+    held: list[RowBlocks] = []  # the long row's blocks, taken at its first chunk
     state = {"decodes": 0}
 
     def on_call(name, args):
@@ -204,7 +232,7 @@ def test_a_row_stopped_mid_prefill_frees_its_partial_kv(how, tiny_base, tmp_path
             state["decodes"] += 1
             if how == "preempted" and state["decodes"] == 3:  # after the long row's second chunk
                 raise torch.OutOfMemoryError("injected: out of memory")
-        if name == "prefill_chunk" and args[0].sequence.kv is not None and not held:
+        if name == "prefill_chunk" and args[0].done and not held:  # once its first chunk is in
             held.append(args[0].sequence.kv)
             assert held[0].blocks, "the partial row holds KV blocks"
             if how == "cancelled":

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from helpers import TEXTS, engine_prompts, engine_rows, reference_greedy, run_to_end
-from softprompt.server.core.engine import Engine, Sequence
+from softprompt.server.core.engine import Engine, ScoreRow, Sequence
 from softprompt.prompts.options import DecodingOptions
+from softprompt.prompts.outcomes import FinishReason
 from softprompt.server.core.text import TextTracker
 
 def test_single_rows_match_reference(tiny_base):
@@ -103,17 +104,26 @@ def test_cached_prefixes_give_the_reference_and_are_reused(tiny_base):
         for seq in rows:
             expected = reference_greedy(tiny_base.model, seq.prompt, seq.input_ids, 6, engine.eos_ids)
             assert seq.generated == expected, f"round {round_}, row {seq.request_id}"
-    # Round one misses "long" for both its rows (computed once, together); round two hits both.
+    # Round one misses "long" for both its rows (each computes it in the same forward; one copy is kept);
+    # round two hits both.
     # "one" has a single virtual token, so no prefix; the bare row has none either.
     assert (engine.prefixes.misses, engine.prefixes.hits, len(engine.prefixes._items)) == (2, 2, 1)
     engine.prefixes.evict("long", 1)
     assert not engine.prefixes._items
 
 
-def _check(engine: Engine, base, rows: list[Sequence]) -> None:
+def _check(engine: Engine, base, rows: list[Sequence], *, dropped: frozenset[int] = frozenset()) -> None:
+    """Every row's whole output and finish reason equal the no-cache reference's; only the rows in `dropped`
+    (request ids of rows taken out early, as a cancelled request is) are compared as far as they got."""
     for seq in rows:
-        # A row dropped early (a cancelled request) must match the reference as far as it got.
-        expected = reference_greedy(base.model, seq.prompt, seq.input_ids, len(seq.generated), engine.eos_ids)
+        if seq.request_id in dropped:
+            assert seq.finish_reason is None, f"row {seq.request_id} was dropped before it finished"
+            expected = reference_greedy(base.model, seq.prompt, seq.input_ids, len(seq.generated), engine.eos_ids)
+        else:
+            expected = reference_greedy(base.model, seq.prompt, seq.input_ids, seq.params.max_new_tokens,
+                                        engine.eos_ids)
+            reason = FinishReason.EOS if expected[-1] in engine.eos_ids else FinishReason.LENGTH
+            assert seq.finish_reason == reason, f"row {seq.request_id} finished by {seq.finish_reason}, not {reason}"
         assert seq.generated == expected, f"row {seq.request_id} differs from the no-cache reference"
 
 
@@ -131,7 +141,7 @@ def test_graph_shaped_steps_match_reference(tiny_base):
     assert engine.shape_of(batch) == (8, 64)  # 6 live rows padded to 8, width to one column block
     run_to_end(engine, batch)
     assert [len(s.generated) for s in rows] == [12, 5, 14, 15, 16, 17, 18]
-    _check(engine, tiny_base, rows)
+    _check(engine, tiny_base, rows, dropped=frozenset({rows[1].request_id}))
 
 
 def test_rows_of_any_lengths_join_and_leave_without_moving_each_others_kv(tiny_base):
@@ -208,46 +218,31 @@ def test_scoring_over_cached_prefixes_equals_a_full_forward(tiny_base):
     args = ([prompts[p] for p, _, _ in rows], [c for _, c, _ in rows], [t for _, _, t in rows])
     expected = score_continuations(tiny_base.model, *args).totals().tolist()
     for _ in range(2):  # misses, then hits
-        got = engine.score(args[0], [keys[p] for p, _, _ in rows], args[1], args[2])
+        got = engine.score([ScoreRow(prompt, keys[p], c, t) for prompt, (p, c, t) in zip(args[0], rows)])
         assert got == pytest.approx(expected, abs=1e-4)
     assert (engine.prefixes.misses, engine.prefixes.hits) == (2, 2)  # the two prompted rows
 
 
-def test_window_masks_count_real_positions_not_columns(tiny_base):
-    """Over a row with left padding and a gap after its cached prefix, each layer type's mask is transformers'
-    own rule over the row's real tokens; a padding query sees itself (no mask row is empty, so no NaN); a
-    decode step at a bucketed width sees nothing past its column. Full-attention models keep plain masks."""
+def test_window_masks_are_transformers_rules_over_positions(tiny_base):
+    """Over KV-pool rows a column is a position: each layer type's mask is transformers' own rule; a padding
+    query sees column 0 (no mask row is empty, so no NaN); a step sees nothing past its own position. Eager
+    attention gets the same masks as additive ones."""
     from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
 
     from softprompt.server.core.masks import FULL, SLIDING, MaskLayout
 
-    window, queries = 3, 8
-    # Row 0: pad, a 3-token prefix, a 2-column gap, 6 fresh tokens. Row 1: 12 real tokens.
-    valid = torch.tensor([[False, True, True, True, False, False] + [True] * 6, [True] * 12])
+    window = 3
     rules = {FULL: causal_mask_function, SLIDING: sliding_window_causal_mask_function(window)}
-    masks = MaskLayout(window, per_layer_type=True, dtype=None).prefill(valid, queries)
-    for row in range(2):
-        real = valid[row].nonzero()[:, 0]
-        position = torch.arange(len(real))
-        fresh = real >= 12 - queries
-        for kind, rule in rules.items():
-            expected = rule(0, 0, position[fresh, None], position[None, :])
-            assert torch.equal(masks[kind][row, 0][real[fresh] - (12 - queries)][:, real], expected), (row, kind)
-    for kind in rules:  # the gap's two padding queries see themselves and the prefix before them
-        assert masks[kind][0, 0, :2].nonzero().tolist() == [[0, 1], [0, 2], [0, 3], [0, 4],
-                                                            [1, 1], [1, 2], [1, 3], [1, 5]]
-    additive = MaskLayout(window, per_layer_type=False, dtype=torch.float32).prefill(valid, queries)
-    assert torch.equal(additive == 0, masks[SLIDING]) and additive.min() == torch.finfo(torch.float32).min
-
-    # Over KV-pool rows a column is a position: queries at positions 8 and 1 (and a padding query at 0)
-    # of a width of 12, columns past a query not written yet.
+    # Queries at positions 8 and 1 (and a padding query at 0) of a width of 12, columns past a query not written yet.
     at = torch.tensor([[8], [1], [0]])
     paged = MaskLayout(window, per_layer_type=True, dtype=None).over_positions(at, 12)
     for kind, rule in rules.items():
         assert torch.equal(paged[kind][:, 0, 0], rule(0, 0, at, torch.arange(12)[None, :])), kind
     assert paged[SLIDING][0, 0, 0].nonzero()[:, 0].tolist() == [6, 7, 8]  # the last 3 positions
     assert paged[SLIDING][2, 0, 0].nonzero()[:, 0].tolist() == [0]  # a padding query is never all-masked
+    additive = MaskLayout(window, per_layer_type=False, dtype=torch.float32).over_positions(at, 12)
+    assert torch.equal(additive == 0, paged[SLIDING]) and additive.min() == torch.finfo(torch.float32).min
 
     full = MaskLayout.of(tiny_base.model)
-    assert full.window is None and full.prefill(valid, queries) is valid  # transformers builds its own
+    assert full.window is None
     assert torch.equal(full.over_positions(at, 12)[:, 0, 0], torch.arange(12)[None, :] <= at)

@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from helpers import TEXTS, engine_prompts, engine_rows, reference_greedy, run_to_end, torch_threads
 from softprompt.prompts.base import spec_of
 from softprompt.prompts.inject import score_continuations
-from softprompt.server.core.engine import Engine, Sequence
+from softprompt.server.core.engine import Engine, ScoreRow, Sequence
 from softprompt.server.core.families import SUPPORTED_ATTENTION, TESTED_MODEL_TYPES
 from softprompt.server.core.masks import MaskLayout
 from softprompt.server.core.model import BaseModel
@@ -197,4 +197,4 @@ def test_scoring_equals_each_row_alone(family, impl, tiny_base):
     args = ([prompts[p] for p, _, _ in rows], [c for _, c, _ in rows], [t for _, _, t in rows])
     keys = [None if p == 0 else (str(p), 1, "x") for p, _, _ in rows]
     assert score_continuations(base.model, *args).totals().tolist() == pytest.approx(alone, abs=1e-4)
-    assert engine.score(args[0], keys, args[1], args[2]) == pytest.approx(alone, abs=1e-4)
+    assert engine.score([ScoreRow(*row) for row in zip(args[0], keys, args[1], args[2])]) == pytest.approx(alone, abs=1e-4)

@@ -15,11 +15,11 @@ from softprompt.client import Client
 from softprompt.client import errors as client_errors
 from softprompt.server.app.server import build_app
 from softprompt.server.config import ServerConfig
-from softprompt.server.core.engine import Engine, Sequence
+from softprompt.server.core.engine import Engine, ScoreRow, Sequence
 from softprompt.server.core.errors import InvalidRequestError
 from softprompt.server.core.pool import BLOCK_SIZE, SCRATCH, TRASH, KvPool, KvPoolFullError, blocks_for
 from softprompt.prompts.options import DecodingOptions
-from softprompt.server.core.types import GenerationRequest
+from softprompt.server.core.types import ClassifyRequest, GenerationRequest
 
 LONG = 40  # new tokens per request: 3 blocks a row, so 8 rows outgrow a 12-block pool
 
@@ -125,3 +125,35 @@ def test_padding_rows_and_queries_never_write_the_slot_padding_columns_read(tiny
     for keys, values in zip(engine.pool.keys, engine.pool.values):
         assert not keys[TRASH].any() and not values[TRASH].any()
         assert keys[SCRATCH].any()  # the padding did write somewhere: its own slot
+
+
+def test_classify_rows_take_blocks_of_the_pool_and_generation_waits_for_them(tiny_base, tmp_path):
+    """Classify's scoring forwards run in the pool (--kv-cache-memory counts them): while one holds every
+    block, a generation waits for the next step instead of failing, and both answer exactly."""
+    label = "x" * 40  # a long label: each label row needs 3+ blocks
+    app = _app(tiny_base, tmp_path, blocks=8)
+    app.scheduler.engine.ignore_eos = False
+    classify = ClassifyRequest("", TEXTS[0], (label, label + "y"))
+    admitted = app.admission.admit_classify(classify)
+    rows_tokens = [len(admitted.input_ids) + len(ids) for ids in admitted.label_ids]
+    assert sum(blocks_for(n) for n in rows_tokens) == 8, "the two label rows should take the whole pool"
+    order: list[str] = []
+    engine = app.scheduler.engine
+    for name in ("score", "prefill"):
+        method = getattr(engine, name)
+        setattr(engine, name, lambda *args, _m=method, _n=name: (order.append(_n), _m(*args))[1])
+    scores = app.scheduler.submit_scoring(admitted)
+    handle = app.scheduler.submit(app.admission.admit(GenerationRequest("", "hello", DecodingOptions(max_new_tokens=6))))
+    app.scheduler.start()
+    try:
+        tokens = list(handle.result().token_ids)
+        logprobs = scores.result(timeout=60)
+    finally:
+        app.scheduler.close()
+    assert order[:2] == ["score", "prefill"]  # the generation joined only once the scoring gave its blocks back
+    assert app.scheduler.snapshot().stats.kv_waits >= 1
+    assert tokens == reference_greedy(tiny_base.model, None, tiny_base.tokenizer("hello").input_ids, 6,
+                                      engine.eos_ids)
+    alone = Engine(tiny_base).score([ScoreRow(None, None, admitted.input_ids, ids) for ids in admitted.label_ids])
+    assert logprobs == pytest.approx(alone, abs=1e-4)
+    assert app.scheduler.snapshot().kv.used_blocks == 0

@@ -151,24 +151,27 @@ def test_a_failed_decode_step_leaves_the_batch_as_it_was(tiny_base):
 
 def test_a_pool_too_short_for_a_prefill_or_a_step_changes_nothing(tiny_base):
     """KvPoolFullError leaves every row's blocks and the free count as they were."""
-    engine = Engine(tiny_base, kv_cache_bytes=_pool_bytes(engine_of=tiny_base, blocks=4))
+    engine = Engine(tiny_base, kv_cache_bytes=_pool_bytes(engine_of=tiny_base, blocks=5))
     rows = [Sequence(request_id=i, input_ids=tiny_base.tokenizer("hello").input_ids,
                      params=DecodingOptions(max_new_tokens=40)) for i in range(6)]
     for seq in rows:
         engine.start(seq)
-    assert engine.kv_usage().total_blocks == 4 and all(blocks_for(s.kv_tokens) == 1 for s in rows)
+    assert engine.kv_usage().total_blocks == 5 and all(blocks_for(s.kv_tokens) == 1 for s in rows)
     batch, _ = engine.prefill(rows[:2])
     with pytest.raises(KvPoolFullError):
-        engine.prefill(rows[2:])  # 4 rows for 2 free blocks
+        engine.prefill(rows[2:])  # 4 rows for 3 free blocks, less one in reserve per running row
     assert engine.kv_usage().used_blocks == 2 and engine.kv_usage().rows == 2
-    while all(s.kv.length < s.kv.room for s in batch.sequences):  # until both rows fill their first block
+    # Both rows grow into a second block each (one block stays free), then fill it.
+    while not all(len(s.kv.blocks) == 2 and s.kv.length == s.kv.room for s in batch.sequences):
         engine.decode(batch)
     lengths = [s.kv.length for s in batch.sequences]
-    engine.prefill([rows[2]])  # takes one of the two free blocks
+    assert engine.kv_usage().free_blocks == 1
     with pytest.raises(KvPoolFullError):
         engine.decode(batch)  # both rows need a block: one is free
     assert [s.kv.length for s in batch.sequences] == lengths and engine.kv_usage().free_blocks == 0
-    assert engine.shortfall(batch) == 1  # the newest row gives its blocks back, the other gets one
+    # The KV manager's answers the scheduler preempts on: the older row holds its new block, the newest gets none.
+    assert engine.kv.allocate_slots(batch.sequences[0].kv, lengths[0] + 1) == []
+    assert engine.kv.allocate_slots(batch.sequences[1].kv, lengths[1] + 1) is None
 
 
 def _pool_bytes(engine_of, blocks: int) -> int:

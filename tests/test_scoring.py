@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 from helpers import TEXTS, engine_prompts, expected_ids
 from softprompt.prompts.inject import score_continuations
 from softprompt.server.app.server import build_app
 from softprompt.server.config import ServerConfig
 from softprompt.server.core import kv
-from softprompt.server.core.engine import Engine
+from softprompt.server.core.engine import Engine, ScoreRow
 from softprompt.server.core.planning import rows_that_fit
 from softprompt.prompts.options import DecodingOptions
 from softprompt.server.core.types import ClassifyRequest, GenerationRequest
@@ -91,7 +90,8 @@ def test_scoring_keeps_logits_of_the_scored_positions_only(tiny_base, monkeypatc
         return out
 
     monkeypatch.setattr(kv, "forward", spy)
-    got = engine.score(prompts, [None, ("a", 1, "x"), ("b", 1, "y")], contexts, labels)
+    keys = [None, ("a", 1, "x"), ("b", 1, "y")]
+    got = engine.score([ScoreRow(*row) for row in zip(prompts, keys, contexts, labels)])
     longest = max(map(len, labels))
     assert kept[-1] == (3, longest + 1, tiny_base.model.config.vocab_size)
     assert got == pytest.approx(score_continuations(tiny_base.model, prompts, contexts, labels).totals().tolist(),
@@ -101,8 +101,8 @@ def test_scoring_keeps_logits_of_the_scored_positions_only(tiny_base, monkeypatc
 def test_scoring_needs_a_position_before_the_continuation(tiny_base):
     engine = Engine(tiny_base)
     with pytest.raises(ValueError, match="needs a prompt or context"):
-        engine.score([None], [None], [[]], [[5]])
+        engine.score([ScoreRow(None, None, [], [5])])
     with pytest.raises(ValueError, match="score_last must be a positive"):
         ids = torch.tensor([tiny_base.tokenizer("hi").input_ids])
-        kv.forward(tiny_base.model, DynamicCache(), input_ids=ids, attention_mask=torch.ones_like(ids),
+        kv.forward(tiny_base.model, object(), input_ids=ids, attention_mask=torch.ones_like(ids),
                    position_ids=torch.arange(ids.shape[1])[None], score_last=0)

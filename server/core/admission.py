@@ -20,7 +20,6 @@ from softprompt.server.config import ServerConfig
 from softprompt.server.core.engine import Engine, Sequence
 from softprompt.server.core.errors import InvalidRequestError
 from softprompt.server.core.prompt_cache import Key, PromptCache
-from softprompt.server.core.pool import blocks_for
 from softprompt.prompts.options import DecodingOptions
 from softprompt.server.core.types import ClassifyRequest, ClassifyResult, GenerationRequest, LabelScore, Tokenization
 
@@ -87,7 +86,8 @@ class Admission:
             input_ids = list(self.tokenize(request.input, chat=request.options.chat).token_ids)
         self._check_lengths(input_ids, prompt, params.max_new_tokens, fix="lower max_new_tokens")
         seq = Sequence(request_id=next(self._ids), input_ids=input_ids, params=params, prompt=prompt, prompt_key=key)
-        self._check_fits_pool(seq)
+        # The last step's KV included.
+        self._check_fits_pool(seq.num_virtual_tokens, len(input_ids), params.max_new_tokens, fix="lower max_new_tokens")
         self.engine.start(seq)
         return Admitted(sequence=seq, prompt_version=version, deadline=request.deadline)
 
@@ -108,6 +108,8 @@ class Admission:
         label_ids = [encode_target(self.engine.tokenizer, label, end) for label in labels]
         longest = max(len(ids) for ids in label_ids)
         self._check_lengths(input_ids, prompt, longest, fix="use shorter labels")
+        self._check_fits_pool(0 if prompt is None else int(prompt.shape[0]), len(input_ids), longest,
+                              fix="use shorter labels")
         return AdmittedScoring(request, prompt, input_ids, label_ids, version, key)
 
     def label_end(self, *, chat: bool) -> int:
@@ -153,15 +155,14 @@ class Admission:
         ids = encode_input(tokenizer, text, chat=chat)
         return Tokenization(token_ids=tuple(ids), tokens=tuple(tokenizer.convert_ids_to_tokens(ids)))
 
-    def _check_fits_pool(self, seq: Sequence) -> None:
+    def _check_fits_pool(self, virtual: int, input_tokens: int, new_tokens: int, *, fix: str) -> None:
         """Refuses a request whose KV could never fit the pool, even alone: it would wait forever."""
-        usage = self.engine.kv_usage()
-        need = seq.length + seq.params.max_new_tokens  # the last step's KV included
-        if blocks_for(need) > usage.total_blocks:
+        need = virtual + input_tokens + new_tokens
+        capacity = self.engine.kv.capacity_tokens
+        if need > capacity:
             raise InvalidRequestError(
-                f"{seq.num_virtual_tokens} virtual + {len(seq.input_ids)} input + {seq.params.max_new_tokens} new "
-                f"tokens = {need} exceeds this server's KV cache of {usage.total_tokens} tokens "
-                "(--kv-cache-memory): shorten the input or lower max_new_tokens"
+                f"{virtual} virtual + {input_tokens} input + {new_tokens} new tokens = {need} exceeds this "
+                f"server's KV cache of {capacity} tokens (--kv-cache-memory): shorten the input or {fix}"
             )
 
     def _check_lengths(self, input_ids: list[int], prompt: torch.Tensor | None, new_tokens: int, *, fix: str) -> None:

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 import torch
-from transformers import DynamicCache
 
 from softprompt.prompts import inject
 from softprompt.prompts.outcomes import FinishReason
@@ -34,8 +33,9 @@ from softprompt.server.core import kv
 from softprompt.server.core.decode_step import DecodeStep
 from softprompt.server.core.masks import MaskLayout
 from softprompt.server.core.model import BaseModel
+from softprompt.server.core.kv_manager import KvManager, RowBlocks
 from softprompt.server.core.paged_cache import PagedCache, read_slots
-from softprompt.server.core.pool import SCRATCH, KvPool, KvPoolFullError, LayerShape, RowKv
+from softprompt.server.core.pool import SCRATCH, KvPool, KvPoolFullError, LayerShape
 from softprompt.server.core.prompt_cache import DeviceLru, Key, PrefixKV, prefix_bytes
 from softprompt.prompts.options import DecodingOptions
 from softprompt.server.core.sampling import RowSampler, seeded_generator, unseeded_generator
@@ -45,7 +45,7 @@ from softprompt.server.core.types import KvUsage
 
 @dataclass
 class Sequence:
-    """One request's row: its inputs, its sampling state and what it has produced."""
+    """One request's row: its inputs, its sampling state, what it has produced and its KV blocks."""
 
     request_id: int
     input_ids: list[int]
@@ -56,7 +56,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     text: TextTracker | None = None
     generator: torch.Generator | None = None  # a seeded sampled row's own; unseeded rows share the engine's
-    kv: RowKv | None = None  # the row's blocks in the KV pool while it holds any
+    kv: RowBlocks = field(default_factory=RowBlocks)  # its blocks in the KV pool (none while it waits)
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -71,33 +71,73 @@ class Sequence:
     @property
     def kv_tokens(self) -> int:
         """Tokens of KV the row holds once it is prefilled and has taken its next step (a resumed row's
-        generated tokens included): what admission needs free for it."""
+        generated tokens included): what it asks the KV manager for to join."""
         return self.length + len(self.generated) + 1
-
-    def release_kv(self) -> None:
-        """Frees the row's blocks (a finished or preempted row; idempotent)."""
-        if self.kv is not None:
-            self.kv.free()
-            self.kv = None
-
-
-def fresh_positions(prompt: torch.Tensor | None, tokens: int) -> int:
-    """Positions a prefill or scoring forward computes for a row of `tokens` tokens after `prompt`: the
-    prompt's last virtual token and the tokens; the rest of the prompt is its cached prefix's KV."""
-    return (0 if prompt is None else min(1, int(prompt.shape[0]))) + tokens
-
-
-@dataclass
-class PartialPrefill:
-    """A row being prefilled in chunks: its first `done` tokens (after its prompt) are in its pool blocks."""
-
-    sequence: Sequence
-    done: int = 0
 
     @property
     def tokens(self) -> list[int]:
         """What the row's prefill runs after its prompt (a resumed row recomputes what it generated)."""
-        return self.sequence.input_ids + self.sequence.generated
+        return self.input_ids + self.generated
+
+
+@dataclass
+class ScoreRow:
+    """A Classify label row: the log-probability of `continuation` after `[prompt ; context]`, computed over
+    KV blocks of its own that are given back once it is scored."""
+
+    prompt: torch.Tensor | None
+    key: Key | None
+    context: list[int]
+    continuation: list[int]
+    kv: RowBlocks = field(default_factory=lambda: RowBlocks(transient=True))
+
+    @property
+    def tokens(self) -> list[int]:
+        """The tokens after the prompt."""
+        return [*self.context, *self.continuation]
+
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens of KV the row holds while it is scored."""
+        return _virtual(self.prompt) + len(self.context) + len(self.continuation)
+
+
+@dataclass
+class _Fresh:
+    """One row of a forward over the pool: the positions it computes now, after what its blocks hold.
+
+    `head` is virtual-token embeddings run before the tokens: a prompt's last one over its cached
+    `prefix`, or the whole prompt when its prefix is not cached; then `keep` names the cache entry that
+    the KV of its first `keep_tokens` positions (all virtual tokens but the last) becomes after the forward.
+    """
+
+    kv: RowBlocks
+    head: torch.Tensor | None
+    tokens: list[int]
+    prefix: PrefixKV | None = None  # a cached prompt prefix, copied into the row's first slots before the forward
+    keep: Key | None = None
+    keep_tokens: int = 0
+
+
+@dataclass
+class PartialPrefill:
+    """A row being prefilled in chunks: the first `done` positions of its first forward are in its blocks.
+
+    Its first forward (`plan`, made at the first chunk) is the prompt's virtual tokens that run fresh
+    (the last one over a cached prefix, or the whole prompt) and then its tokens; chunks walk through
+    those positions in order, so a prompt longer than the budget is chunked like any input.
+    """
+
+    sequence: Sequence
+    done: int = 0
+    plan: _Fresh | None = None
+
+    @property
+    def total(self) -> int | None:
+        """The fresh positions of the whole prefill, once planned."""
+        if self.plan is None:
+            return None
+        return (0 if self.plan.head is None else int(self.plan.head.shape[0])) + len(self.plan.tokens)
 
 
 @dataclass(frozen=True)
@@ -180,19 +220,27 @@ def _timed(part: str) -> Callable[[_Method], _Method]:
 
 
 class Engine:
-    """Runs prefill and decode steps on the frozen base model.
+    """Runs prefill, decode and scoring forwards on the frozen base model, every one over the KV pool.
 
-    The keys and values of a prompt's virtual tokens depend on nothing but the prompt, so they are
-    computed once per prompt version and kept (`prefixes`, LRU in bytes). A prefill then runs only
-    each row's last virtual token and its input over that cached prefix; the result is the same
-    as running `[prompt ; input]` whole.
+    Every forward is the same: rows' new positions are written into their own blocks of the pool and
+    attend to what those blocks hold (`_forward`). The keys and values of a prompt's virtual tokens
+    depend on nothing but the prompt, so they are kept once computed (`prefixes`, LRU in bytes): a
+    row whose prompt's prefix is cached gets it copied into its first blocks and runs only its last
+    virtual token and its tokens; a row whose prefix is not cached runs the whole prompt in its own
+    forward, and the KV it wrote becomes the cached prefix. Either way the result is what running
+    `[prompt ; input]` whole computes. A prompt's prefix is thus "blocks written into a row", whatever
+    produced them.
+
+    The engine reads block tables; it decides nothing about blocks. The scheduler gets rows their
+    blocks from the KV manager (`kv`) before it runs them; a row that lacks them here (a caller using
+    the engine directly) gets them from the same manager, or KvPoolFullError.
 
     `cuda_graphs` (default: on for CUDA devices) replays decode steps from captured graphs;
     `pad_shapes` (default: as `cuda_graphs`) runs steps at the graphs' bucketed shapes, which tests
     use on CPU to check that padding changes no token.
 
     `ignore_eos` keeps a row generating past end-of-sequence tokens until `max_new_tokens` or a stop
-    string (as vLLM's `DecodingOptions.ignore_eos`), so that every request makes the same number of
+    string (as vLLM's `SamplingParams.ignore_eos`), so that every request makes the same number of
     tokens, as benchmarks need. `timings`, when given a StepTimings, has every step record its calls and
     seconds there; None (the default) times nothing. Both are plain attributes that whoever owns the
     engine may also set later, between steps.
@@ -216,41 +264,45 @@ class Engine:
         shapes = [LayerShape(h, d) for h, d in kv.layer_shapes(self.model)]
         self.pool = KvPool.sized(shapes, DEFAULT_KV_CACHE_BYTES if kv_cache_bytes is None else kv_cache_bytes,
                                  dtype=base.dtype, device=self.device)
+        self.kv = KvManager(self.pool)
         graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._step = DecodeStep(self.model, self._masks, self.pool, pad_shapes=graphs if pad_shapes is None else pad_shapes)
         if graphs:
             # `capture` is (most rows, longest row in tokens) served; a row never outgrows the pool.
-            self._step.capture(capture[0], min(capture[1], self.pool.usage().total_tokens))
+            self._step.capture(capture[0], min(capture[1], self.kv.capacity_tokens))
         self._unseeded = unseeded_generator(self.device)
 
     def kv_usage(self) -> KvUsage:
         """The KV pool's size and occupancy now (a lock-free read, for ModelInfo and metrics)."""
-        return self.pool.usage()
+        return self.kv.usage()
 
     def start(self, seq: Sequence) -> None:
         """Prepares a row's per-request state (text tracking, sampling generator)."""
         seq.text = TextTracker(self.tokenizer, seq.params.stop)
         seq.generator = seeded_generator(seq.params, self.device)
 
+    def fresh_positions(self, prompt: torch.Tensor | None, key: Key | None, tokens: int) -> int:
+        """Positions a row's first forward computes for `tokens` tokens after `prompt`: the prompt's last
+        virtual token and the tokens if its prefix is cached, else the whole prompt and the tokens."""
+        if prompt is None:
+            return tokens
+        cached = key is not None and prompt.shape[0] > 1 and self.prefixes.contains(key)
+        return (1 if cached or prompt.shape[0] < 2 else int(prompt.shape[0])) + tokens
+
+    # ------------------------------------------------------------------ generation
+
     @_timed("prefill")
     @torch.inference_mode()
     def prefill(self, sequences: list[Sequence]) -> tuple[Batch, list[TokenEvent]]:
-        """Runs `[prompt ; input]` for new rows (prompts from their cached prefix KV) and produces each row's first token.
+        """Runs `[prompt ; input]` for new rows and produces each row's first token.
 
-        Each row first gets blocks for its prefill and its first decode step (KvPoolFullError, holding
-        nothing, if the pool is short: the scheduler admits only rows that fit). A row that already
+        Each row holds (or gets) blocks for its prefill and first decode step. A row that already
         generated tokens (preempted, its KV dropped) resumes here: it runs `[prompt ; input ; generated]`
         and produces its next token, with its text, stop and sampling state (a seeded row's own
         generator) carried on, so it makes the tokens it would have made.
         """
-        try:
-            for seq in sequences:
-                seq.kv = RowKv(self.pool, seq.kv_tokens)
-        except KvPoolFullError:
-            for seq in sequences:
-                seq.release_kv()
-            raise
-        logits = self._forward_rows([(s, True, s.input_ids + s.generated) for s in sequences])
+        self._hold([(s.kv, s.kv_tokens) for s in sequences])
+        logits = self._forward([self._first(s.kv, s.prompt, s.prompt_key, s.tokens) for s in sequences])
         batch = Batch(list(sequences))
         return batch, self._emit(batch, logits)
 
@@ -259,221 +311,192 @@ class Engine:
     def prefill_chunk(self, partial: PartialPrefill, positions: int) -> tuple[Batch, list[TokenEvent]] | None:
         """Runs the next `positions` fresh positions of a row's prefill over the KV of those before it.
 
-        The first chunk takes the row's blocks (for its whole prefill and first decode step), writes its
-        prompt's cached prefix and runs the prompt's last virtual token and the first tokens; each later
-        one continues at its real positions over the row's blocks, so the row's KV is what one whole
-        prefill makes. Returns None while tokens are left, and after the last chunk what `prefill`
-        returns for the row: its batch and first token.
+        The first chunk (the row holds, or gets, blocks for its whole prefill and first decode step)
+        plans the row's first forward as `prefill` does: its prompt's cached prefix copied in, or the
+        whole prompt run fresh. Each chunk runs the next positions of that plan at their real
+        positions over the row's blocks, so the row's KV is what one whole prefill makes. Returns None
+        while positions are left, and after the last chunk what `prefill` returns for the row: its
+        batch and first token.
         """
         if positions < 1:
             raise ValueError(f"a prefill chunk needs at least one position, got {positions}")
-        seq, tokens = partial.sequence, partial.tokens
-        first = seq.kv is None
-        if first:
-            seq.kv = RowKv(self.pool, seq.kv_tokens)
-            take = positions - fresh_positions(seq.prompt, 0)
-        else:
-            take = positions
-        logits = self._forward_rows([(seq, first, tokens[partial.done:partial.done + take])])
-        partial.done = min(len(tokens), partial.done + take)
-        if partial.done < len(tokens):
+        seq = partial.sequence
+        first = partial.plan is None
+        if partial.plan is None:
+            self._hold([(seq.kv, seq.kv_tokens)])
+            partial.plan = self._first(seq.kv, seq.prompt, seq.prompt_key, seq.tokens)
+        plan, start, total = partial.plan, partial.done, partial.total
+        assert total is not None
+        stop = min(start + positions, total)
+        virtual = 0 if plan.head is None else int(plan.head.shape[0])
+        head = plan.head[start:stop] if plan.head is not None and start < virtual else None
+        row = _Fresh(seq.kv, head, plan.tokens[max(0, start - virtual):max(0, stop - virtual)],
+                     prefix=plan.prefix if first else None,
+                     # The prompt's prefix is kept by the chunk that completes it.
+                     keep=plan.keep if start < plan.keep_tokens <= stop else None, keep_tokens=plan.keep_tokens)
+        logits = self._forward([row])
+        partial.done = stop
+        if stop < total:
             return None
         batch = Batch([seq])
         return batch, self._emit(batch, logits)
-
-    def _forward_rows(self, rows: list[tuple[Sequence, bool, list[int]]]) -> torch.Tensor:
-        """Runs new positions of rows over what their blocks hold; float32 logits [rows, vocab] of each row's last.
-
-        Each row is (sequence, first, tokens): a row's first forward writes its prompt's cached prefix
-        (all virtual tokens but the last) into its blocks and runs the last virtual token before its
-        tokens; a later one (a chunk) runs just the tokens. Rows are left-padded to a common number of
-        queries; padding queries write SCRATCH, and the attended columns are each row's positions.
-        """
-        firsts = [first for _, first, _ in rows]
-        prefixes = self._prefixes([s.prompt if f else None for (s, _, _), f in zip(rows, firsts)],
-                                  [s.prompt_key for s, _, _ in rows])
-        self._write_prefixes([(s.kv, p) for (s, _, _), p in zip(rows, prefixes) if p is not None])
-        heads = [s.prompt[-1:] if f and s.prompt is not None else None for (s, _, _), f in zip(rows, firsts)]
-        x = inject.build_inputs(self._embed, heads, [t for _, _, t in rows], padding=inject.LEFT)
-        queries = x.embeds.shape[1]
-        starts, writes = [], []
-        for (seq, _, _), mask in zip(rows, x.attention_mask.tolist()):
-            kv_ = seq.kv
-            assert kv_ is not None, "a row's blocks are taken before its forward"
-            fresh = sum(mask)
-            starts.append(kv_.length)
-            writes.append([SCRATCH] * (queries - fresh) + kv_.slots(kv_.length, kv_.length + fresh))
-            kv_.length += fresh
-        start = torch.tensor(starts, device=self.device)[:, None]
-        positions = torch.where(x.attention_mask.bool(), x.position_ids + start, 0)
-        lengths = [s.kv.length for s, _, _ in rows]  # type: ignore[union-attr]
-        width = max(lengths)
-        reads = read_slots(self._table([s for s, _, _ in rows]), torch.tensor(lengths, device=self.device), width)
-        cache = PagedCache(self.pool, torch.tensor(writes, device=self.device), reads, past=min(starts))
-        return kv.forward(self.model, cache, inputs_embeds=x.embeds, position_ids=positions,
-                          attention_mask=self._masks.over_positions(positions, width)).logits
-
-    def _write_prefixes(self, rows: list[tuple[RowKv | None, PrefixKV]]) -> None:
-        """Copies cached prompt prefixes into the first slots of their rows' blocks (one copy per layer)."""
-        if not rows:
-            return
-        slots = []
-        for kv_, prefix in rows:
-            assert kv_ is not None
-            n = int(prefix[0][0].shape[1])
-            slots += kv_.slots(0, n)
-            kv_.length = n
-        index = torch.tensor(slots, device=self.device)
-        for layer, (keys, values) in enumerate(zip(self.pool.keys, self.pool.values)):
-            # A prefix's layer is [kv_heads, tokens, head_dim]; the pool's is slot-major.
-            keys.index_copy_(0, index, torch.cat([p[layer][0].transpose(0, 1) for _, p in rows]))
-            values.index_copy_(0, index, torch.cat([p[layer][1].transpose(0, 1) for _, p in rows]))
-
-    def _table(self, sequences: list[Sequence]) -> torch.Tensor:
-        """[rows, blocks] block numbers of the rows (0-padded: columns past a row's length read TRASH anyway)."""
-        blocks = [s.kv.blocks for s in sequences]  # type: ignore[union-attr]
-        width = max(len(b) for b in blocks)
-        return torch.tensor([b + [0] * (width - len(b)) for b in blocks], dtype=torch.long, device=self.device)
-
-    @torch.inference_mode()
-    def warm(self, prompt: torch.Tensor, key: Key) -> None:
-        """Computes and caches a prompt's prefix keys and values ahead of its first request."""
-        self._prefixes([prompt], [key])
-
-    def _forward_over_prefixes(self, prompts: list[torch.Tensor | None], keys: list[Key | None],
-                               token_ids: list[list[int]],
-                               score_last: int | None = None) -> tuple[kv.ForwardOutput, torch.Tensor]:
-        """Runs each row's last virtual token and tokens over its prompt's cached prefix; returns the output
-        and the attention mask over [prefix columns ; fresh columns].
-
-        Row layout: `[pad][prefix: all virtual tokens but the last][pad][last virtual token ; tokens]`.
-        Positions count real tokens only, so padding in either part changes nothing. Prefill keeps the
-        last position's logits, scoring the last `score_last` positions' (`kv.forward`).
-        """
-        prefixes = self._prefixes(prompts, keys)
-        lengths = [0 if p is None else int(p[0][0].shape[1]) for p in prefixes]
-        width = max(lengths)
-        x = inject.build_inputs(self._embed, [None if p is None else p[-1:] for p in prompts], token_ids,
-                                padding=inject.LEFT)
-        prefix_mask = x.attention_mask.new_zeros(len(prompts), width)
-        for row, n in enumerate(lengths):
-            prefix_mask[row, width - n:] = 1
-        mask = torch.cat([prefix_mask, x.attention_mask], dim=1)
-        positions = x.position_ids + torch.tensor(lengths, device=self.device)[:, None]
-        cache = self._prefix_cache(prefixes, lengths, width) if width else DynamicCache()
-        out = kv.forward(self.model, cache, inputs_embeds=x.embeds,
-                         attention_mask=self._masks.prefill(mask, x.embeds.shape[1]), position_ids=positions,
-                         score_last=score_last)
-        return out, mask
-
-    def _prefixes(self, prompts: list[torch.Tensor | None], keys: list[Key | None]) -> list[PrefixKV | None]:
-        """Each row's KV of all but its prompt's last virtual token (which runs with the tokens, so every
-        row has a fresh position); cache misses are computed together in one forward."""
-        out: list[PrefixKV | None] = [None] * len(prompts)
-        missing: dict[Key | int, list[int]] = {}
-        for row, (prompt, key) in enumerate(zip(prompts, keys)):
-            if prompt is None or prompt.shape[0] < 2:
-                continue
-            cached = None if key is None else self.prefixes.lookup(key)
-            if cached is not None:
-                out[row] = cached
-            else:
-                missing.setdefault(key if key is not None else row, []).append(row)
-        if missing:
-            heads = [prompts[rows[0]][:-1] for rows in missing.values()]  # type: ignore[index]
-            for (key, rows), kv_ in zip(missing.items(), self._compute_prefixes(heads)):
-                if not isinstance(key, int):
-                    kv_ = self.prefixes.put(key, kv_)
-                for row in rows:
-                    out[row] = kv_
-        return out
-
-    def _compute_prefixes(self, heads: list[torch.Tensor]) -> list[PrefixKV]:
-        x = inject.build_inputs(self._embed, heads, [[] for _ in heads])
-        out = kv.forward(self.model, DynamicCache(), inputs_embeds=x.embeds,
-                         attention_mask=self._masks.prefill(x.attention_mask, x.embeds.shape[1]),
-                         position_ids=x.position_ids)
-        layers = kv.layers(out.cache)
-        # Left-padded: each prompt's positions are the last n columns of its row.
-        return [[(k[row, :, x.starts[row]:].clone(), v[row, :, x.starts[row]:].clone()) for k, v in layers]
-                for row in range(len(heads))]
-
-    def _prefix_cache(self, prefixes: list[PrefixKV | None], lengths: list[int], width: int) -> DynamicCache:
-        """Each row's prefix right-aligned in `width` columns, zeros before it."""
-        template = next(p for p in prefixes if p is not None)
-        pairs = []
-        for layer, (k0, v0) in enumerate(template):
-            keys = k0.new_zeros(len(prefixes), k0.shape[0], width, k0.shape[2])
-            values = v0.new_zeros(len(prefixes), v0.shape[0], width, v0.shape[2])
-            for row, (p, n) in enumerate(zip(prefixes, lengths)):
-                if p is not None:
-                    keys[row, :, width - n:] = p[layer][0]
-                    values[row, :, width - n:] = p[layer][1]
-            pairs.append((keys, values))
-        return kv.from_layers(pairs)
 
     @_timed("decode")
     @torch.inference_mode()
     def decode(self, batch: Batch) -> list[TokenEvent]:
         """Advances every row of the batch by one token.
 
-        A row at the end of its last block first takes one more (KvPoolFullError if the pool is short:
-        `shortfall` tells the scheduler how many of the newest rows to preempt first). A step that
-        raises leaves the rows as they were, blocks taken for it included, so the caller may retry.
+        Each row holds (or gets: KvPoolFullError when the pool is short) room for its new token. A
+        step that raises leaves the rows as they were, so the caller may retry.
         """
         sequences = batch.sequences
-        for seq in sequences:
-            seq.kv.reserve(seq.kv.length + 1)  # type: ignore[union-attr]
-        lengths = [s.kv.length for s in sequences]  # type: ignore[union-attr]
+        self._hold([(s.kv, s.kv.length + 1) for s in sequences])
+        lengths = [s.kv.length for s in sequences]
         assert batch.tokens is not None, "a batch decodes after its prefill produced its first tokens"
-        logits = self._step(batch.tokens, torch.tensor(lengths, device=self.device), self._table(sequences),
-                            max(lengths) + 1)
+        logits = self._step(batch.tokens, torch.tensor(lengths, device=self.device),
+                            self._table([s.kv for s in sequences]), max(lengths) + 1)
         for seq in sequences:
-            seq.kv.length += 1  # type: ignore[union-attr]
+            seq.kv.length += 1
         return self._emit(batch, logits)
 
-    def shortfall(self, batch: Batch) -> int:
-        """How many of the batch's newest rows must give their blocks back for its next step to fit the pool."""
-        needs = [int(s.kv.length + 1 > s.kv.room) for s in batch.sequences]  # type: ignore[union-attr]
-        short, free = sum(needs), self.pool.free_blocks
-        dropped = 0
-        for seq, need in zip(reversed(batch.sequences), reversed(needs)):
-            if short <= free:
-                break
-            short -= need
-            free += len(seq.kv.blocks)  # type: ignore[union-attr]
-            dropped += 1
-        return dropped
+    # ------------------------------------------------------------------ scoring and warming
 
     @torch.inference_mode()
-    def score(self, prompts: list[torch.Tensor | None], keys: list[Key | None], contexts: list[list[int]],
-              continuations: list[list[int]]) -> list[float]:
+    def score(self, rows: list[ScoreRow]) -> list[float]:
         """Each row's total log-probability of its continuation after `[prompt ; context]`, in one forward
-        over the prompts' cached prefixes.
+        over the pool; the rows' blocks are given back when it returns.
 
         Rows are left-padded, so every continuation ends in the last column and the positions that
         predict continuation tokens are among the last `longest + 1`: only those get logits, never
         the whole vocabulary at every position.
         """
-        for p, c in zip(prompts, contexts):
-            if (p is None or p.shape[0] == 0) and not c:
+        for row in rows:
+            if (row.prompt is None or row.prompt.shape[0] == 0) and not row.context:
                 raise ValueError("a continuation needs a prompt or context tokens in front of it")
-        longest = max(len(t) for t in continuations)
-        out, _ = self._forward_over_prefixes(prompts, keys, [[*c, *t] for c, t in zip(contexts, continuations)],
-                                             score_last=longest + 1)
+        try:
+            self._hold([(r.kv, r.kv_tokens) for r in rows])
+            longest = max(len(r.continuation) for r in rows)
+            logits = self._forward([self._first(r.kv, r.prompt, r.key, r.tokens) for r in rows],
+                                   score_last=longest + 1)
+        finally:
+            for row in rows:
+                self.kv.free(row.kv)
         # Of the kept columns (the last longest + 1), the one predicting a row's first continuation token.
-        firsts = [longest - len(t) for t in continuations]
-        return inject.gather_continuations(out.logits, firsts, continuations).totals().tolist()
+        firsts = [longest - len(r.continuation) for r in rows]
+        return inject.gather_continuations(logits, firsts, [r.continuation for r in rows]).totals().tolist()
+
+    @torch.inference_mode()
+    def warm(self, prompt: torch.Tensor, key: Key) -> bool:
+        """Computes and caches a prompt's prefix keys and values ahead of its first request, in blocks
+        borrowed from the pool; False (nothing done) when the pool has no room now: the prompt's first
+        request then computes it in its own forward."""
+        n = int(prompt.shape[0])
+        if n < 2 or self.prefixes.contains(key):
+            return True
+        row = RowBlocks(transient=True)
+        if self.kv.allocate_slots(row, n - 1) is None:
+            return False
+        try:
+            self._forward([_Fresh(row, prompt[:-1], [], keep=key, keep_tokens=n - 1)])
+        finally:
+            self.kv.free(row)
+        return True
+
+    # ------------------------------------------------------------------ one forward over the pool
+
+    def _hold(self, rows: list[tuple[RowBlocks, int]]) -> None:
+        """Makes sure each row holds room for its tokens, asking the KV manager for what it lacks;
+        KvPoolFullError (giving back what this call took) when the pool cannot."""
+        grown: list[RowBlocks] = []
+        for row, tokens in rows:
+            had = bool(row.blocks)
+            taken = self.kv.allocate_slots(row, tokens)
+            if taken is None:
+                for g in grown:
+                    self.kv.free(g)
+                raise KvPoolFullError(f"the KV pool has no room for a row of {tokens} tokens now "
+                                      f"({self.kv.usage().free_tokens} token slots free)")
+            if taken and not had:
+                grown.append(row)
+
+    def _first(self, row: RowBlocks, prompt: torch.Tensor | None, key: Key | None, tokens: list[int]) -> _Fresh:
+        """A row's first forward: its prompt's cached prefix copied into its blocks and its last virtual
+        token run before the tokens, or (prefix not cached) its whole prompt run and kept as the prefix."""
+        if prompt is None:
+            return _Fresh(row, None, tokens)
+        n = int(prompt.shape[0])
+        if n < 2:
+            return _Fresh(row, prompt, tokens)
+        prefix = None if key is None else self.prefixes.lookup(key)
+        if prefix is None:
+            return _Fresh(row, prompt, tokens, keep=key, keep_tokens=n - 1)
+        return _Fresh(row, prompt[-1:], tokens, prefix=prefix)
+
+    def _forward(self, rows: list[_Fresh], score_last: int | None = None) -> torch.Tensor:
+        """Runs rows' new positions over what their blocks hold: float32 logits [rows, vocab] of each row's
+        last position, or with `score_last` the last that many positions' [rows, score_last, vocab].
+
+        Rows are left-padded to a common number of queries; padding queries write SCRATCH, and the
+        attended columns are each row's positions, so no row sees another's padding.
+        """
+        self._write_prefixes([(r.kv, r.prefix) for r in rows if r.prefix is not None])
+        x = inject.build_inputs(self._embed, [r.head for r in rows], [r.tokens for r in rows], padding=inject.LEFT)
+        queries = x.embeds.shape[1]
+        starts, writes = [], []
+        for row, mask in zip(rows, x.attention_mask.tolist()):
+            fresh, start = sum(mask), row.kv.length
+            starts.append(start)
+            writes.append([SCRATCH] * (queries - fresh) + row.kv.slots(start, start + fresh))
+            row.kv.length += fresh
+        positions = torch.where(x.attention_mask.bool(),
+                                x.position_ids + torch.tensor(starts, device=self.device)[:, None], 0)
+        lengths = [r.kv.length for r in rows]
+        width = max(lengths)
+        reads = read_slots(self._table([r.kv for r in rows]), torch.tensor(lengths, device=self.device), width)
+        cache = PagedCache(self.pool, torch.tensor(writes, device=self.device), reads, past=min(starts))
+        out = kv.forward(self.model, cache, inputs_embeds=x.embeds, position_ids=positions,
+                         attention_mask=self._masks.over_positions(positions, width), score_last=score_last)
+        for row in rows:
+            if row.keep is not None:
+                self.prefixes.put(row.keep, self._read_prefix(row.kv, row.keep_tokens))
+        return out.logits
+
+    def _write_prefixes(self, rows: list[tuple[RowBlocks, PrefixKV]]) -> None:
+        """Copies cached prompt prefixes into the first slots of their rows' blocks (one copy per layer)."""
+        if not rows:
+            return
+        slots: list[int] = []
+        for row, prefix in rows:
+            row.length = int(prefix[0][0].shape[0])
+            slots += row.slots(0, row.length)
+        index = torch.tensor(slots, device=self.device)
+        for layer, (keys, values) in enumerate(zip(self.pool.keys, self.pool.values)):
+            keys.index_copy_(0, index, torch.cat([p[layer][0] for _, p in rows]))
+            values.index_copy_(0, index, torch.cat([p[layer][1] for _, p in rows]))
+
+    def _read_prefix(self, row: RowBlocks, tokens: int) -> PrefixKV:
+        """The keys and values of a row's first `tokens` positions, copied out of the pool."""
+        index = torch.tensor(row.slots(0, tokens), device=self.device)
+        return [(keys.index_select(0, index), values.index_select(0, index))
+                for keys, values in zip(self.pool.keys, self.pool.values)]
+
+    def _table(self, rows: list[RowBlocks]) -> torch.Tensor:
+        """[rows, blocks] block numbers of the rows (0-padded: columns past a row's length read TRASH anyway)."""
+        width = max(len(r.blocks) for r in rows)
+        return torch.tensor([r.blocks + [0] * (width - len(r.blocks)) for r in rows], dtype=torch.long,
+                            device=self.device)
+
+    # ------------------------------------------------------------------ batches
 
     @_timed("filter")
     @torch.inference_mode()
     def filter(self, batch: Batch, keep: list[int]) -> Batch | None:
-        """Keeps the rows at the given indices; None when none remain. A dropped row's blocks are freed: if it
-        had not finished, `prefill` resumes it (preemption by recompute)."""
+        """Keeps the rows at the given indices; None when none remain. A dropped row's blocks are given
+        back: if it had not finished, `prefill` resumes it (preemption by recompute)."""
         kept = set(keep)
         for i, seq in enumerate(batch.sequences):
             if i not in kept:
-                seq.release_kv()
+                self.kv.free(seq.kv)
         if not keep:
             return None
         if len(keep) < len(batch):
@@ -494,13 +517,15 @@ class Engine:
         return target
 
     def release(self, sequences: list[Sequence]) -> None:
-        """Frees the rows' blocks (rows dropped without `filter`, e.g. all failed at once)."""
+        """Gives the rows' blocks back (rows dropped without `filter`: preempted, failed or abandoned)."""
         for seq in sequences:
-            seq.release_kv()
+            self.kv.free(seq.kv)
 
     def shape_of(self, batch: Batch) -> tuple[int, int]:
         """(rows, attended columns) of the batch's next decode step, padding included."""
-        return self._step.shape(len(batch), max(s.kv.length for s in batch.sequences) + 1)  # type: ignore[union-attr]
+        return self._step.shape(len(batch), max(s.kv.length for s in batch.sequences) + 1)
+
+    # ------------------------------------------------------------------ tokens
 
     @_timed("emit")
     def _emit(self, batch: Batch, logits: torch.Tensor) -> list[TokenEvent]:
@@ -532,3 +557,7 @@ class Engine:
         if seq.text.stopped_by is not None:
             seq.finish_reason = FinishReason.STOP
         return TokenEvent(seq.request_id, token, text, seq.finish_reason)
+
+
+def _virtual(prompt: torch.Tensor | None) -> int:
+    return 0 if prompt is None else int(prompt.shape[0])

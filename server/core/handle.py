@@ -13,6 +13,7 @@ import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from softprompt.server.core.types import GenerationResult, StreamChunk
 
@@ -24,7 +25,7 @@ class Failed:
     error: BaseException
 
 
-Event = StreamChunk | Failed
+Event: TypeAlias = "StreamChunk | Failed"
 
 
 class Handle:

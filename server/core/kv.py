@@ -1,7 +1,8 @@
-"""The few touches of transformers' KV cache the engine needs, across transformers 5 releases.
+"""The model forward every serving path runs, across transformers 5 releases, and the KV shapes it writes.
 
-transformers 5.17 takes and returns the cache as `past_key_values`; 5.24 renamed both to `cache`.
-Everything here works on `DynamicCache` layers of shape [batch, kv_heads, seq, head_dim].
+transformers 5.17 takes the cache as `past_key_values`; 5.24 renamed it `cache`. The cache handed in
+is duck-typed (`paged_cache.PagedCache` for every serving forward): a forward given position ids and
+prebuilt masks calls nothing of it but `update` (and, on some releases, `get_seq_length`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 
 @lru_cache(maxsize=None)
@@ -22,15 +23,14 @@ def _cache_kwarg(forward_cls: type) -> str:
 
 @dataclass
 class ForwardOutput:
-    """Logits (the last position's in float32, or the last few positions' in the model's dtype) and the grown cache."""
+    """Logits: the last position's in float32, or the last few positions' in the model's dtype."""
 
     logits: torch.Tensor
-    cache: DynamicCache
 
 
 def forward(
     model: PreTrainedModel,
-    cache: DynamicCache,
+    cache: object,
     *,
     attention_mask: torch.Tensor | dict[str, torch.Tensor],
     position_ids: torch.Tensor,
@@ -38,12 +38,12 @@ def forward(
     inputs_embeds: torch.Tensor | None = None,
     score_last: int | None = None,
 ) -> ForwardOutput:
-    """Runs the model over new positions, appending their keys/values to `cache`.
+    """Runs the model over new positions; their keys and values go to `cache.update`.
 
-    `attention_mask` is a 2D padding mask, a 4D mask, or 4D masks by layer type (`masks.MaskLayout`).
-    Logits are the last position's [batch, vocab], or with `score_last` the last that many positions'
-    [batch, score_last, vocab]. The model applies its LM head (and its final soft-capping or logit
-    scale) to those positions only, through its own `logits_to_keep`.
+    `attention_mask` is a 4D mask, or 4D masks by layer type (`masks.MaskLayout`). Logits are the last
+    position's [batch, vocab], or with `score_last` the last that many positions' [batch, score_last,
+    vocab]. The model applies its LM head (and its final soft-capping or logit scale) to those
+    positions only, through its own `logits_to_keep`.
     """
     if score_last is not None and score_last < 1:
         raise ValueError(f"score_last must be a positive number of positions, got {score_last}")
@@ -56,27 +56,32 @@ def forward(
         logits_to_keep=1 if score_last is None else score_last,
         **{_cache_kwarg(type(model)): cache},
     )
-    grown = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
     # Scored positions' logits stay in the model's dtype: the caller takes a float32 log-softmax of what it gathers.
-    return ForwardOutput(logits=out.logits if score_last is not None else out.logits[:, -1, :].float(), cache=grown)
+    return ForwardOutput(logits=out.logits if score_last is not None else out.logits[:, -1, :].float())
 
 
-def layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The per-layer (keys, values) tensors."""
-    return [(layer.keys, layer.values) for layer in cache.layers]
+class _ShapeRecorder:
+    """A cache that keeps nothing: it records the [batch, kv_heads, positions, head_dim] each layer writes."""
 
+    def __init__(self) -> None:
+        self.shapes: dict[int, tuple[int, int]] = {}
 
-def from_layers(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    """A DynamicCache holding exactly these per-layer tensors."""
-    return DynamicCache(ddp_cache_data=pairs)
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        self.shapes[layer_idx] = (int(key_states.shape[1]), int(key_states.shape[3]))
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
 
 
 def layer_shapes(model: PreTrainedModel) -> list[tuple[int, int]]:
     """(kv_heads, head_dim) of every layer's cache, read from a one-token forward (as the model itself
     shapes them, whatever its config calls the numbers)."""
     device = next(model.parameters()).device
+    recorder = _ShapeRecorder()
+    one = torch.zeros(1, 1, dtype=torch.long, device=device)
     with torch.inference_mode():
-        out = forward(model, DynamicCache(), input_ids=torch.zeros(1, 1, dtype=torch.long, device=device),
-                      attention_mask=torch.ones(1, 1, dtype=torch.long, device=device),
-                      position_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
-    return [(int(k.shape[1]), int(k.shape[3])) for k, _ in layers(out.cache)]
+        forward(model, recorder, input_ids=one, position_ids=one,
+                attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device))
+    return [recorder.shapes[i] for i in sorted(recorder.shapes)]

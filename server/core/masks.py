@@ -1,25 +1,19 @@
 """Attention masks in real positions: causal, and windowed on sliding-window layers.
 
-Two layouts of keys reach attention. Over the KV pool (prefill, chunks, decode steps) a row's
-columns are its positions, in order, with no gaps (`over_positions`): the mask is a comparison of
-positions. Classify's scoring forwards and a prompt prefix's first computation run over
-left-padded rows, where a prompt's cached prefix also leaves a gap before the fresh columns
-(`prefill`); transformers builds its masks over buffer columns from a 2D padding mask, which for
-full attention is exact, as a row's real columns come in the order of their positions, but a
-sliding window it measures in columns, so padding inside the window would hide real tokens. There
-the window is measured in real positions, a key column's position being the count of real columns
-before it in its row.
+Every forward runs over the KV pool (prefill, chunks, decode steps, Classify scoring, a prompt
+prefix's first computation), where a row's columns are its positions, in order, with no gaps: the
+mask is a comparison of positions (`over_positions`), and a sliding window is measured in real
+positions whatever padding the batch has.
 
 The rule is transformers' own, in positions: a query at position q sees the real keys at positions
 k <= q, and on a sliding layer only those with k > q - window (itself and the window - 1 tokens
-before it). A padding query also sees a column (itself, or over the pool column 0), so no row of a
+before it). A padding query also sees a column (column 0), so no row of a
 mask is empty: some attention kernels return NaN for an all-masked row, and a NaN in a padding
 column poisons real rows (0 * NaN).
 
 `MaskLayout.of` reads the model's window structure once:
 
-- full attention everywhere: a padded forward hands transformers the 2D mask (so sdpa may still
-  take its `is_causal` fast path); over the pool, one 4D mask;
+- full attention everywhere: one 4D mask;
 - every layer sliding (Mistral, Phi-3, Starcoder2, or `layer_types` all sliding): one 4D mask;
 - both kinds (`config.layer_types`: Gemma 2/3, Qwen2/3 with `max_window_layers`, Cohere2, ...):
   a dict by layer type, which those models use as it is.
@@ -84,17 +78,6 @@ class MaskLayout:
                              f"not {impl!r}")
         return cls(window, per_layer_type, dtype)
 
-    def prefill(self, valid: torch.Tensor, queries: int) -> Mask:
-        """The `attention_mask` of a forward whose queries are the last `queries` of its key columns.
-
-        `valid` [rows, columns] marks each row's real key columns (cached ones included). Without
-        sliding layers it is returned as it is: transformers' own mask from it is exact.
-        """
-        if self.window is None:
-            return valid
-        columns = valid.shape[1]
-        return self._windowed(valid.bool(), torch.arange(columns - queries, columns, device=valid.device))
-
     def over_positions(self, positions: torch.Tensor, width: int) -> Mask:
         """The `attention_mask` of a forward over KV-pool rows (`paged_cache`), whose column j is position j.
 
@@ -107,21 +90,6 @@ class MaskLayout:
         if self.window is None:
             return self._cast(full[:, None])
         sliding = full & (columns > query - self.window)
-        if not self.per_layer_type:
-            return self._cast(sliding[:, None])
-        return {FULL: self._cast(full[:, None]), SLIDING: self._cast(sliding[:, None])}
-
-    def _windowed(self, valid: torch.Tensor, query_columns: torch.Tensor) -> Mask:
-        """Masks [rows, 1, queries, columns] for full and sliding layers, queries at `query_columns`."""
-        assert self.window is not None
-        count = valid.cumsum(-1)  # real columns up to each column: its position + 1 where real
-        arange = torch.arange(valid.shape[1], device=valid.device)
-        own = arange[None, :] == query_columns[:, None]  # [queries, columns]
-        earlier = valid[:, None, :] & (arange[None, :] <= query_columns[:, None])
-        full = earlier | own
-        # Counts differ as positions do: keep keys fewer than `window` positions before the query.
-        near = count[:, None, :] > count[:, query_columns][:, :, None] - self.window
-        sliding = full & near
         if not self.per_layer_type:
             return self._cast(sliding[:, None])
         return {FULL: self._cast(full[:, None]), SLIDING: self._cast(sliding[:, None])}

@@ -65,7 +65,6 @@ class KvPool:
         self._recycled: list[int] = []  # freed blocks, reused first (their pages are already backed)
         self._next = 1  # blocks from here to num_blocks have never been handed out
         self._used = 0
-        self._rows = 0
         self._bytes_per_token = self.bytes_per_token(self.layers, dtype)  # read at every step's admission
 
     def _buffer(self, shape: LayerShape, slots: int) -> torch.Tensor:
@@ -116,44 +115,6 @@ class KvPool:
         self._recycled.extend(blocks)
         self._used -= len(blocks)
 
-    def usage(self) -> KvUsage:
-        """Size and occupancy now."""
-        return KvUsage(BLOCK_SIZE, self.num_blocks, self._used, self._rows, self._bytes_per_token)
-
-
-class RowKv:
-    """One row's blocks in a pool and how many of its token slots hold keys and values.
-
-    Token `p` of the row (its position `p`: columns are positions, there is no padding in a row's
-    blocks) lives in slot `blocks[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE`.
-    """
-
-    def __init__(self, pool: KvPool, tokens: int) -> None:
-        self.pool = pool
-        self.blocks = pool.allocate(blocks_for(tokens))
-        self.length = 0  # tokens written
-        self._held = True
-        pool._rows += 1
-
-    @property
-    def room(self) -> int:
-        """Tokens the row's blocks hold."""
-        return len(self.blocks) * BLOCK_SIZE
-
-    def reserve(self, tokens: int) -> None:
-        """Grows the row's blocks to hold `tokens` tokens; raises KvPoolFullError (changing nothing) if they are short."""
-        if tokens > self.room:
-            self.blocks += self.pool.allocate(blocks_for(tokens) - len(self.blocks))
-
-    def slots(self, start: int, stop: int) -> list[int]:
-        """The slots of the row's tokens `start` to `stop - 1`."""
-        return [self.blocks[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(start, stop)]
-
-    def free(self) -> None:
-        """Gives the row's blocks back (idempotent)."""
-        if self._held:
-            self.pool.release(self.blocks)
-            self.blocks = []
-            self._held = False
-            self.pool._rows -= 1
-        self.length = 0
+    def usage(self, rows: int) -> KvUsage:
+        """Size and occupancy now, with the number of rows holding blocks (which the KV manager counts)."""
+        return KvUsage(BLOCK_SIZE, self.num_blocks, self._used, rows, self._bytes_per_token)

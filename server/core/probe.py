@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from softprompt.server.core.engine import Engine, Sequence
+from softprompt.server.core.engine import Engine, ScoreRow, Sequence
 from softprompt.server.core.model import BaseModel
 from softprompt.prompts.options import DecodingOptions
 
@@ -67,7 +67,7 @@ def _run(base: BaseModel, outputs: list[torch.Tensor]) -> str | None:
     for seq in rows:
         engine.start(seq)
     batch, _ = engine.prefill(rows)
-    steps = [outputs[-1][:, -1]]  # the prefill's last positions (a prefix's forward may come before it)
+    steps = [outputs[-1][:, -1]]  # the prefill's last positions
     for _ in range(TOKENS - 1):
         engine.decode(batch)
         steps.append(outputs[-1][:len(rows), -1])  # decode steps run padded rows too
@@ -83,7 +83,7 @@ def _run(base: BaseModel, outputs: list[torch.Tensor]) -> str | None:
             step = int(differs.argmax())
             return (f"{_describe(seq)}: the logits of greedy token {step + 1} differ from the model's own forward "
                     f"(no KV cache) by up to {float(differs[step]):.3g} (tolerance {bound:.3g})")
-    scores = engine.score(prompts, keys, [seq.input_ids for seq in rows], [seq.generated for seq in rows])
+    scores = engine.score([ScoreRow(p, k, seq.input_ids, seq.generated) for p, k, seq in zip(prompts, keys, rows)])
     for seq, logits, score in zip(rows, references, scores):
         picked = torch.tensor(seq.generated, device=logits.device)[:, None]
         expected = float(logits.log_softmax(-1).gather(-1, picked).sum())

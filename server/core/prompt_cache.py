@@ -15,7 +15,8 @@ import torch
 
 Key = tuple[str, int, str]  # (task, version, sha256)
 V = TypeVar("V")
-PrefixKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), each [kv_heads, positions, head_dim]
+PrefixKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), each [positions, kv_heads, head_dim]:
+# the KV pool's slot-major layout, so a prefix is copied into a row's blocks as it is
 
 
 class DeviceLru(Generic[V]):
@@ -46,6 +47,11 @@ class DeviceLru(Generic[V]):
                 return self._items[key]
             self.misses += 1
             return None
+
+    def contains(self, key: Key) -> bool:
+        """Whether `key` is cached now (counts nothing and changes no recency: for planning)."""
+        with self._lock:
+            return key in self._items
 
     def put(self, key: Key, value: V) -> V:
         """Inserts a value made after a miss, evicting the least recently used beyond the budget."""

@@ -8,13 +8,17 @@ request joins at the next step and leaves the moment it finishes; nothing waits 
 to drain, and no long prompt or burst of Classify requests holds the running streams for more
 than a budget's worth of work per token.
 
-Rows are admitted by KV capacity, never into an out-of-memory cascade. Each row's keys and values
-take blocks of the engine's KV pool; a waiting row joins only when the blocks for its prefill and
-first step are free beyond a reserve of one block per running row, so the running rows can grow a
-while without preemption. When they do outgrow the pool, the newest rows give their blocks back
-(preemption: they go back to the front of the queue and resume later by recompute, with the same
-tokens); a row half way through a chunked prefill is the newest of all and goes first. A request
-that could never fit the pool alone is refused at admission.
+Rows are admitted by KV capacity, never into an out-of-memory cascade, and the scheduler asks one
+question about it: the engine's KV manager's `allocate_slots(row, tokens)`, which gives a row blocks
+of the pool or says no. Each step, the Classify rows of the next scoring forward ask first (they give
+their blocks back within the step), then waiting rows, in arrival order, for the blocks of their
+prefill and first step (the manager keeps one block per running row in reserve, so the running rows
+can grow a while without preemption); a row told no waits, and holds back those behind it. Before
+each decode step every running row asks for room for its next token, oldest first; when the answer
+is no, the newest row gives its blocks back (preemption: it goes back to the front of the queue and
+resumes later by recompute, with the same tokens) -- a row half way through a chunked prefill is the
+newest of all and goes first -- and the question is asked again. A request that could never fit the
+pool alone is refused at admission.
 
 One request's failure never fails the others. A prefill that raises is retried one row at a time,
 and only a row that fails alone gets the error. A decode step that raises (the device out of
@@ -29,8 +33,10 @@ unit between two decode steps, so serving slows by a bounded share instead of st
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -39,13 +45,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from softprompt.server.core.admission import Admitted, AdmittedScoring
-from softprompt.server.core.engine import Batch, Engine, PartialPrefill, Sequence, TokenEvent, fresh_positions
+from softprompt.server.core.engine import Batch, Engine, PartialPrefill, Sequence, TokenEvent
 from softprompt.server.core.handle import Failed, Handle
 from softprompt.server.core.errors import CancelledError, DeadlineError, OverloadedError, ShuttingDownError
 from softprompt.server.core.planning import plan_prefill
-from softprompt.server.core.pool import KvPoolFullError, blocks_for
+from softprompt.server.core.pool import KvPoolFullError
 from softprompt.server.core.scoring import ScoringGroup, ScoringJob
-from softprompt.server.core.types import GenerationResult, StreamChunk, Usage
+from softprompt.server.core.types import KvUsage, StreamChunk, Usage
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +81,36 @@ class SchedulerStats:
     side_units: int = 0
     preemptions: int = 0  # rows whose KV was dropped to be recomputed later
     prefill_chunks: int = 0  # forwards of rows prefilled in parts, being longer than the budget
+    kv_waits: int = 0  # steps in which the next waiting row (generation or Classify) found no KV blocks
+
+
+@dataclass(frozen=True)
+class RowSnapshot:
+    """A running generation as the scheduler sees it."""
+
+    request_id: int
+    generated: int  # tokens produced so far
+    kv_blocks: int  # KV blocks it holds
+
+
+@dataclass(frozen=True)
+class SchedulerSnapshot:
+    """What the scheduler holds at one moment: for tests, logs and operators (no internals leak)."""
+
+    waiting: tuple[int, ...]  # request ids queued to join the batch, in the order they will
+    running: tuple[RowSnapshot, ...]  # rows decoding, or prefilled in chunks
+    chunking: int | None  # the request being prefilled in chunks
+    scoring_queued: int  # Classify requests waiting for the next group
+    scoring_rows: int  # label rows of the Classify group being scored
+    side_jobs: int  # training units waiting for the worker
+    row_cap: int | None  # the batch size admission stops at after an out-of-memory step
+    kv: KvUsage
+    stats: SchedulerStats
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, running or being scored."""
+        return not (self.waiting or self.running or self.scoring_queued or self.scoring_rows)
 
 
 @dataclass
@@ -85,8 +121,7 @@ class _SideJob:
 
 @dataclass
 class _Work:
-    new: list[_Request]
-    scoring: list[ScoringJob]
+    new: list[_Request]  # arrivals holding the blocks of their prefill and first step
     side: _SideJob | None
 
 
@@ -168,6 +203,22 @@ class Scheduler:
             self._state.waiting.remove(request)
         self._fail(request, CancelledError("the client cancelled the request"))
 
+    def snapshot(self) -> SchedulerSnapshot:
+        """What is queued, running and held now (a consistent view of the queues; rows as last stepped)."""
+        with self._cond:
+            state = self._state
+            waiting = tuple(r.sequence.request_id for r in state.waiting)
+            scoring_queued, side = len(state.scoring), len(state.side)
+        running = tuple(RowSnapshot(r.sequence.request_id, len(r.sequence.generated), len(r.sequence.kv.blocks))
+                        for r in list(state.running.values()))
+        chunking = None if state.partial is None else state.partial[0].sequence.request_id
+        return SchedulerSnapshot(waiting, running, chunking, scoring_queued, len(state.scored), side,
+                                 state.row_cap, self.engine.kv_usage(), dataclasses.replace(self.stats))
+
+    def in_worker(self) -> bool:
+        """Whether the calling thread is the worker (the one thread that runs the model)."""
+        return threading.current_thread() is self._thread
+
     def queue_depth(self) -> int:
         """Requests waiting to join the batch or to be scored."""
         return len(self._state.waiting) + len(self._state.scoring)
@@ -214,10 +265,7 @@ class Scheduler:
             if work is None:
                 break
             started = time.monotonic()
-            self._state.scored.take(work.scoring)
-            if self._state.scored:
-                self._state.scored.run_one(self.engine, max_rows=self.max_batch_size,
-                                           max_positions=self.max_prefill_tokens)
+            self._state.scored.run_one(self.engine)
             try:
                 batch = self._step(batch, work.new)
             except Exception as exc:  # noqa: BLE001 - a bug outside any row's model work must not kill the server
@@ -253,7 +301,7 @@ class Scheduler:
             self._state.side.clear()
             self._state.partial = None
         error = ShuttingDownError("the server shut down before this request finished: retry")
-        self._state.scored.fail_all(error)
+        self._state.scored.fail_all(self.engine, error)
         for handle in left:
             self._fail(handle, error)
         for job in [*scoring, *side]:
@@ -274,15 +322,18 @@ class Scheduler:
                 until = time.monotonic() + self.batch_wait_s
                 while len(state.waiting) < self.max_batch_size and (left := until - time.monotonic()) > 0:
                     self._cond.wait(left)
-            rows = self.max_batch_size if state.row_cap is None else min(state.row_cap, self.max_batch_size)
-            running = 0 if batch is None else len(batch)
-            taken = [] if state.partial is not None else self._take_prefill(rows - running, running)
             # A new group of Classify requests once the last one is scored, so none waits behind later ones.
-            scoring: list[ScoringJob] = []
-            if not state.scored:
-                scoring = list(state.scoring)
+            if not state.scored and state.scoring:
+                state.scored.take(list(state.scoring))
                 state.scoring.clear()
-            idle = batch is None and not taken and not scoring and not state.scored and state.partial is None
+            # Classify rows take their blocks first: they give them back within this step.
+            if state.scored and not state.scored.claim(self.engine, max_rows=self.max_batch_size,
+                                                       max_positions=self.max_prefill_tokens):
+                self.stats.kv_waits += 1
+            rows = self.max_batch_size if state.row_cap is None else min(state.row_cap, self.max_batch_size)
+            room = rows - (0 if batch is None else len(batch))
+            taken = [] if state.partial is not None else self._take_prefill(room)
+            idle = batch is None and not taken and not state.scored and state.partial is None
             if idle:
                 # The side job that ran last may have delayed the requests about to arrive: count it
                 # against the next busy period, so serving gets its share from the first step.
@@ -290,26 +341,32 @@ class Scheduler:
             side = None
             if state.side and (idle or state.side_s <= self.side_share * (state.serve_s + state.side_s)):
                 side = state.side.popleft()
-            return _Work(taken, scoring, side)
+            return _Work(taken, side)
 
-    def _take_prefill(self, room: int, running: int) -> list[_Request]:
-        """The waiting rows the next prefill takes; a row over the budget instead starts its chunked prefill.
+    def _take_prefill(self, room: int) -> list[_Request]:
+        """The waiting rows the next prefill takes, each holding its KV blocks; a row over the budget instead
+        starts its chunked prefill.
 
-        Rows take KV blocks only while a reserve of one block per running row stays free.
+        Rows go in arrival order: the first that the KV manager has no blocks for holds back those
+        behind it, so a long request is not starved by short ones.
         """
-        state = self._state
-        waiting = [h.sequence for h in state.waiting]
-        # A resumed row recomputes what it generated.
-        fresh = [fresh_positions(s.prompt, len(s.input_ids) + len(s.generated)) for s in waiting]
-        free = self.engine.kv_usage().free_blocks - running
-        plan = plan_prefill(fresh, [blocks_for(s.kv_tokens) for s in waiting], room=room,
-                            max_positions=self.max_prefill_tokens, free_blocks=free)
-        taken = [state.waiting.popleft() for _ in range(plan.rows)]
-        if not plan.chunked:
+        state, engine = self._state, self.engine
+        fresh = (engine.fresh_positions(r.sequence.prompt, r.sequence.prompt_key, len(r.sequence.tokens))
+                 for r in state.waiting)
+        plan = plan_prefill(fresh, room=room, max_positions=self.max_prefill_tokens)
+        taken = []
+        for request in itertools.islice(state.waiting, plan.rows):
+            if engine.kv.allocate_slots(request.sequence.kv, request.sequence.kv_tokens) is None:
+                self.stats.kv_waits += 1
+                break
+            taken.append(request)
+        for _ in taken:
+            state.waiting.popleft()
+        if not plan.chunked or not taken:
             return taken
-        handle = taken[0]
-        state.running[handle.sequence.request_id] = handle
-        state.partial = handle, PartialPrefill(handle.sequence)
+        request = taken[0]
+        state.running[request.sequence.request_id] = request
+        state.partial = request, PartialPrefill(request.sequence)
         return []
 
     def _step(self, batch: Batch | None, new: list[_Request]) -> Batch | None:
@@ -358,13 +415,13 @@ class Scheduler:
         handle, partial = self._state.partial
         if not self._still_wanted(handle, now):
             self._state.partial = None
-            partial.sequence.release_kv()  # its partial KV goes with it
+            self.engine.release([partial.sequence])  # its partial KV goes with it
             return []
         try:
             done = self.engine.prefill_chunk(partial, self.max_prefill_tokens)
         except Exception as exc:  # noqa: BLE001 - the row is alone in its forward
             self._state.partial = None
-            partial.sequence.release_kv()
+            self.engine.release([partial.sequence])
             self._fail_alone(handle, exc, "prefill")
             return []
         self.stats.prefill_chunks += 1
@@ -378,23 +435,30 @@ class Scheduler:
         return [] if kept is None else [kept]
 
     def _make_room(self, batch: Batch) -> Batch | None:
-        """Preempts the newest rows while the batch's next step would not fit the KV pool: first a row being
-        prefilled in chunks, then the batch's newest."""
-        short = self.engine.shortfall(batch)
-        if short and self._state.partial is not None:
-            self._preempt_partial(KvPoolFullError("the KV pool is full"))
-            short = self.engine.shortfall(batch)
-        if not short:
-            return batch
-        keep = len(batch) - short
-        self._preempt(batch.sequences[keep:], KvPoolFullError(f"the KV pool is full ({keep} rows keep decoding)"))
-        return self.engine.filter(batch, list(range(keep)))
+        """Gets every row room for its next token from the KV manager, oldest first; while it says no, the
+        newest row gives its blocks back (a row being prefilled in chunks first) and it is asked again."""
+        kv, victims = self.engine.kv, []
+        fitted: Batch | None = batch
+        row = 0
+        while fitted is not None and row < len(fitted):
+            seq = fitted.sequences[row]
+            if kv.allocate_slots(seq.kv, seq.kv.length + 1) is not None:
+                row += 1
+            elif self._state.partial is not None:
+                self._preempt_partial(KvPoolFullError("the KV pool is full"))
+            else:
+                victims.append(fitted.sequences[-1])
+                fitted = self.engine.filter(fitted, list(range(len(fitted) - 1)))
+        if victims:
+            kept = 0 if fitted is None else len(fitted)
+            self._preempt(victims[::-1], KvPoolFullError(f"the KV pool is full ({kept} rows keep decoding)"))
+        return fitted
 
     def _preempt_partial(self, cause: BaseException) -> None:
         """The row being prefilled in chunks gives its blocks back and restarts its prefill later."""
         assert self._state.partial is not None
         sequence = self._state.partial[1].sequence
-        sequence.release_kv()
+        self.engine.release([sequence])
         self._preempt([sequence], cause)
         self._state.partial = None
 

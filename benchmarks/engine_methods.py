@@ -29,8 +29,9 @@ REGISTRATION_TASK = "bench-fresh"  # (e) registers new versions of this task and
 REGISTRATION_ROUNDS = 10
 
 
-def engine_config(s: Settings, base: BaseModel, work: Workload, store: Path) -> Any:
-    """A server config whose limits admit the whole workload at once."""
+def engine_config(s: Settings, base: BaseModel, work: Workload, store: Path, *, serve_http: bool = False) -> Any:
+    """A server config whose limits admit the whole workload at once; the HTTP API on a free port only with
+    `serve_http` (its packages are the server extra's, and a run without (i) must not need them)."""
     from softprompt.server.config import ServerConfig
 
     longest = max(len(ids) for ids in work.input_ids)
@@ -38,7 +39,8 @@ def engine_config(s: Settings, base: BaseModel, work: Workload, store: Path) -> 
         port=0, model=s.model, device=s.device, dtype=s.dtype, store=store, max_batch_size=s.batch_size,
         max_queued_requests=max(256, s.requests), max_new_tokens=max(1024, s.new_tokens),
         max_input_tokens=max(2048, longest), max_virtual_tokens=max(256, s.virtual_tokens),
-        kv_cache_memory=str(kv_cache_bytes(s, base, longest)), cuda_graphs=s.cuda_graphs, http_port=0,
+        kv_cache_memory=str(kv_cache_bytes(s, base, longest)), cuda_graphs=s.cuda_graphs,
+        http_port=0 if serve_http else None,
     )
 
 
@@ -53,13 +55,14 @@ def kv_cache_bytes(s: Settings, base: BaseModel, longest: int) -> int:
     return KvPool.bytes_per_token(layers, base.dtype) * BLOCK_SIZE * (blocks + 2)
 
 
-def build_bench_app(s: Settings, base: BaseModel, work: Workload, store: Path) -> tuple[Any, StepTimings]:
-    """An App on the shared model and prompt store, registering the prompts if the store has none yet;
-    returns it with the timings its engine records into."""
+def build_bench_app(s: Settings, base: BaseModel, work: Workload, store: Path, *,
+                    serve_http: bool = False) -> tuple[Any, StepTimings]:
+    """An App on the shared model and prompt store (serving HTTP too with `serve_http`), registering the prompts
+    if the store has none yet; returns it with the timings its engine records into."""
     from softprompt.prompts.format.tensor import PromptTensor
     from softprompt.server.app.server import build_app
 
-    app = build_app(engine_config(s, base, work, store), base=base)
+    app = build_app(engine_config(s, base, work, store, serve_http=serve_http), base=base)
     engine = app.admission.engine
     # Every request runs to max_new_tokens, like HF with min_new_tokens.
     engine.ignore_eos = True
@@ -146,14 +149,16 @@ class Streamed(NamedTuple):
 
 
 class _StreamingServer:
-    """The real server on 127.0.0.1 (gRPC and HTTP both served), one streaming client per thread, each
-    sending its share of the requests one after another; subclasses say how a client connects and streams."""
+    """The real server on 127.0.0.1, one streaming client per thread, each sending its share of the requests one
+    after another; subclasses say how a client connects and streams, and whether HTTP is served beside gRPC."""
+
+    serve_http = False
 
     def __init__(self, s: Settings, base: BaseModel, work: Workload, store: Path) -> None:
         from softprompt.server.app.server import start
 
         self.work = work
-        self.app, self.timings = build_bench_app(s, base, work, store)
+        self.app, self.timings = build_bench_app(s, base, work, store, serve_http=self.serve_http)
         self.server, self.grpc_port, self.health = start(self.app)
         n = max(1, min(s.clients, len(work.texts)))
         self.clients = [self._connect() for _ in range(n)]
@@ -281,6 +286,8 @@ class HttpStreams(_StreamingServer):
     no dependency the server extra lacks, and reads each event with the least Python work (no pydantic
     objects, no async transport under a sync facade), so (i)/(e) measures the servers, not the clients.
     """
+
+    serve_http = True
 
     def _connect(self) -> Any:
         return http.client.HTTPConnection("127.0.0.1", self.app.http_port, timeout=3600)

@@ -3,10 +3,12 @@
 Importing this package needs only grpcio and protobuf (never torch or numpy).
 
 Example:
-    >>> from softprompt.client import Client, TrainingOptions
+    >>> from softprompt.client import Client, DecodingOptions, TrainingOptions
     >>> with Client("localhost:50051", timeout=30) as client:
     ...     client.register("sentiment", "out/sentiment-adapter")
-    ...     print(client.generate("sentiment", "I loved this film").text)
+    ...     print(client.generate("sentiment", "I loved this film", max_new_tokens=20).text)
+    ...     sampled = DecodingOptions(temperature=0.8, top_p=0.95, max_new_tokens=60)
+    ...     print(client.generate("sentiment", "Write a review:", options=sampled, seed=1).text)
     ...     job = client.train("sentiment", "train.jsonl", options=TrainingOptions(epochs=5))
     ...     print(client.wait_for_training_job(job.job_id).version)
     ...     print(client.classify("sentiment", "Dull.", ["positive", "negative"]).label)
@@ -46,7 +48,7 @@ from softprompt.client.types import (
     TrainingProgress,
     Usage,
 )
-from softprompt.prompts.options import TrainingOptions
+from softprompt.prompts.options import DecodingKeywords, DecodingOptions, TrainingOptions
 from softprompt.prompts.outcomes import FinishReason, TrainingState
 
 __all__ = [
@@ -54,6 +56,8 @@ __all__ = [
     "Client",
     "AsyncClient",
     "TlsOptions",
+    "DecodingOptions",
+    "DecodingKeywords",
     "GenerateResult",
     "StreamChunk",
     "FinishReason",

@@ -1,14 +1,16 @@
-"""Conversions from protobuf responses to the client's dataclasses.
+"""Conversions from protobuf responses to the client's dataclasses, derived from the dataclasses' fields.
 
-Protobuf stays at the edge: only this module and `softprompt.client.requests` touch generated
-message classes, so the public API speaks plain Python types. Finish reasons and training states
-map through `softprompt.protos.enums`, the table the server uses too.
+Protobuf stays at the edge: only this module, `softprompt.client.requests` and `softprompt.client.calls`
+touch generated message classes, so the public API speaks plain Python types. Each result type has a
+counterpart on the wire for every field (checked at import by `softprompt.protos.mapping`); a field the
+server left unset reads as None where the type admits it (e.g. `StreamChunk.usage` before the last chunk).
+Finish reasons and training states map through `softprompt.protos.enums`, the table the server uses too.
 """
 
 from __future__ import annotations
 
-from softprompt.protos import softprompt_pb2 as pb
-from softprompt.protos.enums import finish_reason_from_pb, training_state_from_pb
+from typing import Literal
+
 from softprompt.client.types import (
     ClassifyResult,
     EvalMetrics,
@@ -24,173 +26,57 @@ from softprompt.client.types import (
     TrainingProgress,
     Usage,
 )
-
-def usage(msg: pb.Usage) -> Usage:
-    """Converts a Usage message."""
-    return Usage(
-        input_tokens=msg.input_tokens,
-        virtual_tokens=msg.virtual_tokens,
-        generated_tokens=msg.generated_tokens,
-    )
+from softprompt.prompts.outcomes import FinishReason, TrainingState
+from softprompt.protos import softprompt_pb2 as pb
+from softprompt.protos.enums import finish_reason_from_pb, training_state_from_pb
+from softprompt.protos.mapping import MessageMapping
 
 
-def generate_result(msg: pb.GenerateResponse) -> GenerateResult:
-    """Converts a GenerateResponse."""
-    return GenerateResult(
-        text=msg.text,
-        token_ids=list(msg.token_ids),
-        finish_reason=finish_reason_from_pb(msg.finish_reason) or "",  # "": the server did not say
-        usage=usage(msg.usage),
-        prompt_version=msg.prompt_version,
-    )
+def _finish_reason(value: int) -> FinishReason | Literal[""]:
+    return finish_reason_from_pb(value) or ""  # "": the server did not say
 
 
-def stream_chunk(msg: pb.GenerateStreamResponse) -> StreamChunk:
-    """Converts one GenerateStreamResponse; usage is None unless the server set it (last chunk)."""
-    return StreamChunk(
-        text=msg.text,
-        token_ids=list(msg.token_ids),
-        finish_reason=finish_reason_from_pb(msg.finish_reason),
-        usage=usage(msg.usage) if msg.HasField("usage") else None,
-        prompt_version=msg.prompt_version,
-    )
+def _training_state(value: int) -> TrainingState | Literal[""]:
+    return training_state_from_pb(value) or ""  # "": the server did not say
 
 
-def tokenize_result(msg: pb.TokenizeResponse) -> TokenizeResult:
-    """Converts a TokenizeResponse."""
-    return TokenizeResult(token_ids=list(msg.token_ids), tokens=list(msg.tokens))
+_USAGE = MessageMapping(Usage, pb.Usage)
+_LABEL_SCORE = MessageMapping(LabelScore, pb.LabelScore)
+_EVAL_METRICS = MessageMapping(EvalMetrics, pb.EvalMetrics)
+
+# One converter a response type: `convert.generate_result(message)` and so on.
+generate_result = MessageMapping(GenerateResult, pb.GenerateResponse, decode={
+    "usage": _USAGE.from_pb, "finish_reason": _finish_reason,
+}).from_pb
+# usage and finish_reason are None until the server sets them (the last chunk).
+stream_chunk = MessageMapping(StreamChunk, pb.GenerateStreamResponse, decode={
+    "usage": _USAGE.from_pb, "finish_reason": finish_reason_from_pb,
+}).from_pb
+tokenize_result = MessageMapping(TokenizeResult, pb.TokenizeResponse).from_pb
+classify_result = MessageMapping(ClassifyResult, pb.ClassifyResponse, decode={"scores": _LABEL_SCORE.from_pb}).from_pb
+# kv_cache is None from servers that do not report it.
+model_info = MessageMapping(ModelInfo, pb.ModelInfoResponse, decode={
+    "limits": MessageMapping(Limits, pb.Limits).from_pb, "kv_cache": MessageMapping(KvCache, pb.KvCache).from_pb,
+}).from_pb
+prompt_info = MessageMapping(PromptInfo, pb.PromptInfo).from_pb
+# before, after and version are None while the server leaves them unset.
+training_job = MessageMapping(TrainingJob, pb.TrainingJob, decode={
+    "state": _training_state,
+    "progress": MessageMapping(TrainingProgress, pb.TrainingProgress).from_pb,
+    "before": _EVAL_METRICS.from_pb,
+    "after": _EVAL_METRICS.from_pb,
+    "version": prompt_info,
+}).from_pb
 
 
-def label_score(msg: pb.LabelScore) -> LabelScore:
-    """Converts a LabelScore message."""
-    return LabelScore(
-        label=msg.label,
-        logprob=msg.logprob,
-        probability=msg.probability,
-        num_tokens=msg.num_tokens,
-    )
-
-
-def classify_result(msg: pb.ClassifyResponse) -> ClassifyResult:
-    """Converts a ClassifyResponse."""
-    return ClassifyResult(
-        scores=[label_score(s) for s in msg.scores],
-        label=msg.label,
-        prompt_version=msg.prompt_version,
-        input_tokens=msg.input_tokens,
-        virtual_tokens=msg.virtual_tokens,
-    )
-
-
-def limits(msg: pb.Limits) -> Limits:
-    """Converts a Limits message."""
-    return Limits(
-        max_new_tokens=msg.max_new_tokens,
-        default_max_new_tokens=msg.default_max_new_tokens,
-        max_input_tokens=msg.max_input_tokens,
-        max_virtual_tokens=msg.max_virtual_tokens,
-        max_batch_size=msg.max_batch_size,
-        max_queued_requests=msg.max_queued_requests,
-        max_upload_bytes=msg.max_upload_bytes,
-    )
-
-
-def model_info(msg: pb.ModelInfoResponse) -> ModelInfo:
-    """Converts a ModelInfoResponse."""
-    return ModelInfo(
-        model_id=msg.model_id,
-        hidden_size=msg.hidden_size,
-        dtype=msg.dtype,
-        device=msg.device,
-        max_sequence_length=msg.max_sequence_length,
-        vocab_size=msg.vocab_size,
-        fingerprint=msg.fingerprint,
-        limits=limits(msg.limits),
-        has_chat_template=msg.has_chat_template,
-        kv_cache=kv_cache(msg.kv_cache) if msg.HasField("kv_cache") else None,
-    )
-
-
-def kv_cache(msg: pb.KvCache) -> KvCache:
-    """Converts a KvCache message."""
-    return KvCache(
-        block_size=msg.block_size,
-        total_blocks=msg.total_blocks,
-        used_blocks=msg.used_blocks,
-        rows=msg.rows,
-        bytes_per_token=msg.bytes_per_token,
-        total_tokens=msg.total_tokens,
-        free_tokens=msg.free_tokens,
-    )
-
-
-def prompt_info(msg: pb.PromptInfo) -> PromptInfo:
-    """Converts a PromptInfo message."""
-    return PromptInfo(
-        name=msg.name,
-        version=msg.version,
-        ref=msg.ref,
-        num_virtual_tokens=msg.num_virtual_tokens,
-        hidden_size=msg.hidden_size,
-        sha256=msg.sha256,
-        base_model_fingerprint=msg.base_model_fingerprint,
-        created_at=msg.created_at,
-        description=msg.description,
-        tags=dict(msg.tags),
-        aliases=tuple(msg.aliases),
-        peft_type=msg.peft_type,
-        metrics=dict(msg.metrics),
-    )
+def prompt_page(msg: pb.ListPromptsResponse) -> tuple[list[PromptInfo], str]:
+    """One page of a listing: its versions and the next page's token ("" after the last page)."""
+    return [prompt_info(p) for p in msg.prompts], msg.next_page_token
 
 
 def deleted_refs(msg: pb.DeletePromptResponse) -> list[str]:
     """Returns the refs a DeletePromptResponse reports as deleted."""
     return list(msg.deleted)
-
-
-def eval_metrics(msg: pb.EvalMetrics) -> EvalMetrics:
-    """Converts an EvalMetrics message; accuracy is None unless the server set it."""
-    return EvalMetrics(
-        examples=msg.examples,
-        loss=msg.loss,
-        exact_match=msg.exact_match,
-        accuracy=msg.accuracy if msg.HasField("accuracy") else None,
-    )
-
-
-def training_progress(msg: pb.TrainingProgress) -> TrainingProgress:
-    """Converts a TrainingProgress message; eval_loss is None before the first evaluation."""
-    return TrainingProgress(
-        step=msg.step,
-        total_steps=msg.total_steps,
-        epoch=msg.epoch,
-        train_loss=msg.train_loss,
-        eval_loss=msg.eval_loss if msg.HasField("eval_loss") else None,
-        best_eval_loss=msg.best_eval_loss,
-        steps_per_second=msg.steps_per_second,
-        elapsed_seconds=msg.elapsed_seconds,
-    )
-
-
-def training_job(msg: pb.TrainingJob) -> TrainingJob:
-    """Converts a TrainingJob; before, after and version are None while the server leaves them unset."""
-    return TrainingJob(
-        job_id=msg.job_id,
-        task=msg.task,
-        state=training_state_from_pb(msg.state) or "",  # "": the server did not say
-        phase=msg.phase,
-        progress=training_progress(msg.progress),
-        before=eval_metrics(msg.before) if msg.HasField("before") else None,
-        after=eval_metrics(msg.after) if msg.HasField("after") else None,
-        version=prompt_info(msg.version) if msg.HasField("version") else None,
-        promoted=msg.promoted,
-        promotion=msg.promotion,
-        error=msg.error,
-        created_at=msg.created_at,
-        finished_at=msg.finished_at,
-        train_examples=msg.train_examples,
-        eval_examples=msg.eval_examples,
-    )
 
 
 def training_jobs(msg: pb.ListTrainingJobsResponse) -> list[TrainingJob]:

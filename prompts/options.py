@@ -1,7 +1,8 @@
 """Request settings shared by the client, the wire mappings and the server, one dataclass each.
 
 `DecodingOptions`: how one generation picks tokens and when it stops, from the client's call through
-the wire (`protos/mapping.py`) and admission (which fills in the server's defaults) to the sampler.
+the wire (`protos/options.py`) and admission (which fills in the server's defaults) to the sampler;
+`DecodingKeywords` is the same fields as typed keyword arguments (the client's `generate(..., top_p=0.9)`).
 `TrainingOptions`: how to train one prompt, shared by the trainer, the Training service and the client.
 
 Pure Python (no torch), so the client library and CLI can build and check options without the
@@ -11,8 +12,9 @@ server's dependencies. Every training field has a default that works on the defa
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 @dataclass(frozen=True)
 class DecodingOptions:
@@ -26,6 +28,7 @@ class DecodingOptions:
         top_p: sampling keeps the most likely tokens until their probability reaches top_p (0 or 1: off).
         seed: makes a sampled request reproducible, whatever shares its batch (None: not seeded).
         stop: generation ends when the text ends with one of these; the stop text is not returned.
+            Any sequence of strings is kept as a tuple; a lone string is one stop sequence.
         chat: the input is wrapped as a user turn with the model's chat template before tokenizing.
     """
 
@@ -34,8 +37,14 @@ class DecodingOptions:
     top_k: int = 0
     top_p: float = 0.0
     seed: int | None = None
-    stop: tuple[str, ...] = ()
+    stop: Sequence[str] = ()
     chat: bool = False
+
+    def __post_init__(self) -> None:
+        # A lone string is a common slip for a one-element list: iterated, it would stop on each character.
+        # A tuple also keeps the options hashable and equal whatever sequence they were given.
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        object.__setattr__(self, "stop", stop)
 
     @property
     def greedy(self) -> bool:
@@ -46,6 +55,22 @@ class DecodingOptions:
     def top_p_on(self) -> bool:
         """top_p filters only strictly between 0 and 1."""
         return 0.0 < self.top_p < 1.0
+
+
+class DecodingKeywords(TypedDict, total=False):
+    """`DecodingOptions`'s fields as keyword arguments, for `**decoding: Unpack[DecodingKeywords]`.
+
+    Typed like the dataclass's fields, name for name (a test keeps the two equal), so a call such as
+    `client.generate(task, text, top_p=0.9)` is checked as `DecodingOptions(top_p=0.9)` would be.
+    """
+
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int | None
+    stop: Sequence[str]
+    chat: bool
 
 
 INIT_VOCAB = "vocab"

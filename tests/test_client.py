@@ -8,6 +8,7 @@ client cancels. No model and no torch are involved.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import io
 import json
 import socket
@@ -17,6 +18,7 @@ import sys
 import threading
 import time
 import types
+import typing
 from concurrent import futures
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,6 +31,8 @@ from softprompt.client import (
     CancelledError,
     Client,
     DeadlineExceededError,
+    DecodingKeywords,
+    DecodingOptions,
     FailedPreconditionError,
     GenerateResult,
     InternalError,
@@ -345,6 +349,38 @@ def test_generate_defaults_leave_seed_unset(client: Client, fake: FakeServer) ->
     assert params.max_new_tokens == 0 and params.temperature == 0 and not params.apply_chat_template
 
 
+def test_decoding_keywords_are_the_decoding_options_fields() -> None:
+    # `generate(..., top_p=0.9)` is typed by DecodingKeywords and built as DecodingOptions: they must not drift.
+    assert typing.get_type_hints(DecodingKeywords) == typing.get_type_hints(DecodingOptions)
+    assert DecodingKeywords.__optional_keys__ == set(typing.get_type_hints(DecodingOptions))  # each one optional
+
+
+def test_generate_takes_options_and_keywords_replace_their_fields(client: Client, fake: FakeServer) -> None:
+    sampled = DecodingOptions(temperature=0.5, top_k=5, seed=2, stop=("\n",))
+    client.generate("qa", "hi", options=sampled, seed=9, stop="END")
+    params = fake.last(pb.GenerateRequest).params
+    assert (params.top_k, params.seed, list(params.stop)) == (5, 9, ["END"])
+    assert params.temperature == pytest.approx(0.5)
+    list(client.stream("qa", "hi", options=sampled))
+    assert fake.last(pb.GenerateRequest).params.seed == 2
+
+    fake.inference.requests.clear()
+    with pytest.raises(TypeError, match="top_q"):
+        client.generate("qa", "hi", top_q=0.9)  # type: ignore[call-arg]
+    assert fake.inference.requests == []  # refused before anything was sent
+
+
+def test_both_clients_have_the_same_documented_methods() -> None:
+    def methods(cls: type) -> dict[str, inspect.Signature]:
+        return {name: inspect.signature(getattr(cls, name)) for name in dir(cls)
+                if not name.startswith("_") and callable(getattr(cls, name))}
+
+    blocking, awaited = methods(Client), methods(AsyncClient)
+    assert blocking == awaited and {"generate", "stream", "list_prompts", "wait_for_training_job"} <= set(blocking)
+    assert all(getattr(Client, name).__doc__ for name in blocking)
+    assert list(blocking["generate"].parameters)[:4] == ["self", "task", "input", "options"]
+
+
 def test_stream_yields_chunks_with_final_usage(client: Client) -> None:
     chunks = list(client.stream("qa", "hi"))
     assert chunks == [
@@ -618,6 +654,10 @@ def test_async_client(fake: FakeServer, tmp_path: Path) -> None:
         async with AsyncClient(fake.target, timeout=10) as c:
             result = await c.generate("qa", "hi", seed=3)
             assert result.text == "echo:hi" and result.finish_reason == "eos"
+            assert inspect.iscoroutinefunction(c.generate)
+            await c.generate("qa", "hi", options=DecodingOptions(top_k=4), chat=True)
+            params = fake.last(pb.GenerateRequest).params
+            assert params.top_k == 4 and params.apply_chat_template
             chunks = [chunk async for chunk in c.stream("qa", "hi")]
             assert "".join(ch.text for ch in chunks) == "Hello"
             assert chunks[-1].usage == Usage(2, 20, 3)

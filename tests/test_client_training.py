@@ -34,11 +34,12 @@ from softprompt.client import (
     TrainingOptions,
     TrainingProgress,
 )
-from softprompt.client import convert, requests
+from softprompt.client import calls, convert, requests
 from softprompt.client.cli import build_parser, main
 from softprompt.client.cli.render import ProgressLine
 from softprompt.prompts import options as options_module
 from softprompt.protos import softprompt_pb2 as pb
+from softprompt.protos.options import options_to_pb
 from softprompt.protos import softprompt_pb2_grpc as pb_grpc
 
 EXAMPLES = [
@@ -109,20 +110,20 @@ def test_bad_training_data_fails_locally(tmp_path: Path) -> None:
 
 
 def test_training_options_copy_every_field() -> None:
-    message = requests.training_options(CUSTOM_OPTIONS)
+    message = options_to_pb(CUSTOM_OPTIONS)
     for field in dataclasses.fields(TrainingOptions):
         assert getattr(message, field.name) == pytest.approx(getattr(CUSTOM_OPTIONS, field.name))
 
 
 def test_optional_training_options_are_sent_even_at_zero() -> None:
-    message = requests.training_options(TrainingOptions(seed=0, eval_fraction=0.0))
+    message = options_to_pb(TrainingOptions(seed=0, eval_fraction=0.0))
     assert message.HasField("seed") and message.seed == 0
     assert message.HasField("eval_fraction") and message.eval_fraction == 0.0
 
 
 def test_train_request(tmp_path: Path) -> None:
     (tmp_path / "eval.jsonl").write_bytes(b"EVAL\n")
-    request = requests.train_request(
+    request = calls.train(
         "sentiment",
         EXAMPLES,
         tmp_path / "eval.jsonl",
@@ -130,19 +131,19 @@ def test_train_request(tmp_path: Path) -> None:
         description="first try",
         tags={"lang": "en"},
         promote_alias="prod",
-    )
+    ).request
     assert (request.task, request.train_jsonl, request.eval_jsonl) == ("sentiment", EXAMPLES_JSONL, b"EVAL\n")
-    assert request.options == requests.training_options(CUSTOM_OPTIONS)
+    assert request.options == options_to_pb(CUSTOM_OPTIONS)
     assert (request.description, dict(request.tags), request.promote_alias) == ("first try", {"lang": "en"}, "prod")
 
-    defaults = requests.train_request("t", b"x\n")
-    assert defaults.eval_jsonl == b"" and defaults.options == requests.training_options(TrainingOptions())
+    defaults = calls.train("t", b"x\n").request
+    assert defaults.eval_jsonl == b"" and defaults.options == options_to_pb(TrainingOptions())
 
 
 def test_classify_request() -> None:
-    request = requests.classify_request("s@prod", "great", ("positive", "negative"), chat=True)
+    request = calls.classify("s@prod", "great", ("positive", "negative"), chat=True).request
     assert list(request.labels) == ["positive", "negative"] and request.apply_chat_template
-    assert list(requests.classify_request("s", "x", "positive").labels) == ["positive"]
+    assert list(calls.classify("s", "x", "positive").request.labels) == ["positive"]
 
 
 def test_training_options_are_reexported_without_torch() -> None:

@@ -56,7 +56,7 @@ class ParkedWorker:
 
     def hold(self) -> None:
         """The side job: runs on the worker thread and keeps it until released."""
-        self.running_at_park = len(self.scheduler._state.running)
+        self.running_at_park = len(self.scheduler.snapshot().running)
         self.entered.set()
         self.released.wait(TIMEOUT_S)
 

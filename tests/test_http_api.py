@@ -7,7 +7,10 @@ and malformed bodies, disconnects.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,6 +23,7 @@ from helpers import TEXTS, reference_greedy, running_server, wait_until
 from softprompt.client import Client
 from softprompt.prompts.tokens import encode_messages
 from softprompt.server.access.tokens import Role, format_entry, hash_token
+from softprompt.server.core.handle import Handle
 
 TASKS = ("pirate", "poet")
 
@@ -173,6 +177,21 @@ def test_models_lists_the_base_model_tasks_versions_and_aliases(server, sdk, tin
         sdk.models.retrieve("nobody")
 
 
+def test_openapi_describes_every_answer_its_errors_and_the_bearer_scheme(server):
+    spec = httpx.get(server[2].removesuffix("/v1") + "/openapi.json", timeout=30).json()
+
+    def schema(op: dict, status: str) -> str:
+        return op["responses"][status]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+
+    ops = {path: op for path, methods in spec["paths"].items() for op in methods.values()}
+    assert {path: schema(op, "200") for path, op in ops.items()} == {
+        "/v1/models": "ModelList", "/v1/models/{model}": "Model", "/v1/completions": "Completion",
+        "/v1/chat/completions": "ChatCompletion", "/v1/classify": "ClassifyResponse"}
+    assert all(schema(op, "4XX") == schema(op, "5XX") == "ErrorResponse" for op in ops.values())
+    assert not any("422" in op["responses"] for op in ops.values())  # validation errors are 400s here
+    assert [scheme["scheme"] for scheme in spec["components"]["securitySchemes"].values()] == ["bearer"]
+
+
 # ---------------------------------------------------------------- errors, raw
 
 
@@ -246,11 +265,14 @@ def test_a_client_that_disconnects_frees_its_row(server, tiny_base):
     longest = tiny_base.max_sequence_length - 8  # the row would run ~250 steps if nobody stopped it
     body = {"model": "poet", "prompt": "hi", "max_tokens": longest, "temperature": 0, "stream": True}
     reached, gate = threading.Event(), threading.Event()
+    most = [0]  # the most tokens the row was seen to have made
 
     def hold(module, args, kwargs) -> None:  # this server's worker stops once the row made 3 tokens
-        if threading.current_thread() is not scheduler._thread or reached.is_set():
+        if not scheduler.in_worker():
             return  # the model is shared: other servers' workers pass
-        if any(len(h.admitted.sequence.generated) >= 3 for h in scheduler._state.running.values()):
+        running = scheduler.snapshot().running
+        most[0] = max([most[0], *(row.generated for row in running)])
+        if not reached.is_set() and most[0] >= 3:
             reached.set()
             gate.wait(60)
 
@@ -260,16 +282,54 @@ def test_a_client_that_disconnects_frees_its_row(server, tiny_base):
         with httpx.stream("POST", f"{server[2]}/completions", json=body, timeout=30) as r:
             assert r.status_code == 200
             assert reached.wait(60)
-            (handle,) = list(scheduler._state.running.values())
-            sequence = handle.admitted.sequence
+            (row,) = scheduler.snapshot().running
         gate.set()
-        wait_until(lambda: not scheduler._state.running)
+        wait_until(lambda: scheduler.snapshot().idle)
     finally:
         gate.set()
         hook.remove()
         app.scheduler.engine.ignore_eos = False
-    assert sequence.finish_reason is None and len(sequence.generated) < 10
-    assert sequence.kv is None  # its KV blocks were given back
+    assert row.kv_blocks and most[0] < 10  # it held blocks and stopped long before its ~250 tokens
+    assert scheduler.snapshot().kv.used_blocks == 0  # and gave its KV blocks back
+
+
+def test_a_client_that_leaves_before_its_whole_answer_frees_its_row(server, tiny_base, monkeypatch):
+    """A non-streamed request is cancelled when its client disconnects: the server waits for the disconnect
+    itself, and the scheduler drops the row at its next step."""
+    app = server[0]
+    scheduler = app.scheduler
+    body = json.dumps({"model": "poet", "prompt": "hi", "max_tokens": tiny_base.max_sequence_length - 8,
+                       "temperature": 0}).encode()
+    reached, gate, cancelled = threading.Event(), threading.Event(), threading.Event()
+
+    def hold(module, args, kwargs) -> None:  # this server's worker stops once the row made 3 tokens
+        if not scheduler.in_worker() or reached.is_set():
+            return  # the model is shared: other servers' workers pass
+        if any(row.generated >= 3 for row in scheduler.snapshot().running):
+            reached.set()
+            gate.wait(60)
+
+    def cancel(handle: Handle, cancel=Handle.cancel) -> None:
+        cancel(handle)
+        cancelled.set()
+
+    monkeypatch.setattr(Handle, "cancel", cancel)
+    hook = tiny_base.model.register_forward_pre_hook(hold, with_kwargs=True)
+    app.scheduler.engine.ignore_eos = True
+    try:
+        with socket.create_connection(("127.0.0.1", app.http_port), timeout=30) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            assert reached.wait(60)
+        assert cancelled.wait(60), "the disconnect did not cancel the generation"
+        steps = scheduler.snapshot().stats.steps
+        gate.set()
+        wait_until(lambda: not scheduler.snapshot().running)
+    finally:
+        gate.set()
+        hook.remove()
+        app.scheduler.engine.ignore_eos = False
+    assert scheduler.snapshot().stats.steps - steps < 10  # dropped at once, not run out to max_tokens
 
 
 # ---------------------------------------------------------------- queue full, draining, auth: servers of their own
@@ -282,7 +342,7 @@ def test_a_full_queue_is_429_with_retry_after_and_draining_is_503(tiny_base, tmp
         release = threading.Event()
         busy = threading.Thread(target=app.scheduler.call, args=(release.wait,))  # holds the worker
         busy.start()
-        wait_until(lambda: not app.scheduler._state.side)
+        wait_until(lambda: not app.scheduler.snapshot().side_jobs)
         with ThreadPoolExecutor(1) as pool:
             queued = pool.submit(httpx.post, url, json=body, timeout=30)
             wait_until(lambda: app.scheduler.queue_depth() == 1)
@@ -324,44 +384,74 @@ def _tensor_prompt(base):
     return PromptTensor(embeddings=_prompt(base, 3), source_type="RAW")
 
 
-def test_more_streams_than_a_default_thread_pool_all_get_their_first_token(tiny_base, tmp_path):
-    """Each stream holds a reader thread for its whole length: 48 streams (anyio's shared pool has 40 threads)
-    all see their first token while every one of them is still running."""
-    streams = 48
+def test_open_streams_all_get_their_first_token_and_hold_no_thread(tiny_base, tmp_path):
+    """256 streams (anyio's shared pool has 40 threads) all see their first token while every one of them is still
+    running, and none holds a thread meanwhile: generations are awaited on the event loop. Threads serve only
+    admission (anyio's bounded pool), so the server has no more threads of its own than before the streams."""
+    streams = 256
     with running_server(tiny_base, tmp_path / "store", http_port=0, max_batch_size=streams) as (app, _):
         url = f"http://127.0.0.1:{app.http_port}/v1/completions"
         body = {"model": tiny_base.spec.model_id, "prompt": "hi", "max_tokens": 40, "temperature": 0, "stream": True}
-        first = threading.Semaphore(0)
-        all_started, release = threading.Event(), threading.Event()
+        all_started, all_first, release = threading.Event(), threading.Event(), threading.Event()
         scheduler = app.scheduler
 
         def hold(module, args, kwargs) -> None:  # once every stream made a token, the worker waits for all readers
-            if threading.current_thread() is not scheduler._thread:
+            if not scheduler.in_worker() or release.is_set():
                 return  # the model is shared: other servers' workers pass
-            running = list(scheduler._state.running.values())
-            if len(running) == streams and all(h.admitted.sequence.generated for h in running) \
-                    and not release.is_set():
+            running = scheduler.snapshot().running
+            if len(running) == streams and all(row.generated for row in running):
                 all_started.set()
                 release.wait(60)
 
-        def client() -> int:
-            with httpx.stream("POST", url, json=body, timeout=120) as r:
-                lines = r.iter_lines()
-                next(line for line in lines if line.startswith("data: "))
-                first.release()
-                return sum(1 for line in lines if line.startswith("data: "))
+        async def clients() -> list[int]:
+            firsts = 0
 
+            async def client(http: httpx.AsyncClient) -> int:
+                nonlocal firsts
+                async with http.stream("POST", url, json=body) as r:
+                    lines = r.aiter_lines()
+                    async for line in lines:
+                        if line.startswith("data: "):
+                            break
+                    firsts += 1
+                    if firsts == streams:
+                        all_first.set()
+                    return sum([1 async for line in lines if line.startswith("data: ")])
+
+            limits = httpx.Limits(max_connections=streams, max_keepalive_connections=streams)
+            async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+                return await asyncio.gather(*(client(http) for _ in range(streams)))
+
+        own_threads = _server_threads()
         hook = tiny_base.model.register_forward_pre_hook(hold, with_kwargs=True)
         app.scheduler.engine.ignore_eos = True
         try:
-            with ThreadPoolExecutor(streams) as pool:
-                results = [pool.submit(client) for _ in range(streams)]
+            with ThreadPoolExecutor(1, thread_name_prefix="test-clients") as pool:  # one thread for every client
+                results = pool.submit(asyncio.run, clients())
                 assert all_started.wait(120)
-                got = sum(first.acquire(timeout=60) for _ in range(streams))
+                assert all_first.wait(60), f"not all of {streams} streams saw a token while all were running"
+                reading, threads_now = _reading_threads(), _server_threads()
                 release.set()
-                assert got == streams, f"only {got} of {streams} streams saw a token while all were running"
-                assert all(r.result() > 0 for r in results)
+                assert all(n > 0 for n in results.result())
         finally:
             release.set()
             hook.remove()
             app.scheduler.engine.ignore_eos = False
+    assert reading == 0, f"{reading} threads were blocked reading a generation"
+    assert threads_now <= own_threads, "open streams added threads to the server"
+
+
+def _server_threads() -> int:
+    """This process's threads, less anyio's bounded pool (admission) and the test's own client thread."""
+    return sum(1 for t in threading.enumerate() if t.name != "AnyIO worker thread" and not t.name.startswith("test-"))
+
+
+def _reading_threads() -> int:
+    """Threads whose stack is inside a blocking read of a generation (`Handle.chunks`)."""
+    def inside(frame) -> bool:
+        while frame is not None:
+            if frame.f_code.co_name == "chunks" and frame.f_code.co_filename.endswith("handle.py"):
+                return True
+            frame = frame.f_back
+        return False
+    return sum(inside(f) for f in sys._current_frames().values())

@@ -79,7 +79,7 @@ class Monitor(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set():
             self.max_queue = max(self.max_queue, self.scheduler.queue_depth())
-            self.max_running = max(self.max_running, len(self.scheduler._state.running))
+            self.max_running = max(self.max_running, len(self.scheduler.snapshot().running))
             self.samples += 1
             time.sleep(0.001)
 
@@ -164,7 +164,6 @@ def _rss_kb() -> int:
 def test_many_streaming_clients_cancellations_and_deadlines(served) -> None:
     app, address, reference = served
     scheduler = app.scheduler
-    state = scheduler._state
     tally = Tally()
     rng = random.Random(SEED)
     channel = grpc.insecure_channel(address)
@@ -181,7 +180,7 @@ def test_many_streaming_clients_cancellations_and_deadlines(served) -> None:
             for f in [pool.submit(_client, stub, reference, tally, random.Random(s), until) for s in seeds]:
                 f.result()
             # Every cancelled or expired request must give its slot back once the load stops.
-            wait_until(lambda: not state.running and not state.waiting and not state.scoring,
+            wait_until(lambda: scheduler.snapshot().idle,
                        "the scheduler to let go of every request", timeout_s=60)
             gc.collect()
             after_round.append((*_threads(), len(gc.get_objects()), _rss_kb()))

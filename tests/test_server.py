@@ -280,7 +280,7 @@ def _wait_idle(app, timeout: float = 10.0) -> None:
     """Waits until the scheduler holds no request (a bounded poll; correctness, not timing, is tested)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if not app.scheduler._state.running and not app.scheduler._state.waiting:
+        if app.scheduler.snapshot().idle:
             return
         time.sleep(0.01)
     raise AssertionError("requests are still held by the scheduler")

@@ -19,13 +19,14 @@ from softprompt.client.cli.parsing import (
 )
 from softprompt.client.client import Client
 from softprompt.client.types import StreamChunk
+from softprompt.prompts.options import DecodingOptions
 
 BARE_MODEL_REF = "-"
 STDIN_TEXT = "-"
 
 
 def add_generate(commands: Any, common: argparse.ArgumentParser) -> None:
-    """Adds `generate` to the subparsers `commands`."""
+    """Adds `generate` to the subparsers `commands`; each decoding flag's dest is a `DecodingOptions` field."""
     parser = add_command(
         commands,
         "generate",
@@ -143,20 +144,16 @@ def _task(ref: str) -> str:
     return "" if ref == BARE_MODEL_REF else ref
 
 
+def _decoding_options(args: argparse.Namespace) -> DecodingOptions:
+    """The generate command's decoding flags: one a `DecodingOptions` field, its dest the field's name."""
+    return DecodingOptions(**{field.name: getattr(args, field.name) for field in dataclasses.fields(DecodingOptions)})
+
+
 def _cmd_generate(client: Client, args: argparse.Namespace) -> int:
-    params = dict(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop=args.stop,
-        chat=args.chat,
-    )
-    task, text = _task(args.ref), _read_text(args.text)
+    options, task, text = _decoding_options(args), _task(args.ref), _read_text(args.text)
     if args.stream:
-        return _stream_generate(client.stream(task, text, **params), wants_json(args))
-    result = client.generate(task, text, **params)
+        return _stream_generate(client.stream(task, text, options=options), wants_json(args))
+    result = client.generate(task, text, options=options)
     if wants_json(args):
         render.print_json(result)
     else:

@@ -163,7 +163,7 @@ class SoftpromptDeployment:
 
     def __serve_build_asgi_app__(self) -> Any:
         """The OpenAI-compatible HTTP API of this replica, which Ray's HTTP proxy serves (`serve.ingress`)."""
-        return create_http_app(self.served.services, tokens=self._tokens, readers=self._threads,
+        return create_http_app(self.served.services, tokens=self._tokens,
                                max_body_bytes=self.served.config.max_upload_bytes, metrics=self.served.metrics)
 
     @serve.multiplexed(max_num_models_per_replica=TASKS_PER_REPLICA)

@@ -59,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         serve(config, grace_s=args.grace)
-    except (UnsupportedModelError, StoreUnavailableError, OSError, ValueError) as exc:
+    except (UnsupportedModelError, StoreUnavailableError, OSError, ValueError, ModuleNotFoundError) as exc:
         # Refused before serving (a model it cannot serve exactly, a store it cannot reach or a URL it does not
-        # support, a KV cache too small for one block, a port in use): the reason, not a traceback.
+        # support, a KV cache too small for one block, a port in use, the HTTP API's packages missing): the reason,
+        # not a traceback.
         raise SystemExit(f"softprompt serve: {exc}") from None
     return 0

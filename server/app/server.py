@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -34,12 +36,13 @@ from softprompt.server.core.support import check_servable
 from softprompt.server.grpc_api.servicers import InferenceServicer, RegistryServicer, TrainingServicer
 from softprompt.server.jobs.training import TrainingJobs
 from softprompt.server.grpc_api.interceptors.decoding import DecodeErrorInterceptor
-from softprompt.server.http_api.app import create_http_app
-from softprompt.server.http_api.server import HttpServer
 from softprompt.server.service import Services
 from softprompt.server.service.inference import InferenceService
 from softprompt.server.service.prompts import PromptService
 from softprompt.server.service.training import TrainingService
+
+if TYPE_CHECKING:
+    from softprompt.server.http_api.server import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +158,21 @@ def create_server(app: App) -> tuple[grpc.Server, int, health.HealthServicer]:
     return server, port, health_servicer
 
 
+def http_transport() -> tuple[Callable[..., Any], type[HttpServer]]:
+    """The HTTP API's app factory and server, imported only when --http-port switches it on.
+
+    Its packages (fastapi, uvicorn, sse-starlette) are the server extra's, not the GPU image's; gRPC alone needs
+    none of them, as only an s3:// store needs boto3 and only --metrics-port prometheus_client.
+    """
+    try:
+        from softprompt.server.http_api.app import create_http_app
+        from softprompt.server.http_api.server import HttpServer
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(f"the OpenAI-compatible HTTP API needs {exc.name}: pip install 'softprompt[server]', "
+                                  "or --http-port off to serve gRPC alone", name=exc.name) from exc
+    return create_http_app, HttpServer
+
+
 def _job_task(jobs: TrainingJobs) -> auth.JobTask:
     def task(job_id: str) -> str | None:
         try:
@@ -170,12 +188,11 @@ def start(app: App) -> tuple[grpc.Server, int, health.HealthServicer]:
     cfg = app.config
     if cfg.http_port is not None:
         assert app.exposure is not None
-        # As many stream readers as gRPC has RPC threads: every request the batch and the queue may hold.
-        readers = futures.ThreadPoolExecutor(max_workers=cfg.rpc_workers, thread_name_prefix="softprompt-http-stream")
+        create_http_app, http_server = http_transport()
         api = create_http_app(app.services, tokens=app.exposure.tokens, max_body_bytes=cfg.max_upload_bytes,
-                              readers=readers, metrics=app.metrics)
-        app.http = HttpServer(api, cfg.host, cfg.http_port, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key,
-                              tls_client_ca=cfg.tls_client_ca, on_stop=readers.shutdown)
+                              metrics=app.metrics)
+        app.http = http_server(api, cfg.host, cfg.http_port, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key,
+                              tls_client_ca=cfg.tls_client_ca)
         app.http.start()
         scheme = "https" if cfg.tls_cert is not None else "http"
         log.info("OpenAI-compatible API on %s://%s:%d/v1", scheme, cfg.host, app.http.port)
@@ -210,6 +227,8 @@ def serve(config: ServerConfig, grace_s: float = 30.0) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    if config.http_port is not None:
+        http_transport()  # a missing package fails the start before the (slow) model load
     app = build_app(config)
     server, port, health_servicer = start(app)
     spec = app.base.spec

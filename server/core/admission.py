@@ -136,8 +136,7 @@ class Admission:
         for s in o.stop:
             if not s or len(s) > _MAX_STOP_CHARS:
                 raise InvalidRequestError(f"each stop sequence must be 1..{_MAX_STOP_CHARS} characters, got {s!r:.40}")
-        return dataclasses.replace(o, max_new_tokens=o.max_new_tokens or cfg.default_max_new_tokens,
-                                   stop=tuple(o.stop))
+        return dataclasses.replace(o, max_new_tokens=o.max_new_tokens or cfg.default_max_new_tokens)
 
     def resolve(self, task: str) -> tuple[torch.Tensor | None, str, Key | None]:
         """A task reference's prompt tensor on the device (cached), its version ("name@3") and cache key;

@@ -391,7 +391,7 @@ class Engine:
         borrowed from the pool; False (nothing done) when the pool has no room now: the prompt's first
         request then computes it in its own forward."""
         n = int(prompt.shape[0])
-        if n < 2 or self.prefixes.contains(key):
+        if n < 2 or self.prefixes.lookup(key) is not None:
             return True
         row = RowBlocks(transient=True)
         if self.kv.allocate_slots(row, n - 1) is None:

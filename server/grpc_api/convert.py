@@ -1,46 +1,47 @@
 """Protobuf messages <-> the service layer's dataclasses, for the gRPC servicers.
 
-Only conversions live here: no checks beyond what a message's shape forces, no service calls.
-Enums and training options convert through `softprompt.protos`, shared with the client.
+Only conversions live here: no checks beyond what a message's shape forces, no service calls. The
+dataclasses and views are the service layer's face (`service.types`) and the core's (`core.types`), all
+torch-free. Enums, decoding and training options convert through `softprompt.protos` (derived from the
+dataclasses' fields), shared with the client.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from softprompt.prompts.registry import PromptVersion
-from softprompt.prompts.train import EvalResult, Progress
 from softprompt.protos import softprompt_pb2 as pb
 from softprompt.protos.enums import finish_reason_to_pb, training_state_to_pb
-from softprompt.protos.options import options_from_pb
+from softprompt.protos.options import decoding_from_pb, options_from_pb
 from softprompt.server.core.errors import InvalidRequestError
-from softprompt.server.core.types import KvUsage
-from softprompt.prompts.options import DecodingOptions
-from softprompt.server.core.types import ClassifyRequest, ClassifyResult, GenerationRequest, GenerationResult, StreamChunk, Tokenization, Usage
-from softprompt.server.jobs.training import JobSnapshot, TrainJobRequest
-from softprompt.server.service.inference import ModelInfo
-from softprompt.server.service.prompts import PeftUpload, PromptUpload, TensorUpload
+from softprompt.server.core.types import (
+    ClassifyRequest,
+    ClassifyResult,
+    GenerationRequest,
+    GenerationResult,
+    KvUsage,
+    StreamChunk,
+    Tokenization,
+    Usage,
+)
+from softprompt.server.service.types import (
+    EvalMetrics,
+    ModelInfo,
+    PeftUpload,
+    PromptInfo,
+    PromptUpload,
+    TensorUpload,
+    TrainingJob,
+    TrainingProgress,
+    TrainJobRequest,
+)
 
 # ---------------------------------------------------------------- inference
 
 
 def generation_request(msg: pb.GenerateRequest, deadline: float | None) -> GenerationRequest:
     """A Generate / GenerateStream request; `deadline` is the RPC's, on time.monotonic()."""
-    p = msg.params
-    return GenerationRequest(
-        task=msg.task,
-        input=msg.input,
-        options=DecodingOptions(
-            max_new_tokens=p.max_new_tokens,
-            temperature=p.temperature,
-            top_k=p.top_k,
-            top_p=p.top_p,
-            seed=p.seed if p.HasField("seed") else None,
-            stop=tuple(p.stop),
-            chat=p.apply_chat_template,
-        ),
-        deadline=deadline,
-    )
+    return GenerationRequest(task=msg.task, input=msg.input, options=decoding_from_pb(msg.params), deadline=deadline)
 
 
 def usage(u: Usage) -> pb.Usage:
@@ -124,7 +125,7 @@ def prompt_upload(msg: pb.RegisterPromptRequest) -> PromptUpload:
                         base_model_fingerprint=msg.base_model_fingerprint, force=msg.force)
 
 
-def prompt_info(v: PromptVersion) -> pb.PromptInfo:
+def prompt_info(v: PromptInfo) -> pb.PromptInfo:
     """The wire form of a stored version."""
     return pb.PromptInfo(
         name=v.name,
@@ -156,13 +157,13 @@ def train_job_request(msg: pb.TrainPromptRequest) -> TrainJobRequest:
                            description=msg.description, tags=dict(msg.tags), promote_alias=msg.promote_alias)
 
 
-def _eval_metrics(r: EvalResult | None) -> pb.EvalMetrics | None:
+def _eval_metrics(r: EvalMetrics | None) -> pb.EvalMetrics | None:
     if r is None:
         return None
     return pb.EvalMetrics(examples=r.examples, loss=r.loss, exact_match=r.exact_match, accuracy=r.accuracy)
 
 
-def _progress(p: Progress | None) -> pb.TrainingProgress | None:
+def _progress(p: TrainingProgress | None) -> pb.TrainingProgress | None:
     if p is None:
         return None
     return pb.TrainingProgress(
@@ -172,7 +173,7 @@ def _progress(p: Progress | None) -> pb.TrainingProgress | None:
     )
 
 
-def training_job(j: JobSnapshot) -> pb.TrainingJob:
+def training_job(j: TrainingJob) -> pb.TrainingJob:
     """A training job as it stands."""
     return pb.TrainingJob(
         job_id=j.job_id,

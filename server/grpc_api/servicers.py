@@ -1,9 +1,9 @@
 """gRPC servicers: protobuf in, one service call, protobuf out.
 
 Servicers stay thin: `convert` turns messages into the service layer's dataclasses and back, the
-services (`softprompt.server.service`) do the work, and status codes come from the one table in
-`status.py`. What is gRPC's own stays here: the deadline and cancellation of an RPC, the message-size
-check, status details, and the per-RPC log lines.
+services (the Protocols of `softprompt.server.service.api`, built by `server/app`) do the work, and
+status codes come from the one table in `status.py`. What is gRPC's own stays here: the deadline and
+cancellation of an RPC, the message-size check, status details, and the per-RPC log lines.
 """
 
 from __future__ import annotations
@@ -24,9 +24,7 @@ from softprompt.server.core.types import GenerationResult, StreamChunk, Usage
 from softprompt.server.grpc_api import convert
 from softprompt.server.grpc_api.status import status_for
 from softprompt.server.observability.logs import RequestIdFilter
-from softprompt.server.service.inference import InferenceService
-from softprompt.server.service.prompts import PromptService
-from softprompt.server.service.training import TrainingService
+from softprompt.server.service.api import Inference, Prompts, Training
 
 log = logging.getLogger(__name__)
 # On the logger, not a handler: every record about a request carries its id, whatever handlers are set up.
@@ -105,7 +103,7 @@ def _log_done(rpc: str, version: str, usage: Usage, finish: str, started: float)
 class InferenceServicer(pb_grpc.InferenceServicer):
     """Generate, GenerateStream, Classify, Tokenize and ModelInfo."""
 
-    def __init__(self, service: InferenceService) -> None:
+    def __init__(self, service: Inference) -> None:
         self.service = service
 
     def _chunks(self, rpc: str, request: pb.GenerateRequest, context: grpc.ServicerContext,
@@ -154,7 +152,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 class RegistryServicer(pb_grpc.RegistryServicer):
     """Register, inspect, list, delete and alias prompt versions."""
 
-    def __init__(self, service: PromptService, max_upload_bytes: int) -> None:
+    def __init__(self, service: Prompts, max_upload_bytes: int) -> None:
         self.service = service
         self.max_upload_bytes = max_upload_bytes
 
@@ -185,7 +183,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
 class TrainingServicer(pb_grpc.TrainingServicer):
     """Server-side training jobs on the serving model."""
 
-    def __init__(self, service: TrainingService, max_upload_bytes: int) -> None:
+    def __init__(self, service: Training, max_upload_bytes: int) -> None:
         self.service = service
         self.max_upload_bytes = max_upload_bytes
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from concurrent.futures import Executor
-
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
@@ -15,20 +13,17 @@ from softprompt.server.http_api import errors
 from softprompt.server.http_api.errors import ApiError
 from softprompt.server.http_api.schemas import UnsupportedParameter
 from softprompt.server.http_api.middleware import BodyLimit, Observing
-from softprompt.server.http_api.routes import Api
+from softprompt.server.http_api.routes import api_router
 from softprompt.server.observability.metrics import Metrics, NoMetrics
-from softprompt.server.service import Services
+from softprompt.server.service.api import Services
 
 
-def create_http_app(services: Services, *, tokens: TokenTable | None, max_body_bytes: int, readers: Executor,
+def create_http_app(services: Services, *, tokens: TokenTable | None, max_body_bytes: int,
                     metrics: Metrics | None = None) -> FastAPI:
-    """The OpenAI-compatible API over `services`: /v1/models, /v1/completions, /v1/chat/completions, /v1/classify.
-
-    `readers` runs one thread per generation being answered (size it for the batch and the queue).
-    """
+    """The OpenAI-compatible API over `services`: /v1/models, /v1/completions, /v1/chat/completions, /v1/classify."""
     app = FastAPI(title="softprompt", summary="OpenAI-compatible API: the task (a soft prompt) is the model",
                   docs_url=None, redoc_url=None, openapi_url="/openapi.json")
-    app.include_router(Api(services, tokens, readers).router)
+    app.include_router(api_router(services, tokens))
     app.add_exception_handler(RequestValidationError, errors.on_validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, errors.on_http_exception)  # type: ignore[arg-type]
     # Expected failures answer by the status table; anything else is a bug: 500, and logged with its traceback.

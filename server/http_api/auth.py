@@ -5,11 +5,17 @@ Every route of this API is inference (the `infer` role, which `admin` includes):
 a model naming a task outside the token's patterns is 403; `/v1/models` lists only what the token
 may use. Without `--auth-tokens` everyone may call everything (the server then listens on loopback
 only, as gRPC does).
+
+`Authenticate` is the FastAPI dependency that gives each route its `Caller`; /openapi.json shows it as
+the bearer security scheme.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.security import HTTPBearer
 
 from softprompt.prompts.refs import task_name
 from softprompt.server.access.tokens import BARE_MODEL_TASK, TokenEntry, TokenTable
@@ -54,3 +60,20 @@ def authenticate(tokens: TokenTable | None, authorization: str | None) -> Caller
         raise ApiError(401, "the token is not valid for this server: check it, or ask the server's operator for one",
                        code="invalid_token", headers={"WWW-Authenticate": "Bearer"})
     return Caller(entry)
+
+
+class Authenticate(HTTPBearer):
+    """The dependency that authenticates a request: `caller: Caller = Depends(Authenticate(tokens))`.
+
+    A bearer scheme for the OpenAPI document (`HTTPBearer`), but with this API's own answers: 401 in OpenAI's
+    error shape, telling a missing token from a malformed header and an unknown token.
+    """
+
+    def __init__(self, tokens: TokenTable | None) -> None:
+        super().__init__(auto_error=False, scheme_name="bearer token",
+                         description="a token from the server's --auth-tokens file (`softprompt token new`); none "
+                                     "when the server has none")
+        self.tokens = tokens
+
+    async def __call__(self, request: Request) -> Caller:  # type: ignore[override]  # a Caller, not credentials
+        return authenticate(self.tokens, request.headers.get("authorization"))

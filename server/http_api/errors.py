@@ -1,4 +1,5 @@
-"""Errors as OpenAI's clients expect them: `{"error": {"message", "type", "param", "code"}}` with the HTTP status.
+"""Errors as OpenAI's clients expect them: `{"error": {"message", "type", "param", "code"}}` (`responses.ErrorResponse`)
+with the HTTP status.
 
 The status of a service exception comes from the one table (`service.statuses`); validation errors
 name the offending parameter in `param`; a full queue answers 429 with `Retry-After`.
@@ -14,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from softprompt.server.core.errors import OverloadedError
+from softprompt.server.http_api.responses import ErrorDetail, ErrorResponse
 from softprompt.server.http_api.schemas import UnsupportedParameter
 from softprompt.server.service.statuses import status_for
 
@@ -37,16 +39,12 @@ class ApiError(Exception):
         self.headers = headers
 
 
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    """OpenAI's error object."""
-    return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param,
-                      "code": code}}
-
-
 def respond(status: int, message: str, *, param: str | None = None, code: str | None = None,
             headers: dict[str, str] | None = None) -> JSONResponse:
     """An error response."""
-    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+    body = ErrorResponse(error=ErrorDetail(message=message, type=_TYPES.get(status, "server_error"), param=param,
+                                           code=code))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
 def for_exception(exc: BaseException) -> JSONResponse:

@@ -12,7 +12,6 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import uvicorn
@@ -27,9 +26,7 @@ class HttpServer:
     """One uvicorn server on its own thread and event loop."""
 
     def __init__(self, app: FastAPI, host: str, port: int, *, tls_cert: Path | None = None,
-                 tls_key: Path | None = None, tls_client_ca: Path | None = None,
-                 on_stop: Callable[[], object] | None = None) -> None:
-        self._on_stop = on_stop
+                 tls_key: Path | None = None, tls_client_ca: Path | None = None) -> None:
         ssl_options = {}
         if tls_cert is not None and tls_key is not None:
             ssl_options = {"ssl_certfile": str(tls_cert), "ssl_keyfile": str(tls_key)}
@@ -69,5 +66,3 @@ class HttpServer:
         self._server.should_exit = True
         self._thread.join(timeout=10)
         self._socket.close()
-        if self._on_stop is not None:
-            self._on_stop()

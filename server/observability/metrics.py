@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Protocol
 
 from softprompt.prompts.outcomes import TrainingState
 from softprompt.prompts.refs import task_name
-from softprompt.server.jobs.training import TrainingJobs
 
+# Only for annotations: both transports import this module, and the serving parts it reads need torch.
 if TYPE_CHECKING:
-    from softprompt.server.core.types import KvUsage
     from softprompt.server.core.prompt_cache import DeviceLru
     from softprompt.server.core.scheduler import Scheduler
+    from softprompt.server.core.types import KvUsage
+    from softprompt.server.jobs.training import TrainingJobs
 
 # The first MAX_TASK_LABELS distinct tasks served get their own `task` label value; any later one
 # counts under OTHER_TASK, so a registry of thousands of tasks cannot create thousands of series.

@@ -1,23 +1,14 @@
 """The transport-neutral service layer: what a request means, between a transport and the serving core.
 
-A transport (today `grpc_api`) converts its messages to these services' dataclasses, makes one call and
-converts the answer back; checks, registry and cache bookkeeping, warming and metrics live here, so a
-second transport is a thin sibling of the first.
+A transport (`grpc_api`, `http_api`) converts its messages to the dataclasses of `types`, makes one call on
+`Services` (the Protocols of `api`) and converts the answer back; checks, registry and cache bookkeeping,
+warming and metrics live in the concrete services (`inference`, `prompts`, `training`), which `server/app`
+builds, so every transport behaves alike. `statuses` is the one exception -> (gRPC, HTTP) status table.
+
+This package's face (`api`, `types`, `statuses`) is torch-free and is all a transport imports; the concrete
+services import the core, the jobs and the prompts, never protobuf, grpc or a transport.
 """
 
-from __future__ import annotations
+from softprompt.server.service.api import Services
 
-from dataclasses import dataclass
-
-from softprompt.server.service.inference import InferenceService
-from softprompt.server.service.prompts import PromptService
-from softprompt.server.service.training import TrainingService
-
-
-@dataclass(frozen=True)
-class Services:
-    """The services a transport serves, built once per process."""
-
-    inference: InferenceService
-    prompts: PromptService
-    training: TrainingService
+__all__ = ["Services"]

@@ -7,48 +7,20 @@ The per-task request and token metrics are recorded here, so every transport cou
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 
 from softprompt.server.config import ServerConfig
 from softprompt.server.core.admission import Admission, AdmittedScoring
-from softprompt.server.core.model import BaseModel
-from softprompt.server.core.types import KvUsage
 from softprompt.server.core.handle import Handle
+from softprompt.server.core.model import BaseModel
 from softprompt.server.core.scheduler import Scheduler
 from softprompt.server.core.types import ClassifyRequest, ClassifyResult, GenerationRequest, StreamChunk, Tokenization
 from softprompt.server.observability.metrics import Metrics, NoMetrics
-
-
-@dataclass(frozen=True)
-class Limits:
-    """The server's request limits, as a client needs them to size its requests."""
-
-    max_new_tokens: int
-    default_max_new_tokens: int
-    max_input_tokens: int
-    max_virtual_tokens: int
-    max_batch_size: int
-    max_queued_requests: int
-    max_upload_bytes: int
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """The served base model, the server's limits and its KV cache now."""
-
-    model_id: str
-    hidden_size: int
-    dtype: str  # "bfloat16", "float32", ...
-    device: str  # "cuda:0", "cpu", ...
-    max_sequence_length: int
-    vocab_size: int
-    fingerprint: str  # identifies the weights; prompts record the fingerprint they were made for
-    has_chat_template: bool
-    limits: Limits
-    kv_cache: KvUsage  # the pool's size (--kv-cache-memory) and occupancy when asked
+from softprompt.server.service.types import Limits, ModelInfo
 
 
 @dataclass(frozen=True)
@@ -71,6 +43,11 @@ class PendingClassification:
         """Waits for the scores; raises the request's error."""
         return self.admitted.result(self.future.result())
 
+    async def aresult(self) -> ClassifyResult:
+        """Awaits the scores without holding a thread (the worker's future wakes the event loop); raises the
+        request's error."""
+        return self.admitted.result(await asyncio.wrap_future(self.future))
+
 
 class InferenceService:
     """Generate (whole or streamed), Classify, Tokenize and ModelInfo."""
@@ -83,24 +60,39 @@ class InferenceService:
         self.config = config
         self.metrics = metrics or NoMetrics()
 
+    @property
+    def model_id(self) -> str:
+        """The served base model's id."""
+        return self.base.spec.model_id
+
     def generate(self, request: GenerationRequest) -> Handle:
-        """Admits and queues a generation; read it with `stream`, and cancel the handle if the client leaves."""
+        """Admits and queues a generation; read it with `stream` or `astream`, and cancel the handle if the client
+        leaves."""
         handle = self.scheduler.submit(self.admission.admit(request))
         self.metrics.task_request(handle.prompt_version)
         return handle
 
     def stream(self, handle: Handle, endpoint: str, started: float, transport: str = "grpc") -> Iterator[StreamChunk]:
-        """The handle's chunks, recording time to first token (since `started`, time.monotonic(), under
+        """The handle's chunks, blocking, recording time to first token (since `started`, time.monotonic(), under
         `endpoint` of `transport`) and the tokens produced, also for a request that fails or is abandoned midway."""
-        generated = 0
+        meter = _Meter(self.metrics, handle, endpoint, started, transport)
         try:
             for chunk in handle.chunks():
-                if not generated:
-                    self.metrics.first_token(endpoint, time.monotonic() - started, transport)
-                generated += len(chunk.token_ids)
+                meter.seen(chunk)
                 yield chunk
         finally:
-            self.metrics.tokens_generated(handle.prompt_version, generated)
+            meter.done()
+
+    async def astream(self, handle: Handle, endpoint: str, started: float,
+                      transport: str) -> AsyncIterator[StreamChunk]:
+        """`stream` for asyncio: the chunks are awaited (`Handle.stream`), so a reader holds no thread."""
+        meter = _Meter(self.metrics, handle, endpoint, started, transport)
+        try:
+            async for chunk in handle.stream():
+                meter.seen(chunk)
+                yield chunk
+        finally:
+            meter.done()
 
     def classify(self, request: ClassifyRequest) -> PendingClassification:
         """Admits and queues a Classify request; cancel it if the client leaves."""
@@ -136,3 +128,25 @@ class InferenceService:
             ),
             kv_cache=self.scheduler.engine.kv_usage(),
         )
+
+
+@dataclass
+class _Meter:
+    """One generation's stream metrics: time to its first token, and the tokens it produced when it ends."""
+
+    metrics: Metrics
+    handle: Handle
+    endpoint: str
+    started: float  # when the request arrived, time.monotonic()
+    transport: str
+    generated: int = 0
+
+    def seen(self, chunk: StreamChunk) -> None:
+        """Records a chunk on its way to the client."""
+        if not self.generated:
+            self.metrics.first_token(self.endpoint, time.monotonic() - self.started, self.transport)
+        self.generated += len(chunk.token_ids)
+
+    def done(self) -> None:
+        """Records the tokens produced, however the stream ended."""
+        self.metrics.tokens_generated(self.handle.prompt_version, self.generated)

@@ -1,6 +1,6 @@
 """Prompt versions as a transport sees them: register an upload, warm it, get, list, alias and delete.
 
-Uploads arrive as the dataclasses below (no protobuf). Registering checks the upload against the base
+Uploads arrive as `types.PromptUpload` (no protobuf). Registering checks the upload against the base
 model and the server's limits, stores it, and prepares it on the device so its first request costs what
 any cached version's does; deleting also drops the version from the prompt and prefix caches.
 """
@@ -8,8 +8,6 @@ any cached version's does; deleting also drops the version from the prompt and p
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 from softprompt.prompts.errors import InvalidNameError
 from softprompt.prompts.format.tensor import check_base_model
@@ -22,45 +20,13 @@ from softprompt.server.core.prompt_cache import PromptCache
 from softprompt.server.core.scheduler import Scheduler
 from softprompt.server.observability.logs import RequestIdFilter
 from softprompt.server.service.metadata import check_description
+from softprompt.server.service.types import PeftUpload, PromptUpload
 
 log = logging.getLogger(__name__)
 log.addFilter(RequestIdFilter())
 
 # Registration waits this long for the worker to prepare the new version; a busier worker does it later.
 _WARM_TIMEOUT_S = 5.0
-
-
-@dataclass(frozen=True)
-class PeftUpload:
-    """A PEFT prompt-tuning adapter: the text of adapter_config.json and the bytes of adapter_model.safetensors."""
-
-    config_json: str
-    safetensors: bytes
-
-
-@dataclass(frozen=True)
-class TensorUpload:
-    """A raw ``[num_virtual_tokens, hidden_size]`` matrix, row-major, little-endian."""
-
-    shape: tuple[int, ...]
-    dtype: str  # "float32", "float16" or "bfloat16"
-    data: bytes
-
-
-@dataclass(frozen=True)
-class PromptUpload:
-    """A prompt to register as the next version of task `name`.
-
-    `base_model_fingerprint` is the model the prompt claims to be made for ("" = unknown); `force`
-    registers it even when that, or the adapter's layer count, says another base model.
-    """
-
-    name: str
-    source: PeftUpload | TensorUpload
-    description: str = ""
-    tags: Mapping[str, str] = field(default_factory=dict)
-    base_model_fingerprint: str = ""
-    force: bool = False
 
 
 class PromptService:

@@ -23,7 +23,8 @@ from softprompt.prompts.options import TrainingOptions, init_kind
 from softprompt.prompts.plot import loss_plot_png
 from softprompt.prompts.refs import PromptRef, validate_alias, validate_name
 from softprompt.prompts.registry import PromptVersion, Registry
-from softprompt.prompts.train import EvalResult, Progress, PromptTrainer, TrainingResult
+from softprompt.prompts.results import EvalResult, Progress
+from softprompt.prompts.train import PromptTrainer, TrainingResult
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 
-from softprompt.prompts.train import CurvePoint
+from softprompt.prompts.results import CurvePoint
 
 
 def loss_plot_png(curve: Sequence[CurvePoint], *, title: str, best_step: int | None = None) -> bytes:

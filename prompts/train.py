@@ -27,6 +27,7 @@ from softprompt.prompts import inject
 from softprompt.prompts.data import Example, check_eval_labels, data_hash, labels_of
 from softprompt.prompts.errors import InvalidPromptError, TrainingDataError
 from softprompt.prompts.options import TrainingOptions, init_kind
+from softprompt.prompts.results import CurvePoint, EvalResult, Progress
 from softprompt.prompts.tokens import encode_input, encode_target, target_end_id
 
 log = logging.getLogger(__name__)
@@ -41,56 +42,6 @@ _GRAD_CLIP = 1.0
 
 class TrainingCancelled(Exception):
     """The job was cancelled; nothing is to be registered."""
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    """Held-out metrics of one prompt."""
-
-    examples: int
-    loss: float
-    exact_match: float
-    accuracy: float | None = None
-
-    def metrics(self) -> dict[str, float]:
-        """The metrics as a flat name -> value map (what the registry records)."""
-        out = {"eval_loss": self.loss, "exact_match": self.exact_match}
-        if self.accuracy is not None:
-            out["accuracy"] = self.accuracy
-        return out
-
-    def describe(self) -> str:
-        """One line for logs and the CLI."""
-        acc = "" if self.accuracy is None else f"accuracy {self.accuracy:.3f}, "
-        return f"{acc}exact match {self.exact_match:.3f}, held-out loss {self.loss:.4f} ({self.examples} examples)"
-
-    def key(self) -> tuple[float, float]:
-        """Orders results: accuracy (classification) or exact match first, then lower loss."""
-        return (self.accuracy if self.accuracy is not None else self.exact_match, -self.loss)
-
-
-@dataclass(frozen=True)
-class Progress:
-    """A snapshot of a run, sent to the progress callback after every step and phase change."""
-
-    phase: str
-    step: int
-    total_steps: int
-    epoch: float
-    train_loss: float | None
-    eval_loss: float | None
-    best_eval_loss: float | None
-    steps_per_second: float
-    elapsed_seconds: float
-
-
-@dataclass(frozen=True)
-class CurvePoint:
-    """One point of the loss curves (eval_loss only where the held-out set was evaluated)."""
-
-    step: int
-    train_loss: float | None  # None at step 0, before training
-    eval_loss: float | None = None
 
 
 @dataclass

@@ -55,7 +55,7 @@ def ctx() -> multiprocessing.context.BaseContext:
     context = multiprocessing.get_context("forkserver")
     # Installed modules only: Python 3.11's forkserver ignores the parent's sys.path, so it cannot preload
     # tests/crash_writer.py itself (each child imports that small module, with tests/ on its path).
-    context.set_forkserver_preload(["softprompt.prompts.registry", "safetensors.torch"])
+    context.set_forkserver_preload(["softprompt.prompts.registry.registry", "safetensors.torch"])
     return context
 
 

@@ -22,7 +22,8 @@ from softprompt.prompts.data import load_jsonl
 from softprompt.prompts.errors import PromptError
 from softprompt.prompts.options import TrainingOptions
 from softprompt.prompts.registry import Registry, open_store
-from softprompt.prompts.train import Progress, PromptTrainer
+from softprompt.prompts.results import Progress
+from softprompt.prompts.train import PromptTrainer
 
 log = logging.getLogger("softprompt.train")
 

@@ -1,9 +1,9 @@
 """Protobuf messages <-> the service layer's dataclasses, for the gRPC servicers.
 
 Only conversions live here: no checks beyond what a message's shape forces, no service calls. The
-dataclasses and views are the service layer's face (`service.types`) and the core's (`core.types`), all
-torch-free. Enums, decoding and training options convert through `softprompt.protos` (derived from the
-dataclasses' fields), shared with the client.
+dataclasses are the service layer's face (`service.types`, which re-exports the registry's and the jobs' own
+records) and the core's (`core.types`), all torch-free. Enums, decoding and training options convert through
+`softprompt.protos` (derived from the dataclasses' fields), shared with the client.
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ from softprompt.server.core.types import (
     Usage,
 )
 from softprompt.server.service.types import (
-    EvalMetrics,
+    EvalResult,
+    JobSnapshot,
     ModelInfo,
     PeftUpload,
-    PromptInfo,
+    Progress,
     PromptUpload,
+    PromptVersion,
     TensorUpload,
-    TrainingJob,
-    TrainingProgress,
     TrainJobRequest,
 )
 
@@ -125,7 +125,7 @@ def prompt_upload(msg: pb.RegisterPromptRequest) -> PromptUpload:
                         base_model_fingerprint=msg.base_model_fingerprint, force=msg.force)
 
 
-def prompt_info(v: PromptInfo) -> pb.PromptInfo:
+def prompt_info(v: PromptVersion) -> pb.PromptInfo:
     """The wire form of a stored version."""
     return pb.PromptInfo(
         name=v.name,
@@ -157,13 +157,13 @@ def train_job_request(msg: pb.TrainPromptRequest) -> TrainJobRequest:
                            description=msg.description, tags=dict(msg.tags), promote_alias=msg.promote_alias)
 
 
-def _eval_metrics(r: EvalMetrics | None) -> pb.EvalMetrics | None:
+def _eval_metrics(r: EvalResult | None) -> pb.EvalMetrics | None:
     if r is None:
         return None
     return pb.EvalMetrics(examples=r.examples, loss=r.loss, exact_match=r.exact_match, accuracy=r.accuracy)
 
 
-def _progress(p: TrainingProgress | None) -> pb.TrainingProgress | None:
+def _progress(p: Progress | None) -> pb.TrainingProgress | None:
     if p is None:
         return None
     return pb.TrainingProgress(
@@ -173,7 +173,7 @@ def _progress(p: TrainingProgress | None) -> pb.TrainingProgress | None:
     )
 
 
-def training_job(j: TrainingJob) -> pb.TrainingJob:
+def training_job(j: JobSnapshot) -> pb.TrainingJob:
     """A training job as it stands."""
     return pb.TrainingJob(
         job_id=j.job_id,

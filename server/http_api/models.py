@@ -18,21 +18,21 @@ from softprompt.server.http_api.auth import Caller
 from softprompt.server.http_api.errors import ApiError
 from softprompt.server.http_api.responses import Model
 from softprompt.server.service.api import Services
-from softprompt.server.service.types import PromptInfo
+from softprompt.server.service.types import PromptVersion
 
 OWNER = "softprompt"
 
 
-def _created(version: PromptInfo) -> int:
+def _created(version: PromptVersion) -> int:
     try:
         return int(datetime.fromisoformat(version.created_at.replace("Z", "+00:00")).timestamp())
     except ValueError:
         return 0
 
 
-def _versions(services: Services) -> list[PromptInfo]:
+def _versions(services: Services) -> list[PromptVersion]:
     """Every stored version: tasks by name, each newest first."""
-    out: list[PromptInfo] = []
+    out: list[PromptVersion] = []
     token = ""
     while True:
         page, token = services.prompts.list_page(None, 0, token)

@@ -20,57 +20,18 @@ from datetime import datetime, timezone
 
 from softprompt.prompts import pipeline
 from softprompt.prompts.data import parse_jsonl
-from softprompt.prompts.options import TrainingOptions
 from softprompt.prompts.outcomes import TrainingState
 from softprompt.prompts.registry import PromptVersion, Registry
-from softprompt.prompts.train import EvalResult, Progress, PromptTrainer, TrainingCancelled
+from softprompt.prompts.results import Progress
+from softprompt.prompts.train import PromptTrainer, TrainingCancelled
 from softprompt.server.core.errors import OverloadedError, ShuttingDownError, TrainingJobNotFoundError
 from softprompt.server.core.model import BaseModel
 from softprompt.server.core.scheduler import Scheduler
+from softprompt.server.jobs.types import JobSnapshot, TrainJobRequest
 
 log = logging.getLogger(__name__)
 
 _KEEP_FINISHED = 100  # finished jobs remembered for Get/List
-
-
-@dataclass(frozen=True)
-class TrainJobRequest:
-    """What TrainPrompt carries, decoded (no protobuf)."""
-
-    task: str
-    train_jsonl: bytes
-    eval_jsonl: bytes
-    options: TrainingOptions
-    description: str = ""
-    tags: dict[str, str] = field(default_factory=dict)
-    promote_alias: str = ""
-
-
-@dataclass(frozen=True)
-class JobSnapshot:
-    """A job as callers see it at one moment; `revision` grows with every change."""
-
-    job_id: str
-    task: str
-    state: TrainingState
-    phase: str
-    created_at: str
-    train_examples: int
-    eval_examples: int
-    revision: int = 0
-    progress: Progress | None = None
-    before: EvalResult | None = None
-    after: EvalResult | None = None
-    version: PromptVersion | None = None
-    promoted: bool = False
-    promotion: str = ""
-    error: str = ""
-    finished_at: str = ""
-
-    @property
-    def done(self) -> bool:
-        """True once the job succeeded, failed or was cancelled."""
-        return self.state.finished
 
 
 @dataclass

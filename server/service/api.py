@@ -12,7 +12,7 @@ from typing import Protocol
 
 from softprompt.server.core.handle import Handle
 from softprompt.server.core.types import ClassifyRequest, ClassifyResult, GenerationRequest, StreamChunk, Tokenization
-from softprompt.server.service.types import ModelInfo, PromptInfo, PromptUpload, TrainingJob, TrainJobRequest
+from softprompt.server.service.types import JobSnapshot, ModelInfo, PromptUpload, PromptVersion, TrainJobRequest
 
 
 class PendingClassification(Protocol):
@@ -63,38 +63,39 @@ class Inference(Protocol):
 class Prompts(Protocol):
     """Register, inspect, list, alias and delete prompt versions."""
 
-    def register(self, upload: PromptUpload) -> PromptInfo:
+    def register(self, upload: PromptUpload) -> PromptVersion:
         """Checks an upload, stores it as the task's next version and warms it."""
 
-    def get(self, ref: str) -> PromptInfo:
+    def get(self, ref: str) -> PromptVersion:
         """The version a reference ("name", "name@3", "name@prod") names now."""
 
-    def list_page(self, name: str | None, page_size: int = 0, page_token: str = "") -> tuple[Sequence[PromptInfo], str]:
+    def list_page(self, name: str | None, page_size: int = 0,
+                  page_token: str = "") -> tuple[Sequence[PromptVersion], str]:
         """One page of versions and the token of the next ("" after the last)."""
 
     def delete(self, ref: str, *, all_versions: bool = False, force: bool = False) -> list[str]:
         """Deletes a version (or a whole task); returns the deleted refs."""
 
-    def set_alias(self, name: str, alias: str, version: int) -> PromptInfo:
+    def set_alias(self, name: str, alias: str, version: int) -> PromptVersion:
         """Points ``name@alias`` at `version`."""
 
 
 class Training(Protocol):
     """Submit, inspect, watch, cancel and list server-side training jobs."""
 
-    def submit(self, request: TrainJobRequest) -> TrainingJob:
+    def submit(self, request: TrainJobRequest) -> JobSnapshot:
         """Checks and queues a job."""
 
-    def get(self, job_id: str) -> TrainingJob:
+    def get(self, job_id: str) -> JobSnapshot:
         """The job's current state."""
 
-    def watch(self, job_id: str, is_active: Callable[[], bool]) -> Iterator[TrainingJob]:
+    def watch(self, job_id: str, is_active: Callable[[], bool]) -> Iterator[JobSnapshot]:
         """The job now and after each change, until it ends or `is_active()` turns false."""
 
-    def cancel(self, job_id: str) -> TrainingJob:
+    def cancel(self, job_id: str) -> JobSnapshot:
         """Cancels a queued job, or asks a running one to stop."""
 
-    def list(self) -> Sequence[TrainingJob]:
+    def list(self) -> Sequence[JobSnapshot]:
         """All remembered jobs, newest first."""
 
 

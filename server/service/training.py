@@ -1,7 +1,7 @@
 """Training jobs as a transport calls them: a thin facade over `TrainingJobs` that checks what jobs store.
 
-Requests arrive as `types.TrainJobRequest`; the jobs' `JobSnapshot`s go back as they are (they are the
-`types.TrainingJob` view transports read).
+Requests (`TrainJobRequest`) and the `JobSnapshot`s that go back are the jobs' own types, which `types`
+re-exports for the transports: nothing is copied on the way through.
 """
 
 from __future__ import annotations
@@ -9,11 +9,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 
-from softprompt.server.jobs.training import JobSnapshot, TrainingJobs
-from softprompt.server.jobs.training import TrainJobRequest as JobRequest
+from softprompt.server.jobs.training import TrainingJobs
+from softprompt.server.jobs.types import JobSnapshot, TrainJobRequest
 from softprompt.server.observability.logs import RequestIdFilter
 from softprompt.server.service.metadata import check_description
-from softprompt.server.service.types import TrainJobRequest
 
 log = logging.getLogger(__name__)
 log.addFilter(RequestIdFilter())
@@ -28,10 +27,7 @@ class TrainingService:
     def submit(self, request: TrainJobRequest) -> JobSnapshot:
         """Checks the request's metadata, data and options (no model compute) and queues the job."""
         check_description(request.description, request.tags)
-        return self.jobs.submit(JobRequest(
-            task=request.task, train_jsonl=request.train_jsonl, eval_jsonl=request.eval_jsonl,
-            options=request.options, description=request.description, tags=dict(request.tags),
-            promote_alias=request.promote_alias))
+        return self.jobs.submit(request)
 
     def get(self, job_id: str) -> JobSnapshot:
         """The job's current snapshot."""

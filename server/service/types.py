@@ -1,21 +1,34 @@
-"""What a transport sends the services and gets back, torch-free: requests as dataclasses, results as
-dataclasses or as read-only views.
+"""What a transport sends the services and gets back, torch-free: the uploads, the model's description, and
+the domain's and the jobs' own records, re-exported so a transport imports them from here.
 
-The views (`PromptInfo`, `TrainingJob` and the two it holds) are Protocols that the registry's and the jobs'
-own records satisfy as they are: the services return those records without copying them, and a transport
-reads their fields without importing the torch-side modules that define them. Generation and Classify
-requests and results are the core's (`core.types`), torch-free too.
+The records are the real types, not copies: `PromptVersion` (the registry's), `JobSnapshot` and
+`TrainJobRequest` (the jobs'), `EvalResult` and `Progress` (the trainer's). Each lives in a torch-free module
+beside the torch-side code that makes it, so a field added there is the field a transport reads. Generation
+and Classify requests and results are the core's (`core.types`), torch-free too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
 
-from softprompt.prompts.options import TrainingOptions
-from softprompt.prompts.outcomes import TrainingState
+from softprompt.prompts.registry.version import PromptVersion
+from softprompt.prompts.results import EvalResult, Progress
 from softprompt.server.core.types import KvUsage
+from softprompt.server.jobs.types import JobSnapshot, TrainJobRequest
+
+__all__ = [
+    "EvalResult",
+    "JobSnapshot",
+    "Limits",
+    "ModelInfo",
+    "PeftUpload",
+    "Progress",
+    "PromptUpload",
+    "PromptVersion",
+    "TensorUpload",
+    "TrainJobRequest",
+]
 
 # ---------------------------------------------------------------- prompts
 
@@ -53,37 +66,6 @@ class PromptUpload:
     force: bool = False
 
 
-class PromptInfo(Protocol):
-    """One stored prompt version and the aliases pointing at it (the registry's `PromptVersion`)."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def version(self) -> int: ...
-    @property
-    def ref(self) -> str: ...  # "name@version"
-    @property
-    def num_virtual_tokens(self) -> int: ...
-    @property
-    def hidden_size(self) -> int: ...
-    @property
-    def sha256(self) -> str: ...
-    @property
-    def base_model_fingerprint(self) -> str: ...
-    @property
-    def created_at(self) -> str: ...
-    @property
-    def description(self) -> str: ...
-    @property
-    def tags(self) -> Mapping[str, str]: ...
-    @property
-    def aliases(self) -> tuple[str, ...]: ...
-    @property
-    def source_type(self) -> str: ...
-    @property
-    def metrics(self) -> Mapping[str, float]: ...
-
-
 # ---------------------------------------------------------------- inference
 
 
@@ -114,88 +96,3 @@ class ModelInfo:
     has_chat_template: bool
     limits: Limits
     kv_cache: KvUsage  # the pool's size (--kv-cache-memory) and occupancy when asked
-
-
-# ---------------------------------------------------------------- training
-
-
-@dataclass(frozen=True)
-class TrainJobRequest:
-    """A training job to queue: examples as JSONL bytes (`eval_jsonl` empty: hold out part of `train_jsonl`)."""
-
-    task: str
-    train_jsonl: bytes
-    eval_jsonl: bytes
-    options: TrainingOptions
-    description: str = ""
-    tags: Mapping[str, str] = field(default_factory=dict)
-    promote_alias: str = ""
-
-
-class EvalMetrics(Protocol):
-    """Held-out metrics of one prompt (the trainer's `EvalResult`)."""
-
-    @property
-    def examples(self) -> int: ...
-    @property
-    def loss(self) -> float: ...
-    @property
-    def exact_match(self) -> float: ...
-    @property
-    def accuracy(self) -> float | None: ...
-
-
-class TrainingProgress(Protocol):
-    """Where a running job is (the trainer's `Progress`)."""
-
-    @property
-    def step(self) -> int: ...
-    @property
-    def total_steps(self) -> int: ...
-    @property
-    def epoch(self) -> float: ...
-    @property
-    def train_loss(self) -> float | None: ...
-    @property
-    def eval_loss(self) -> float | None: ...
-    @property
-    def best_eval_loss(self) -> float | None: ...
-    @property
-    def steps_per_second(self) -> float: ...
-    @property
-    def elapsed_seconds(self) -> float: ...
-
-
-class TrainingJob(Protocol):
-    """A training job as it stands (the jobs' `JobSnapshot`)."""
-
-    @property
-    def job_id(self) -> str: ...
-    @property
-    def task(self) -> str: ...
-    @property
-    def state(self) -> TrainingState: ...
-    @property
-    def phase(self) -> str: ...
-    @property
-    def created_at(self) -> str: ...
-    @property
-    def finished_at(self) -> str: ...
-    @property
-    def train_examples(self) -> int: ...
-    @property
-    def eval_examples(self) -> int: ...
-    @property
-    def progress(self) -> TrainingProgress | None: ...
-    @property
-    def before(self) -> EvalMetrics | None: ...
-    @property
-    def after(self) -> EvalMetrics | None: ...
-    @property
-    def version(self) -> PromptInfo | None: ...
-    @property
-    def promoted(self) -> bool: ...
-    @property
-    def promotion(self) -> str: ...
-    @property
-    def error(self) -> str: ...

@@ -129,6 +129,12 @@ class ServerConfig:
         True,
         'on a GPU, replay decode steps from captured CUDA graphs (--no-cuda-graphs: run them eagerly)',
     )
+    packed_linears: bool = setting(
+        True,
+        'on a CPU in float32, run the linear layers on weights packed once for oneDNN (decode steps 1.4-2x '
+        "faster on the 2-core EPYC BENCHMARKS.md names; the packed copy takes the weights' size again in memory; "
+        "--no-packed-linears: the model's own kernels)",
+    )
     workers: int = setting(0, 'gRPC threads, i.e. RPCs in flight before RESOURCE_EXHAUSTED (0: batch + queue + 8)')
     auth_tokens: Path | None = setting(
         None,

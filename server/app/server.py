@@ -30,6 +30,7 @@ from softprompt.server.observability.metrics import Metrics, NoMetrics, snapshot
 from softprompt.server.kv_memory import resolve_kv_cache_bytes
 from softprompt.server.app.loading import default_cache_dir, load_base_model
 from softprompt.server.core.model import BaseModel
+from softprompt.server.core.packed_linear import packing_available
 from softprompt.server.core.prompt_cache import PromptCache
 from softprompt.server.core.scheduler import Scheduler
 from softprompt.server.core.support import check_servable
@@ -91,6 +92,7 @@ def build_app(config: ServerConfig, base: BaseModel | None = None) -> App:
     # Resolved after the weights are loaded: a fraction is of the device memory they leave free.
     engine = Engine(base, prefix_cache_bytes=int(config.prefix_cache_mb * 1024 * 1024),
                     cuda_graphs=config.cuda_graphs and base.device.type == "cuda",
+                    packed_linears=config.packed_linears and packing_available(base.device, base.dtype),
                     kv_cache_bytes=resolve_kv_cache_bytes(config.kv_cache, base.device),
                     # Graphs for every batch size and for rows as long as a request may make them.
                     capture=(config.max_batch_size,

@@ -52,8 +52,10 @@ def capture_widths(max_width: int) -> list[int]:
 class DecodeStep:
     """Computes next-token logits for rows of the KV pool, writing their new keys and values in place."""
 
-    def __init__(self, model: PreTrainedModel, masks: MaskLayout, pool: KvPool, *, pad_shapes: bool) -> None:
+    def __init__(self, model: PreTrainedModel, masks: MaskLayout, pool: KvPool, *, pad_shapes: bool,
+                 packed: bool = False) -> None:
         self.model = model
+        self.packed = packed  # linear layers run on their packed weights (packed_linear)
         self.masks = masks
         self.pool = pool
         self.pad_shapes = pad_shapes
@@ -99,7 +101,8 @@ class DecodeStep:
         at = positions.clamp(min=0)[:, None]
         cache = PagedCache(self.pool, write_slots(table, positions[:, None]), read_slots(table, positions + 1, width))
         return kv.forward(self.model, cache, input_ids=tokens[:, None],
-                          attention_mask=self.masks.over_positions(at, width), position_ids=at).logits
+                          attention_mask=self.masks.over_positions(at, width), position_ids=at,
+                          packed=self.packed).logits
 
     def _run(self, rows: int, width: int) -> None:
         """The step over the first `rows` static rows, its logits into the shared buffer (what a graph captures)."""

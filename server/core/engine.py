@@ -34,6 +34,7 @@ from softprompt.server.core.decode_step import DecodeStep
 from softprompt.server.core.masks import MaskLayout
 from softprompt.server.core.model import BaseModel
 from softprompt.server.core.kv_manager import KvManager, RowBlocks
+from softprompt.server.core.packed_linear import pack_linears, packing_available
 from softprompt.server.core.paged_cache import PagedCache, read_slots
 from softprompt.server.core.pool import SCRATCH, KvPool, KvPoolFullError, LayerShape
 from softprompt.server.core.prompt_cache import DeviceLru, Key, PrefixKV, prefix_bytes
@@ -239,6 +240,9 @@ class Engine:
     `pad_shapes` (default: as `cuda_graphs`) runs steps at the graphs' bucketed shapes, which tests
     use on CPU to check that padding changes no token.
 
+    `packed_linears` (default: on where `packed_linear.packing_available`, a CPU in float32) packs the
+    model's linear weights for oneDNN once (`packed_linear`), which the engine's forwards then use.
+
     `ignore_eos` keeps a row generating past end-of-sequence tokens until `max_new_tokens` or a stop
     string (as vLLM's `SamplingParams.ignore_eos`), so that every request makes the same number of
     tokens, as benchmarks need. `timings`, when given a StepTimings, has every step record its calls and
@@ -248,7 +252,8 @@ class Engine:
 
     def __init__(self, base: BaseModel, prefix_cache_bytes: int = 0, *, cuda_graphs: bool | None = None,
                  pad_shapes: bool | None = None, ignore_eos: bool = False, timings: StepTimings | None = None,
-                 kv_cache_bytes: int | None = None, capture: tuple[int, int] = (32, 4096)) -> None:
+                 kv_cache_bytes: int | None = None, capture: tuple[int, int] = (32, 4096),
+                 packed_linears: bool | None = None) -> None:
         self.base = base
         self.ignore_eos = ignore_eos
         self.timings = timings
@@ -257,6 +262,9 @@ class Engine:
         self.tokenizer = base.tokenizer
         self.device = base.device
         self._embed = self.model.get_input_embeddings()
+        self.packed_linears = packing_available(self.device, base.dtype) if packed_linears is None else packed_linears
+        if self.packed_linears:
+            pack_linears(self.model)
         # Every end id of the generation config ends a row (Llama 3 Instruct lists three).
         self.eos_ids = frozenset(eos_token_ids(self.model, self.tokenizer))
         # Sliding-window layers need masks in real positions; the model's structure is read once.
@@ -266,7 +274,8 @@ class Engine:
                                  dtype=base.dtype, device=self.device)
         self.kv = KvManager(self.pool)
         graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self._step = DecodeStep(self.model, self._masks, self.pool, pad_shapes=graphs if pad_shapes is None else pad_shapes)
+        self._step = DecodeStep(self.model, self._masks, self.pool, pad_shapes=graphs if pad_shapes is None else pad_shapes,
+                                packed=self.packed_linears)
         if graphs:
             # `capture` is (most rows, longest row in tokens) served; a row never outgrows the pool.
             self._step.capture(capture[0], min(capture[1], self.kv.capacity_tokens))
@@ -455,7 +464,8 @@ class Engine:
         reads = read_slots(self._table([r.kv for r in rows]), torch.tensor(lengths, device=self.device), width)
         cache = PagedCache(self.pool, torch.tensor(writes, device=self.device), reads, past=min(starts))
         out = kv.forward(self.model, cache, inputs_embeds=x.embeds, position_ids=positions,
-                         attention_mask=self._masks.over_positions(positions, width), score_last=score_last)
+                         attention_mask=self._masks.over_positions(positions, width), score_last=score_last,
+                         packed=self.packed_linears)
         for row in rows:
             if row.keep is not None:
                 self.prefixes.put(row.keep, self._read_prefix(row.kv, row.keep_tokens))

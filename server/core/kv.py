@@ -14,6 +14,8 @@ from functools import lru_cache
 import torch
 from transformers import PreTrainedModel
 
+from softprompt.server.core import packed_linear
+
 
 @lru_cache(maxsize=None)
 def _cache_kwarg(forward_cls: type) -> str:
@@ -37,25 +39,28 @@ def forward(
     input_ids: torch.Tensor | None = None,
     inputs_embeds: torch.Tensor | None = None,
     score_last: int | None = None,
+    packed: bool = False,
 ) -> ForwardOutput:
     """Runs the model over new positions; their keys and values go to `cache.update`.
 
     `attention_mask` is a 4D mask, or 4D masks by layer type (`masks.MaskLayout`). Logits are the last
     position's [batch, vocab], or with `score_last` the last that many positions' [batch, score_last,
     vocab]. The model applies its LM head (and its final soft-capping or logit scale) to those
-    positions only, through its own `logits_to_keep`.
+    positions only, through its own `logits_to_keep`. `packed` runs linear layers that `packed_linear`
+    packed on their packed weights.
     """
     if score_last is not None and score_last < 1:
         raise ValueError(f"score_last must be a positive number of positions, got {score_last}")
-    out = model(
-        input_ids=input_ids,
-        inputs_embeds=inputs_embeds,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=True,
-        logits_to_keep=1 if score_last is None else score_last,
-        **{_cache_kwarg(type(model)): cache},
-    )
+    with packed_linear.serving(packed):
+        out = model(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1 if score_last is None else score_last,
+            **{_cache_kwarg(type(model)): cache},
+        )
     # Scored positions' logits stay in the model's dtype: the caller takes a float32 log-softmax of what it gathers.
     return ForwardOutput(logits=out.logits if score_last is not None else out.logits[:, -1, :].float())
 

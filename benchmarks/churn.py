@@ -187,7 +187,8 @@ def random_llama(hidden: int, layers: int, device: torch.device) -> tuple[BaseMo
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from softprompt.prompts.base import spec_of
-    from softprompt.server.app.loading import default_cache_dir, resolve_model_path
+    from softprompt.server.app.loading import resolve_model_path
+    from softprompt.server.config import default_cache_dir
     from softprompt.server.core.model import default_dtype
 
     if hidden % 192:

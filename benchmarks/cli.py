@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="on a GPU, our engine replays decode steps from CUDA graphs captured at startup "
                         "(--no-cuda-graphs: eagerly, to measure what graphs buy)")
+    m.add_argument("--packed-linears", action=argparse.BooleanOptionalAction, default=True,
+                   help="on a CPU in float32, our engine runs linear layers on oneDNN-packed weights "
+                        "(--no-packed-linears: the model's own kernels, to measure what packing buys)")
+    m.add_argument("--paged-kernel", action=argparse.BooleanOptionalAction, default=True,
+                   help="on a CPU in float32, our decode steps attend over the KV blocks in place "
+                        "(--no-paged-kernel: gather them and run SDPA, to measure what the kernel buys)")
     r = parser.add_argument_group("run")
     r.add_argument("--skip", type=_skip_keys, default=frozenset(), metavar="a,b,...",
                    help="methods to skip, by letter or name (e.g. --skip peft or --skip a,c)")
@@ -86,6 +92,7 @@ def parse_settings(argv: Sequence[str] | None) -> Settings:
         input_tokens=a.input_tokens, data=a.data, clients=a.clients or a.requests, batch_size=a.batch_size,
         model=a.model, device=a.device, dtype=a.dtype, random_weights=a.random_weights, skip=a.skip,
         json_out=a.json_out, warmup=max(0, a.warmup), cuda_graphs=a.cuda_graphs,
+        packed_linears=a.packed_linears, paged_kernel=a.paged_kernel,
     )
 
 

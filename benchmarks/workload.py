@@ -47,6 +47,8 @@ class Settings:
     json_out: Path | None
     warmup: int
     cuda_graphs: bool = True
+    packed_linears: bool = True  # CPU float32: linear layers on oneDNN-packed weights
+    paged_kernel: bool = True  # CPU float32: decode attention over the KV blocks in place
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,12 @@ def default_store_dir() -> Path:
     return Path(base) / "softprompt" / "prompts"
 
 
+def default_cache_dir() -> Path:
+    """Where converted models and built kernels live: $XDG_CACHE_HOME/softprompt or ~/.cache/softprompt."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "softprompt"
+
+
 def setting(default: Any, help: str, parse: Any = None) -> Any:
     """A settings field with its `--help` text beside it: `add_arguments` builds each flag from these.
 
@@ -128,6 +134,17 @@ class ServerConfig:
     cuda_graphs: bool = setting(
         True,
         'on a GPU, replay decode steps from captured CUDA graphs (--no-cuda-graphs: run them eagerly)',
+    )
+    torch_threads: int = setting(
+        0,
+        "threads the model's CPU kernels use (torch.set_num_threads); 0: torch's default, one per core. Fewer "
+        'leave cores to the gRPC and HTTP threads that stream the answers',
+    )
+    paged_kernel: bool = setting(
+        True,
+        'on a CPU in float32 with SDPA attention, decode steps attend over the KV blocks where they lie with a '
+        'kernel built once per machine (~30 s, with the C++ compiler torch extensions use; cached under '
+        '--cache-dir); --no-paged-kernel: gather each row\'s keys and values per layer and run SDPA',
     )
     packed_linears: bool = setting(
         True,

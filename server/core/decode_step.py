@@ -18,14 +18,16 @@ their graphs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from types import ModuleType
 
 import torch
 from transformers import PreTrainedModel
 
-from softprompt.server.core import kv
+from softprompt.server.core import kv, paged_attention
 from softprompt.server.core.masks import MaskLayout
-from softprompt.server.core.paged_cache import PagedCache, read_slots, write_slots
+from softprompt.server.core.paged_cache import InPlace, PagedCache, read_slots, write_slots
 from softprompt.server.core.pool import BLOCK_SIZE, KvPool, blocks_for
 
 log = logging.getLogger(__name__)
@@ -53,9 +55,10 @@ class DecodeStep:
     """Computes next-token logits for rows of the KV pool, writing their new keys and values in place."""
 
     def __init__(self, model: PreTrainedModel, masks: MaskLayout, pool: KvPool, *, pad_shapes: bool,
-                 packed: bool = False) -> None:
+                 packed: bool = False, kernel: ModuleType | None = None) -> None:
         self.model = model
         self.packed = packed  # linear layers run on their packed weights (packed_linear)
+        self.kernel = kernel  # attention reads the blocks in place (paged_attention); None: gather them
         self.masks = masks
         self.pool = pool
         self.pad_shapes = pad_shapes
@@ -99,10 +102,13 @@ class DecodeStep:
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, table: torch.Tensor,
                  width: int) -> torch.Tensor:
         at = positions.clamp(min=0)[:, None]
-        cache = PagedCache(self.pool, write_slots(table, positions[:, None]), read_slots(table, positions + 1, width))
-        return kv.forward(self.model, cache, input_ids=tokens[:, None],
-                          attention_mask=self.masks.over_positions(at, width), position_ids=at,
-                          packed=self.packed).logits
+        in_place = None if self.kernel is None else InPlace(self.kernel, table, positions + 1, self.masks.window_of)
+        cache = PagedCache(self.pool, write_slots(table, positions[:, None]), read_slots(table, positions + 1, width),
+                           in_place=in_place)
+        with paged_attention.fused(cache) if in_place is not None else contextlib.nullcontext():
+            return kv.forward(self.model, cache, input_ids=tokens[:, None],
+                              attention_mask=self.masks.over_positions(at, width), position_ids=at,
+                              packed=self.packed).logits
 
     def _run(self, rows: int, width: int) -> None:
         """The step over the first `rows` static rows, its logits into the shared buffer (what a graph captures)."""

@@ -29,7 +29,7 @@ import torch
 from softprompt.prompts import inject
 from softprompt.prompts.outcomes import FinishReason
 from softprompt.prompts.tokens import eos_token_ids
-from softprompt.server.core import kv
+from softprompt.server.core import kv, paged_attention
 from softprompt.server.core.decode_step import DecodeStep
 from softprompt.server.core.masks import MaskLayout
 from softprompt.server.core.model import BaseModel
@@ -242,6 +242,8 @@ class Engine:
 
     `packed_linears` (default: on where `packed_linear.packing_available`, a CPU in float32) packs the
     model's linear weights for oneDNN once (`packed_linear`), which the engine's forwards then use.
+    `paged_kernel` (default: on where `paged_attention.kernel_available`, a CPU in float32 with SDPA
+    attention) has decode steps attend over the pool's blocks in place instead of gathering them.
 
     `ignore_eos` keeps a row generating past end-of-sequence tokens until `max_new_tokens` or a stop
     string (as vLLM's `SamplingParams.ignore_eos`), so that every request makes the same number of
@@ -253,7 +255,7 @@ class Engine:
     def __init__(self, base: BaseModel, prefix_cache_bytes: int = 0, *, cuda_graphs: bool | None = None,
                  pad_shapes: bool | None = None, ignore_eos: bool = False, timings: StepTimings | None = None,
                  kv_cache_bytes: int | None = None, capture: tuple[int, int] = (32, 4096),
-                 packed_linears: bool | None = None) -> None:
+                 packed_linears: bool | None = None, paged_kernel: bool | None = None) -> None:
         self.base = base
         self.ignore_eos = ignore_eos
         self.timings = timings
@@ -274,8 +276,13 @@ class Engine:
                                  dtype=base.dtype, device=self.device)
         self.kv = KvManager(self.pool)
         graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        impl = getattr(self.model.config, "_attn_implementation", None)
+        kernel = None
+        if paged_attention.kernel_available(self.device, base.dtype, impl) if paged_kernel is None else paged_kernel:
+            kernel = paged_attention.load_kernel()
+            paged_attention.install()
         self._step = DecodeStep(self.model, self._masks, self.pool, pad_shapes=graphs if pad_shapes is None else pad_shapes,
-                                packed=self.packed_linears)
+                                packed=self.packed_linears, kernel=kernel)
         if graphs:
             # `capture` is (most rows, longest row in tokens) served; a row never outgrows the pool.
             self._step.capture(capture[0], min(capture[1], self.kv.capacity_tokens))

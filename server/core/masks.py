@@ -42,6 +42,7 @@ class MaskLayout:
     window: int | None  # tokens a sliding layer sees, itself included; None without sliding layers
     per_layer_type: bool  # full and sliding layers both occur: masks go as a dict by layer type
     dtype: torch.dtype | None  # None: boolean masks (sdpa); else additive masks in this dtype (eager)
+    layer_windows: tuple[int, ...] = ()  # per layer, the window it slides (0: full attention); () none slides
 
     @classmethod
     def of(cls, model: PreTrainedModel) -> MaskLayout:
@@ -65,10 +66,12 @@ class MaskLayout:
             if SLIDING not in kinds:
                 return cls(None, False, dtype)
             per_layer_type = FULL in kinds
+            windows = tuple(window if kind == SLIDING else 0 for kind in layer_types)
         elif not window:
             return cls(None, False, dtype)
         else:
             per_layer_type = False
+            windows = (window,) * config.num_hidden_layers
         if not isinstance(window, int) or window < 1:
             raise ValueError(f"sliding_window {window!r} must be a positive number of tokens")
         if getattr(config, "use_bidirectional_attention", False) or not getattr(config, "is_causal", True):
@@ -76,7 +79,11 @@ class MaskLayout:
         if impl not in SUPPORTED_ATTENTION:
             raise ValueError(f"sliding-window masks are built for {' and '.join(SUPPORTED_ATTENTION)} attention, "
                              f"not {impl!r}")
-        return cls(window, per_layer_type, dtype)
+        return cls(window, per_layer_type, dtype, windows)
+
+    def window_of(self, layer: int) -> int:
+        """The window layer `layer` slides, in tokens; 0 for full attention."""
+        return self.layer_windows[layer] if self.layer_windows else 0
 
     def over_positions(self, positions: torch.Tensor, width: int) -> Mask:
         """The `attention_mask` of a forward over KV-pool rows (`paged_cache`), whose column j is position j.

@@ -958,7 +958,8 @@ def make_peers(a: argparse.Namespace, plan: Plan, work: Workload, model_dir: Pat
 
 def prepare(a: argparse.Namespace, plan: Plan) -> tuple[Workload, Path | None, str]:
     """Loads the model once: the workload, the vLLM-ready folder (when vLLM is started here) and the model's id."""
-    from softprompt.server.app.loading import default_cache_dir, load_base_model, resolve_model_path
+    from softprompt.server.app.loading import load_base_model, resolve_model_path
+    from softprompt.server.config import default_cache_dir
 
     progress("loading the model (for the prompts, the embedding table and the tokenizer)")
     base = load_base_model(a.model, device="cpu", dtype="float32")

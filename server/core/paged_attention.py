@@ -21,9 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import fcntl
 import hashlib
+import importlib.util
 import logging
+import os
 import platform
+import shutil
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,6 +51,7 @@ SOURCE = Path(__file__).with_name("csrc") / "paged_attention.cpp"
 _CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 _LDFLAGS = ["-fopenmp", "-lmvec"]
 
+_NAME = "softprompt_paged_attention"
 _FUSED: contextvars.ContextVar[PagedCache | None] = contextvars.ContextVar("softprompt_fused_decode", default=None)
 _lock = threading.Lock()
 _kernel: ModuleType | None = None
@@ -67,19 +73,48 @@ def load_kernel(cache_dir: Path | None = None) -> ModuleType | None:
         if _kernel is not None or _failed:
             return _kernel
         try:
-            from torch.utils.cpp_extension import load
-
-            folder = (cache_dir or _default_cache_dir()) / _build_key()
-            folder.mkdir(parents=True, exist_ok=True)
-            if not any(folder.glob("*.so")):
-                log.info("building the CPU paged attention kernel into %s (once per machine, ~30 s)", folder)
-            _kernel = load(name="softprompt_paged_attention", sources=[str(SOURCE)], extra_cflags=_CFLAGS,
-                           extra_ldflags=_LDFLAGS, build_directory=str(folder), verbose=False)
+            _kernel = _load_or_build((cache_dir or _default_cache_dir()) / _build_key())
         except Exception as exc:  # noqa: BLE001 - the gathered path serves without it
             _failed = True
             log.warning("the CPU paged attention kernel could not be built (%s); decode steps gather keys and "
                         "values and run SDPA instead", exc)
         return _kernel
+
+
+def _load_or_build(folder: Path) -> ModuleType:
+    """Import the built kernel from `folder`, building it first if no process has.
+
+    torch's `load` guards its build folder with a lock *file*: a process killed mid-build (a server stopped
+    while it starts) leaves it behind, and every later load then waits on it forever. Here builders take a
+    `flock` on the folder, which the OS releases when its holder dies however it dies, each build runs in a
+    fresh scratch folder, and one rename publishes the finished library, so a reader never sees half of it.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    library = folder / f"{_NAME}.so"
+    with open(folder / "build.lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if library.exists():
+            return _import(library)
+        for stale in folder.glob("build-*"):  # left by a builder that died holding the lock we now hold
+            shutil.rmtree(stale, ignore_errors=True)
+        log.info("building the CPU paged attention kernel into %s (once per machine, ~30 s)", folder)
+        from torch.utils.cpp_extension import load
+
+        with tempfile.TemporaryDirectory(dir=folder, prefix="build-") as scratch:
+            module = load(name=_NAME, sources=[str(SOURCE)], extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS,
+                          build_directory=scratch, verbose=False)
+            # The loaded library stays mapped after the rename; later processes import the published one.
+            os.replace(Path(scratch) / f"{_NAME}.so", library)
+        return module
+
+
+def _import(library: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(_NAME, library)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {library}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _default_cache_dir() -> Path:

@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                "  softprompt bench --requests 64 --clients 64 --skip peft --json out.json\n"
                "  softprompt bench --random-weights scripts/llama-3.2-1b-config.json --device cuda --new-tokens 128\n"
                "\nthe sampler alone (no model), microseconds per row per step:\n"
-               "  python -m softprompt.benchmarks.sampling --rows 64 --vocab 49152 --steps 200\n",
+               "  python -m softprompt.benchmarks.sampling --rows 64 --vocab 49152 --steps 200\n"
+               "\na batch mixing prefix-tuned, prompt-tuned and bare rows against the same rows all prompt-tuned:\n"
+               "  python -m softprompt.benchmarks.mixed_methods --rows 16 --rounds 5\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     w = parser.add_argument_group("workload")

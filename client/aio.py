@@ -63,7 +63,7 @@ class AsyncClient(BaseClient[grpc.aio.Channel]):
         try:
             return call.response(await method(call.request, **kwargs))
         except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+            raise from_rpc_error(e, call.rpc.name) from None
 
     def _items(self, call: Streaming[R] | Paged[R]) -> AsyncIterator[R]:
         return self._pages(call) if isinstance(call, Paged) else self._stream(call)
@@ -87,6 +87,6 @@ class AsyncClient(BaseClient[grpc.aio.Channel]):
             async for message in responses:
                 yield call.response(message)
         except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+            raise from_rpc_error(e, call.rpc.name) from None
         finally:
             responses.cancel()  # frees the server's slot when the caller stops early; no-op when done

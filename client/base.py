@@ -101,8 +101,10 @@ class BaseClient(Generic[Channel]):
     get_prompt = unary(calls.get_prompt)
     iter_prompts = streaming(calls.iter_prompts)
     list_prompts = listing(calls.list_prompts)
+    list_prompts_page = unary(calls.list_prompts_page)
     delete_prompt = unary(calls.delete_prompt)
     set_alias = unary(calls.set_alias)
+    export_prompt = unary(calls.export_prompt)
 
     # ------------------------------------------------------------------ Training
     train = unary(calls.train)

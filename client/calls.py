@@ -9,8 +9,10 @@ prompt source read, training data as JSONL) comes from `requests`; responses are
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from google.protobuf.message import Message
@@ -20,6 +22,7 @@ from softprompt.client.requests import TrainingData
 from softprompt.client.sources import PromptSource
 from softprompt.client.types import (
     ClassifyResult,
+    ExportedPrompt,
     GenerateResult,
     ModelInfo,
     PromptInfo,
@@ -45,6 +48,11 @@ class Rpc:
 
     service: str
     method: str
+
+    @property
+    def name(self) -> str:
+        """The call as errors name it: "Service/Method"."""
+        return f"{self.service}/{self.method}"
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,7 @@ def generate(
     input: str,
     *,
     options: DecodingOptions | None = None,
+    priority: int | None = None,
     timeout: float | None = None,
     **decoding: Unpack[DecodingKeywords],
 ) -> Unary[GenerateResult]:
@@ -113,10 +122,15 @@ def generate(
     is greedy unless `temperature` > 0; 0 values mean the server's defaults. `stop` sequences end
     generation and are not returned. `chat` wraps the input with the model's chat template.
 
+    `priority` is how soon the request is served, not how it decodes: lower is served first (as vLLM's),
+    a more urgent request may preempt less urgent ones, and None means the task's default on the server
+    (0 unless its --task-policy says otherwise). The token's role bounds how urgent a request may be
+    (`PermissionDeniedError` beyond).
+
     Raises:
         TypeError: a keyword is not a `DecodingOptions` field.
     """
-    request = _generate_request(task, input, requests.decoding_options(options, **decoding))
+    request = _generate_request(task, input, requests.decoding_options(options, **decoding), priority)
     return Unary(Rpc("Inference", "Generate"), request, convert.generate_result, timeout, task)
 
 
@@ -125,6 +139,7 @@ def stream(
     input: str,
     *,
     options: DecodingOptions | None = None,
+    priority: int | None = None,
     timeout: float | None = None,
     **decoding: Unpack[DecodingKeywords],
 ) -> Streaming[StreamChunk]:
@@ -133,12 +148,13 @@ def stream(
     The last chunk carries `finish_reason` and `usage`. The call starts on the first `next()`;
     closing the iterator early (break, `close()`; `aclose()` with `AsyncClient`) cancels it on the server.
     """
-    request = _generate_request(task, input, requests.decoding_options(options, **decoding))
+    request = _generate_request(task, input, requests.decoding_options(options, **decoding), priority)
     return Streaming(Rpc("Inference", "GenerateStream"), request, convert.stream_chunk, timeout, task)
 
 
-def _generate_request(task: str, input: str, options: DecodingOptions) -> pb.GenerateRequest:
-    return pb.GenerateRequest(task=task, input=input, params=decoding_to_pb(options))
+def _generate_request(task: str, input: str, options: DecodingOptions, priority: int | None) -> pb.GenerateRequest:
+    # None leaves the optional field unset: the server then uses the task's default priority.
+    return pb.GenerateRequest(task=task, input=input, params=decoding_to_pb(options), priority=priority)
 
 
 def tokenize(text: str, chat: bool = False, *, timeout: float | None = None) -> Unary[TokenizeResult]:
@@ -178,13 +194,16 @@ def register(
     tags: Mapping[str, str] | None = None,
     base_model_fingerprint: str = "",
     force: bool = False,
+    task_id: int | None = None,
     timeout: float | None = None,
 ) -> Unary[PromptInfo]:
     """Stores `source` as the next version of `task` and returns it.
 
-    `source` is a PEFT `save_pretrained` directory, a .safetensors file holding one
+    `source` is a PEFT `save_pretrained` directory (any prompt-learning method: PROMPT_TUNING, P_TUNING,
+    PREFIX_TUNING, CARTRIDGE, MULTITASK_PROMPT_TUNING, CPT), a .safetensors file holding one
     [num_virtual_tokens, hidden_size] tensor, or such a tensor in memory (torch or numpy); it is read
-    before the call (synchronously, with `AsyncClient` too). Registration fails with
+    before the call (synchronously, with `AsyncClient` too). `task_id` picks the task of a
+    MULTITASK_PROMPT_TUNING adapter (needed when it holds several). Registration fails with
     FailedPreconditionError if `base_model_fingerprint` (or the one recorded in the directory's
     softprompt.json) differs from the server's, unless `force`.
 
@@ -196,7 +215,7 @@ def register(
         name=task, description=description, tags=dict(tags or {}), base_model_fingerprint=base_model_fingerprint,
         force=force,
     )
-    requests.add_source(request, source)
+    requests.add_source(request, source, task_id=task_id)
     return Unary(Rpc("Registry", "RegisterPrompt"), request, convert.prompt_info, timeout)
 
 
@@ -221,6 +240,15 @@ def list_prompts(task: str | None = None, page_size: int = 0, *, timeout: float 
     return iter_prompts(task, page_size, timeout=timeout)
 
 
+def list_prompts_page(task: str | None = None, page_size: int = 0, page_token: str = "", *,
+                      timeout: float | None = None) -> Unary[tuple[list[PromptInfo], str]]:
+    """One page of versions (of `task`, or of all tasks: tasks by name, each newest first) and the token of the
+    next page ("" after the last); `page_token` "" is the first page, `page_size` 0 the server's default (100;
+    at most 1000). Pages stay consistent while versions are added or deleted."""
+    request = pb.ListPromptsRequest(name=task or "", page_size=page_size, page_token=page_token)
+    return Unary(Rpc("Registry", "ListPrompts"), request, convert.prompt_page, timeout)
+
+
 def delete_prompt(
     ref: str, *, all_versions: bool = False, force: bool = False, timeout: float | None = None
 ) -> Unary[list[str]]:
@@ -230,6 +258,22 @@ def delete_prompt(
     """
     request = pb.DeletePromptRequest(ref=ref, all_versions=all_versions, force=force)
     return Unary(Rpc("Registry", "DeletePrompt"), request, convert.deleted_refs, timeout)
+
+
+def export_prompt(ref: str, directory: str | os.PathLike[str], *, timeout: float | None = None) -> Unary[ExportedPrompt]:
+    """Writes every file of the version `ref` names ("name", "name@3", "name@alias") into `directory`.
+
+    The folder (created if missing; files of the same names are replaced) holds the PEFT adapter
+    (`peft.PeftModel.from_pretrained(base_model, directory)` loads it), softprompt.json and, for a version a
+    training run registered, its report (training.json) and loss plot (loss.png). The files are written when
+    the answer arrives (with `AsyncClient` too).
+
+    Raises:
+        OSError: the folder cannot be written.
+    """
+    target = Path(directory).expanduser()
+    request = pb.ExportPromptRequest(ref=ref)
+    return Unary(Rpc("Registry", "ExportPrompt"), request, lambda msg: convert.exported_prompt(msg, target), timeout)
 
 
 def set_alias(task: str, alias: str, version: int, *, timeout: float | None = None) -> Unary[PromptInfo]:

@@ -63,7 +63,7 @@ class Client(BaseClient[grpc.Channel]):
         try:
             return call.response(method(call.request, **kwargs))
         except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+            raise from_rpc_error(e, call.rpc.name) from None
 
     def _items(self, call: Streaming[R] | Paged[R]) -> Iterator[R]:
         return self._pages(call) if isinstance(call, Paged) else self._stream(call)
@@ -86,6 +86,6 @@ class Client(BaseClient[grpc.Channel]):
             for message in responses:
                 yield call.response(message)
         except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+            raise from_rpc_error(e, call.rpc.name) from None
         finally:
             responses.cancel()  # frees the server's slot when the caller stops early; no-op when done

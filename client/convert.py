@@ -9,11 +9,14 @@ Finish reasons and training states map through `softprompt.protos.enums`, the ta
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from softprompt.client.types import (
+    CacheTier,
     ClassifyResult,
     EvalMetrics,
+    ExportedPrompt,
     GenerateResult,
     KvCache,
     LabelScore,
@@ -21,6 +24,7 @@ from softprompt.client.types import (
     ModelInfo,
     PromptInfo,
     StreamChunk,
+    TaskLoad,
     TokenizeResult,
     TrainingJob,
     TrainingProgress,
@@ -57,6 +61,8 @@ classify_result = MessageMapping(ClassifyResult, pb.ClassifyResponse, decode={"s
 # kv_cache is None from servers that do not report it.
 model_info = MessageMapping(ModelInfo, pb.ModelInfoResponse, decode={
     "limits": MessageMapping(Limits, pb.Limits).from_pb, "kv_cache": MessageMapping(KvCache, pb.KvCache).from_pb,
+    "tasks": MessageMapping(TaskLoad, pb.TaskLoad).from_pb,
+    "caches": MessageMapping(CacheTier, pb.CacheTier).from_pb,
 }).from_pb
 prompt_info = MessageMapping(PromptInfo, pb.PromptInfo).from_pb
 # before, after and version are None while the server leaves them unset.
@@ -72,6 +78,20 @@ training_job = MessageMapping(TrainingJob, pb.TrainingJob, decode={
 def prompt_page(msg: pb.ListPromptsResponse) -> tuple[list[PromptInfo], str]:
     """One page of a listing: its versions and the next page's token ("" after the last page)."""
     return [prompt_info(p) for p in msg.prompts], msg.next_page_token
+
+
+def exported_prompt(msg: pb.ExportPromptResponse, directory: Path) -> ExportedPrompt:
+    """Writes an ExportPromptResponse's files into `directory` (created if missing; files of the same names are
+    replaced) and describes what it wrote. A name that is not a plain file name is refused before anything is
+    written: the server names the files, and no name may reach outside the folder."""
+    for f in msg.files:
+        if not f.name or f.name.startswith(".") or Path(f.name).name != f.name or "\\" in f.name:
+            raise ValueError(f"the server sent a file named {f.name!r}, which is not a plain file name: nothing was "
+                             f"written to {directory}")
+    directory.mkdir(parents=True, exist_ok=True)
+    for f in msg.files:
+        (directory / f.name).write_bytes(f.data)
+    return ExportedPrompt(prompt_info(msg.prompt), directory, tuple(f.name for f in msg.files))
 
 
 def deleted_refs(msg: pb.DeletePromptResponse) -> list[str]:

@@ -31,12 +31,17 @@ class SoftpromptError(Exception):
     Attributes:
         code: the gRPC status code.
         details: the server's message (what went wrong and how to fix it).
+        rpc: the call that failed, "Service/Method" (e.g. "Training/ListTrainingJobs"); "" if unknown.
+        request_id: the id the server gave the call (its `x-request-id`, also on its log lines about it); None
+            when no softprompt server answered (it could not be reached, or a proxy answered in its place).
     """
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, *, rpc: str = "", request_id: str | None = None) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        self.rpc = rpc
+        self.request_id = request_id
 
 
 class NotFoundError(SoftpromptError):
@@ -52,7 +57,15 @@ class FailedPreconditionError(SoftpromptError):
 
 
 class ResourceExhaustedError(SoftpromptError):
-    """The server is overloaded or the request exceeds a size limit; retry later or send less."""
+    """The server is overloaded, the task is over a limit, or the request exceeds a size limit; retry later
+    or send less.
+
+    Attributes:
+        retry_after: seconds the server asks the client to wait before retrying (its `retry-after`
+            trailing metadata), or None when it did not say.
+    """
+
+    retry_after: float | None = None
 
 
 class DeadlineExceededError(SoftpromptError):
@@ -105,8 +118,12 @@ def error_class(code: grpc.StatusCode) -> type[SoftpromptError]:
     return _ERROR_CLASSES.get(code, SoftpromptError)
 
 
-def from_rpc_error(e: grpc.RpcError) -> SoftpromptError:
-    """Converts a failed gRPC call (sync or asyncio) into the matching typed error."""
+# The initial-metadata key under which the server returns a call's request id.
+REQUEST_ID_KEY = "x-request-id"
+
+
+def from_rpc_error(e: grpc.RpcError, rpc: str = "") -> SoftpromptError:
+    """Converts a failed gRPC call (sync or asyncio) of `rpc` ("Service/Method") into the matching typed error."""
     # A bare grpc.RpcError need not be a grpc.Call; only failed calls carry code() and details().
     code_fn = getattr(e, "code", None)
     details_fn = getattr(e, "details", None)
@@ -114,4 +131,36 @@ def from_rpc_error(e: grpc.RpcError) -> SoftpromptError:
     details = details_fn() if callable(details_fn) else None
     if not isinstance(code, grpc.StatusCode):
         code = grpc.StatusCode.UNKNOWN
-    return error_class(code)(code, details or "(no details from the server)")
+    error = error_class(code)(code, details or "(no details from the server)", rpc=rpc, request_id=_request_id(e))
+    if isinstance(error, ResourceExhaustedError):
+        error.retry_after = _retry_after(e)
+    return error
+
+
+def _retry_after(e: grpc.RpcError) -> float | None:
+    """The `retry-after` trailing metadata (seconds) of a refused call, if the server sent one."""
+    metadata_fn = getattr(e, "trailing_metadata", None)
+    try:
+        metadata = metadata_fn() if callable(metadata_fn) else None
+    except Exception:  # noqa: BLE001 - a call that never started may refuse to say
+        return None
+    for key, value in metadata or ():
+        if key == "retry-after":
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+def _request_id(e: grpc.RpcError) -> str | None:
+    """The request id the server sent in the failed call's initial metadata; None if it sent none."""
+    metadata_fn = getattr(e, "initial_metadata", None)
+    try:
+        metadata = metadata_fn() if callable(metadata_fn) else None
+    except Exception:  # noqa: BLE001 - a call that never started may refuse to say
+        return None
+    for key, value in metadata or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str):
+            return value
+    return None

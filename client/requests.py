@@ -43,19 +43,25 @@ def labels(candidates: Iterable[str]) -> list[str]:
     return [candidates] if isinstance(candidates, str) else list(candidates)
 
 
-def add_source(request: pb.RegisterPromptRequest, source: PromptSource) -> None:
-    """Reads `source` (see `sources.load_source`) into `request`'s upload.
+def add_source(request: pb.RegisterPromptRequest, source: PromptSource, *, task_id: int | None = None) -> None:
+    """Reads `source` (see `sources.load_source`) into `request`'s upload; `task_id` (a PEFT adapter only) picks
+    a MULTITASK_PROMPT_TUNING adapter's task.
 
     A fingerprint recorded in a PEFT directory's softprompt.json is sent unless the request has one.
     """
+    if task_id is not None and (isinstance(task_id, bool) or not isinstance(task_id, int) or task_id < 0):
+        raise ValueError(f"task_id must be a task number >= 0, got {task_id!r}")
     loaded = load_source(source)
     if isinstance(loaded, PeftFiles):
         request.peft.CopyFrom(pb.PeftAdapter(
             adapter_config_json=loaded.adapter_config_json,
             adapter_model_safetensors=loaded.adapter_model_safetensors,
+            task_id=task_id,
         ))
         request.base_model_fingerprint = request.base_model_fingerprint or loaded.base_model_fingerprint
     else:
+        if task_id is not None:
+            raise ValueError("task_id picks a MULTITASK_PROMPT_TUNING adapter's task: give a PEFT adapter directory")
         request.tensor.CopyFrom(pb.RawTensor(shape=list(loaded.shape), dtype=loaded.dtype, data=loaded.data))
 
 

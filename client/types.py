@@ -7,6 +7,7 @@ so callers never handle generated protobuf classes and can use `dataclasses.asdi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from softprompt.prompts.outcomes import FinishReason, TrainingState
@@ -16,8 +17,11 @@ __all__ = [
     "GenerateResult",
     "StreamChunk",
     "PromptInfo",
+    "ExportedPrompt",
     "Limits",
     "KvCache",
+    "CacheTier",
+    "TaskLoad",
     "ModelInfo",
     "TokenizeResult",
     "LabelScore",
@@ -97,9 +101,17 @@ class PromptInfo:
         description: free text given at registration.
         tags: free key/value labels given at registration.
         aliases: aliases pointing at this version (e.g. ("prod",)).
-        peft_type: "PROMPT_TUNING", "P_TUNING" or "RAW".
+        peft_type: what it was uploaded or trained as: "PROMPT_TUNING", "P_TUNING", "RAW",
+            "MULTITASK_PROMPT_TUNING", "CPT", "PREFIX_TUNING" or "CARTRIDGE".
         metrics: held-out metrics recorded by softprompt training ("eval_loss", "exact_match",
             "accuracy"); empty for uploaded prompts.
+        candidate: registered by a training run whose quality gate kept its alias on another version;
+            served when named ("name@N") or through an alias pointed at it, never by the bare name.
+        method: how it is served: "prompt" (virtual-token embeddings in front of the input) or
+            "prefix" (keys and values in every layer's KV cache: PREFIX_TUNING, CARTRIDGE).
+        num_layers, kv_heads, head_dim: a "prefix" version's keys and values per virtual token (0 for "prompt").
+        size_bytes: bytes of the stored float32 matrix.
+        peft_task_id: the MULTITASK_PROMPT_TUNING task it was materialized from (None otherwise).
     """
 
     name: str
@@ -115,6 +127,29 @@ class PromptInfo:
     aliases: tuple[str, ...] = ()
     peft_type: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
+    candidate: bool = False
+    method: str = ""
+    num_layers: int = 0
+    kv_heads: int = 0
+    head_dim: int = 0
+    size_bytes: int = 0
+    peft_task_id: int | None = None
+
+
+@dataclass(frozen=True)
+class ExportedPrompt:
+    """A version whose files `export_prompt` wrote into a folder.
+
+    Attributes:
+        prompt: the version the reference resolved to.
+        directory: the folder the files are in; `peft.PeftModel.from_pretrained(base_model, directory)` loads it.
+        files: the names written: adapter_config.json, adapter_model.safetensors, softprompt.json and, for a
+            trained version, training.json (its report) and loss.png (its loss curve).
+    """
+
+    prompt: PromptInfo
+    directory: Path
+    files: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -129,6 +164,8 @@ class Limits:
         max_batch_size: requests decoded together in one batch.
         max_queued_requests: requests waiting before new ones are refused (RESOURCE_EXHAUSTED).
         max_upload_bytes: the largest prompt upload accepted by `register`.
+        max_stop_sequences: the most stop sequences a request may give.
+        max_labels: the most candidate labels a Classify request may give.
     """
 
     max_new_tokens: int
@@ -138,6 +175,8 @@ class Limits:
     max_batch_size: int
     max_queued_requests: int
     max_upload_bytes: int
+    max_stop_sequences: int = 0  # 0: a server older than these fields
+    max_labels: int = 0
 
 
 @dataclass(frozen=True)
@@ -172,6 +211,72 @@ class KvCache:
 
 
 @dataclass(frozen=True)
+class CacheTier:
+    """One tier of the server's prompt memory (`ModelInfo.caches`), to size its budget.
+
+    Attributes:
+        name: "host" (every version's prompt matrix in host memory), "prompt" (matrices on the serving
+            device) or "prefix" (keys and values of prompts' virtual tokens).
+        entries: versions (or prefixes) held now.
+        bytes: bytes held now.
+        capacity_bytes: the budget (--host-cache-mb, --prompt-cache-mb, --prefix-cache-mb); beyond it the
+            least recently used are evicted.
+        hits: lookups that found their entry since the server started.
+        misses: lookups that did not (the next tier, or the store, filled it).
+        loads: entries put in (after a miss, at registration, or by the host tier's background load).
+        evictions: entries dropped to stay within the budget.
+        pending: "host": versions its background load has still to read (0 once done).
+    """
+
+    name: str
+    entries: int
+    bytes: int
+    capacity_bytes: int
+    hits: int
+    misses: int
+    loads: int
+    evictions: int
+    pending: int
+
+    @property
+    def hit_rate(self) -> float:
+        """Hits per lookup since the server started (0 before the first)."""
+        lookups = self.hits + self.misses
+        return self.hits / lookups if lookups else 0.0
+
+
+@dataclass(frozen=True)
+class TaskLoad:
+    """One task's use of the server, as its fair share sees it (`ModelInfo.tasks`, `softprompt top`).
+
+    Attributes:
+        task: the task's name; "-" for the bare model.
+        running: rows it holds in the batch now.
+        queued: requests it has waiting.
+        share: fraction of the running rows it holds.
+        fair_share: fraction its weight entitles it to among the tasks busy now.
+        weight: its weight (the server's --task-policy; 1 without).
+        priority: its requests' default priority (lower is served first).
+        tokens_per_second: input and output tokens computed for it lately.
+        input_tokens: positions prefilled or scored for it since the server started.
+        output_tokens: tokens generated for it since the server started.
+        refused: requests refused by its limits since the server started.
+    """
+
+    task: str
+    running: int
+    queued: int
+    share: float
+    fair_share: float
+    weight: float
+    priority: int
+    tokens_per_second: float
+    input_tokens: int
+    output_tokens: int
+    refused: int
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """The base model served and the server's limits.
 
@@ -186,6 +291,8 @@ class ModelInfo:
         limits: the server's request limits.
         has_chat_template: whether `chat=True` is supported.
         kv_cache: the KV cache's size and use when asked (None from servers that do not report it).
+        tasks: every task busy now or lately (those the caller's token may use), as fair share sees it.
+        caches: the tiers of prompt memory (host, prompt, prefix): bytes against budgets, hit counts.
     """
 
     model_id: str
@@ -198,6 +305,8 @@ class ModelInfo:
     limits: Limits
     has_chat_template: bool
     kv_cache: KvCache | None = None
+    tasks: tuple[TaskLoad, ...] = ()
+    caches: tuple[CacheTier, ...] = ()
 
 
 @dataclass(frozen=True)

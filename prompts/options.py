@@ -15,6 +15,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, TypedDict
+MAX_STOP_CHARS = 256  # the longest stop sequence a server takes (each is matched against the text every step)
+
 
 @dataclass(frozen=True)
 class DecodingOptions:
@@ -73,6 +75,12 @@ class DecodingKeywords(TypedDict, total=False):
     chat: bool
 
 
+# How a prompt is served and trained: virtual-token embeddings in front of the input ("prompt": PEFT's
+# prompt tuning), or keys and values in front of every layer's KV cache ("prefix": prefix tuning, P-tuning v2).
+METHOD_PROMPT = "prompt"
+METHOD_PREFIX = "prefix"
+METHODS = (METHOD_PROMPT, METHOD_PREFIX)
+
 INIT_VOCAB = "vocab"
 INIT_RANDOM = "random"
 INIT_TEXT_PREFIX = "text:"
@@ -100,6 +108,12 @@ class TrainingOptions:
         patience: evaluations without a better held-out loss before stopping early (0: never).
         apply_chat_template: wrap each input as a user turn, as generation does when asked.
         warmup_steps: linear learning-rate warm-up.
+        method: "prompt" (prompt tuning: `num_virtual_tokens` input embeddings) or "prefix" (prefix tuning:
+            keys and values of `num_virtual_tokens` positions in every layer); `init` makes a prefix from
+            the keys and values the model computes for the init's tokens.
+        prefix_projection: with "prefix", learn the prefix through PEFT's reparameterization MLP
+            (embedding -> linear -> tanh -> linear), materialized into plain keys and values at the end.
+        encoder_hidden_size: the MLP's hidden width (0: PEFT's default, the prefix's token_dim).
     """
 
     num_virtual_tokens: int = 20
@@ -116,6 +130,9 @@ class TrainingOptions:
     patience: int = 3
     apply_chat_template: bool = False
     warmup_steps: int = 0
+    method: str = METHOD_PROMPT
+    prefix_projection: bool = False
+    encoder_hidden_size: int = 0
 
     def __post_init__(self) -> None:
         _at_least("num_virtual_tokens", self.num_virtual_tokens, 1)
@@ -134,6 +151,13 @@ class TrainingOptions:
         if not (isinstance(self.eval_fraction, (int, float)) and 0.0 <= self.eval_fraction < 1.0):
             raise ValueError(f"eval_fraction must be within [0, 1), got {self.eval_fraction!r}")
         init_kind(self.init)
+        if self.method not in METHODS:
+            raise ValueError(f"method must be {' or '.join(repr(m) for m in METHODS)}, got {self.method!r}")
+        _at_least("encoder_hidden_size", self.encoder_hidden_size, 0)
+        if not isinstance(self.prefix_projection, bool):
+            raise ValueError(f"prefix_projection must be true or false, got {self.prefix_projection!r}")
+        if self.method != METHOD_PREFIX and (self.prefix_projection or self.encoder_hidden_size):
+            raise ValueError("prefix_projection and encoder_hidden_size apply to method 'prefix' only")
 
     def to_dict(self) -> dict[str, Any]:
         """The options as JSON-ready values (stored with the trained version)."""

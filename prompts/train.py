@@ -1,9 +1,11 @@
 """Learns a soft prompt on a frozen base model from input/target examples.
 
-Only the `[num_virtual_tokens, hidden]` prompt is trained (float32, AdamW); the base model's weights
-never change. The loss is the cross-entropy of the target tokens (plus their end token) after
-`[prompt ; input]`, computed by `inject.score_continuations`, the same placement the server uses,
-so a trained prompt serves exactly as it trained.
+Only the prompt is trained (float32, AdamW); the base model's weights never change. What the prompt is
+follows `options.method` (`methods.training`): "prompt" learns `[num_virtual_tokens, hidden]` input
+embeddings, "prefix" the keys and values of `num_virtual_tokens` positions in every layer (optionally
+through PEFT's reparameterization MLP, materialized at the end). The loss is the cross-entropy of the
+target tokens (plus their end token) after `[prompt ; input]`, computed by the method's scoring, which
+places the prompt as the server does, so a trained prompt serves exactly as it trained.
 
 Every unit of model work goes through `runner`, a callable that runs a function and returns its
 result. In-process training runs units directly; the server passes its scheduler's, which
@@ -26,7 +28,10 @@ import torch
 from softprompt.prompts import inject
 from softprompt.prompts.data import Example, check_eval_labels, data_hash, labels_of
 from softprompt.prompts.errors import InvalidPromptError, TrainingDataError
-from softprompt.prompts.options import TrainingOptions, init_kind
+from softprompt.prompts.format.tensor import PromptTensor
+from softprompt.prompts.base import KvLayout, kv_layout_of
+from softprompt.prompts.methods.training import TrainingMethod, method_for
+from softprompt.prompts.options import METHOD_PREFIX, TrainingOptions, init_kind
 from softprompt.prompts.results import CurvePoint, EvalResult, Progress
 from softprompt.prompts.tokens import encode_input, encode_target, target_end_id
 
@@ -48,7 +53,7 @@ class TrainingCancelled(Exception):
 class TrainingResult:
     """What a run produced: the prompt to register and everything recorded with it."""
 
-    embeddings: torch.Tensor  # float32, CPU
+    embeddings: torch.Tensor  # float32, CPU: the prompt's stored form ([n, hidden], or a prefix's [n, width])
     options: TrainingOptions
     steps: int
     best_step: int
@@ -109,7 +114,10 @@ class PromptTrainer:
         stop: threading.Event | None = None,
         cancel: threading.Event | None = None,
         max_unit_rows: int = 0,
+        kv_layout: KvLayout | None = None,
     ) -> None:
+        """`kv_layout` is the model's KV layout if the caller knows it (a server: its `BaseModelSpec`'s);
+        otherwise a "prefix" method reads it from the model with a one-token forward through `runner`."""
         self.model = model
         # Rows per unit of work handed to `runner` (0: a whole batch). Splitting a batch changes
         # nothing in the result (gradients add up) but bounds how long one unit holds the model.
@@ -124,6 +132,9 @@ class PromptTrainer:
         self.target_end = target_end_id(model, tokenizer, chat=options.apply_chat_template)
         self.embedding = model.get_input_embeddings()
         self.device = self.embedding.weight.device
+        self._kv_layout = kv_layout
+        self._methods: dict[str, TrainingMethod] = {}
+        self.method: TrainingMethod = self._method(options.method)
         max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0)
         self.max_length = options.max_length
         if max_positions:
@@ -143,6 +154,11 @@ class PromptTrainer:
             input_ids = encode_input(self.tokenizer, ex.input, chat=self.options.apply_chat_template)
             target_ids = encode_target(self.tokenizer, ex.target, self.target_end)
             room = self.max_length - len(target_ids)
+            if not input_ids and self.method.needs_input():
+                raise TrainingDataError(
+                    f"{what} example {number}: the input is empty, and a prefix (method 'prefix') has no position "
+                    f"whose output predicts the target's first token: give every example some input text"
+                )
             if room < 0 or (room == 0 and not input_ids and self.options.num_virtual_tokens == 0):
                 raise TrainingDataError(
                     f"{what} example {number}: the target is {len(target_ids)} tokens with its end token, longer "
@@ -158,10 +174,11 @@ class PromptTrainer:
     # ------------------------------------------------------------------ init
 
     def initial_prompt(self, source: torch.Tensor | None = None, *, init_source: str = "") -> torch.Tensor:
-        """The starting prompt for `options.init` (float32, CPU); `source` is the registered prompt for "from:"."""
+        """The starting prompt for `options.init` (float32, CPU), in the method's stored form; `source` is the
+        registered prompt for "from:". "text:" and "vocab" start from tokens: their embeddings for "prompt",
+        the keys and values the model computes for them for "prefix"."""
         kind, arg = init_kind(self.options.init)
         n = self.options.num_virtual_tokens
-        weight = self.embedding.weight.detach()
         gen = torch.Generator().manual_seed(self.options.seed)
         if kind == "from":
             if source is None:
@@ -177,42 +194,57 @@ class PromptTrainer:
             if not ids:
                 raise TrainingDataError(f"init text {arg!r} has no tokens: give some words")
             ids = (ids * math.ceil(n / len(ids)))[:n]
-            return weight[torch.tensor(ids, device=weight.device)].float().cpu().clone()
+            # Through the runner: a prefix's start is the keys and values of a forward over these tokens.
+            return self.run(lambda: self.method.from_tokens(ids))
         if kind == "vocab":
             special = set(getattr(self.tokenizer, "all_special_ids", []) or [])
-            candidates = torch.tensor([i for i in range(weight.shape[0]) if i not in special])
-            ids = candidates[torch.randint(len(candidates), (n,), generator=gen)]
-            return weight[ids.to(weight.device)].float().cpu().clone()
-        # "random": Gaussian directions with the typical norm of a real token embedding, not N(0, 1)
-        # (whose norm, sqrt(hidden), is many times larger and derails the model).
-        norm = weight.float().norm(dim=-1).mean().item()
-        noise = torch.randn(n, weight.shape[1], generator=gen)
-        return noise / noise.norm(dim=-1, keepdim=True) * norm
+            candidates = torch.tensor([i for i in range(self.embedding.weight.shape[0]) if i not in special])
+            ids = candidates[torch.randint(len(candidates), (n,), generator=gen)].tolist()
+            return self.run(lambda: self.method.from_tokens(ids))
+        return self.run(lambda: self.method.random(n, gen))
 
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self, prompt: torch.Tensor | None, examples: Sequence[_Encoded],
-                 labels: tuple[str, ...] | None) -> EvalResult:
+                 labels: tuple[str, ...] | None, *, method: str | None = None) -> EvalResult:
         """Held-out loss, exact match and (for classification data) accuracy by scoring every label.
 
+        `prompt` is in the stored form of `method` (default: the one being trained), so a version of
+        either method can be judged on the same data (the quality gate); None is the bare model.
         Exact match means greedy decoding reproduces the target exactly (its tokens, then its end
         token): true when every target token is the argmax after the ones before it, so
         the teacher-forced pass that gives the loss decides it too.
         """
         examples = list(examples)
-        loss, matches, target_scores = self._teacher_forced(prompt, examples)
+        judged = self._method(method)
+        loss, matches, target_scores = self._teacher_forced(prompt, examples, judged)
         accuracy = None
         if labels is not None:
-            accuracy = self._accuracy(prompt, examples, labels, target_scores)
+            accuracy = self._accuracy(prompt, examples, labels, target_scores, judged)
         return EvalResult(examples=len(examples), loss=loss, exact_match=matches / max(1, len(examples)),
                           accuracy=accuracy)
 
-    def _teacher_forced(self, prompt: torch.Tensor | None, examples: list[_Encoded]) -> tuple[float, int, list[float]]:
+    def registered(self, result: TrainingResult) -> PromptTensor:
+        """A run's best prompt as the version to register, saved in PEFT's format for its method."""
+        return self.method.registered(result.embeddings, result.options.init)
+
+    def _method(self, name: str | None) -> TrainingMethod:
+        if name is None:
+            return self.method
+        if name not in self._methods:
+            if name == METHOD_PREFIX and self._kv_layout is None:
+                # A forward of the model: model work goes through the runner (a server's worker).
+                self._kv_layout = self.run(lambda: kv_layout_of(self.model))
+            self._methods[name] = method_for(name, self.model, self._kv_layout)
+        return self._methods[name]
+
+    def _teacher_forced(self, prompt: torch.Tensor | None, examples: list[_Encoded],
+                        method: TrainingMethod | None = None) -> tuple[float, int, list[float]]:
         """Mean loss per target token, exact matches, and each example's total target log-probability."""
         loss_sum, tokens, matches = 0.0, 0, 0
         target_scores: list[float] = []
         for chunk in _chunks(examples, self._eval_rows):
-            scored = self.run(lambda chunk=chunk: self._score(prompt, [(ex, ex.target_ids) for ex in chunk]))
+            scored = self.run(lambda chunk=chunk: self._score(prompt, [(ex, ex.target_ids) for ex in chunk], method))
             totals = scored.totals()
             loss_sum -= float(totals.sum())
             tokens += int(scored.mask.sum())
@@ -221,23 +253,26 @@ class PromptTrainer:
         return loss_sum / max(1, tokens), matches, target_scores
 
     def _accuracy(self, prompt: torch.Tensor | None, examples: list[_Encoded], labels: tuple[str, ...],
-                  target_scores: list[float]) -> float:
+                  target_scores: list[float], method: TrainingMethod | None = None) -> float:
         """Share of examples whose target outscores every other label (the target's score is already known)."""
         label_ids = {label: encode_target(self.tokenizer, label, self.target_end) for label in labels}
         rows = [(i, label) for i, ex in enumerate(examples) for label in labels if label != ex.target]
         best_other = [-math.inf] * len(examples)
         for chunk in _chunks(rows, self._eval_rows):
-            scored = self.run(lambda chunk=chunk: self._score(prompt, [(examples[i], label_ids[lb]) for i, lb in chunk]))
+            scored = self.run(lambda chunk=chunk: self._score(
+                prompt, [(examples[i], label_ids[lb]) for i, lb in chunk], method))
             for (i, _), value in zip(chunk, scored.totals().tolist()):
                 best_other[i] = max(best_other[i], value)
         return sum(t > o for t, o in zip(target_scores, best_other)) / max(1, len(examples))
 
-    def _score(self, prompt: torch.Tensor | None, rows: list[tuple[_Encoded, list[int]]]) -> inject.Continuations:
+    def _score(self, prompt: torch.Tensor | None, rows: list[tuple[_Encoded, list[int]]],
+               method: TrainingMethod | None = None) -> inject.Continuations:
         self._check_cancel()
+        contexts, continuations = [ex.input_ids for ex, _ in rows], [cont for _, cont in rows]
         with torch.inference_mode():
-            return inject.score_continuations(
-                self.model, [prompt] * len(rows), [ex.input_ids for ex, _ in rows], [cont for _, cont in rows]
-            )
+            if prompt is None:  # the bare model
+                return inject.score_continuations(self.model, [None] * len(rows), contexts, continuations)
+            return (method or self.method).score(self.model, prompt, contexts, continuations)
 
     # ------------------------------------------------------------------ training
 
@@ -264,16 +299,16 @@ class PromptTrainer:
         eval_every = o.eval_every or steps_per_epoch
         state = _RunState(started=started, total=total, steps_per_epoch=steps_per_epoch)
 
-        prompt = torch.nn.Parameter(init.detach().to(device=self.device, dtype=torch.float32).clone())
-        optimizer = torch.optim.AdamW([prompt], lr=o.learning_rate, weight_decay=0.0)
+        prompt = self.method.learnable(init.detach().to(device=self.device, dtype=torch.float32), o)
+        optimizer = torch.optim.AdamW(list(prompt.parameters()), lr=o.learning_rate, weight_decay=0.0)
         before = None
         if eval_enc:
             self._report("evaluating", state)
-            before = self.evaluate(prompt.detach(), eval_enc, labels)
+            before = self.evaluate(self._current(prompt), eval_enc, labels)
             state.best_loss = before.loss
             state.curve.append(CurvePoint(0, None, before.loss))
             log.info("before training: %s", before.describe())
-        best = prompt.detach().cpu().clone()
+        best = prompt.materialize()
         order_gen = torch.Generator().manual_seed(o.seed)
 
         stop_reason = "completed"
@@ -292,11 +327,11 @@ class PromptTrainer:
                 eval_loss = None
                 if eval_enc and (state.step % eval_every == 0 or state.step == total):
                     self._report("evaluating", state)
-                    eval_loss = self._teacher_forced(prompt.detach(), eval_enc)[0]
+                    eval_loss = self._teacher_forced(self._current(prompt), eval_enc)[0]
                     state.last_eval = eval_loss
                     if state.best_loss is None or eval_loss < state.best_loss:
                         state.best_loss, state.best_step, state.bad_evals = eval_loss, state.step, 0
-                        best = prompt.detach().cpu().clone()
+                        best = prompt.materialize()
                     else:
                         state.bad_evals += 1
                 state.curve.append(CurvePoint(state.step, state.train_loss, eval_loss))
@@ -308,7 +343,7 @@ class PromptTrainer:
                     stop_reason = "early_stopping"
                     break
         if not eval_enc:
-            best, state.best_step = prompt.detach().cpu().clone(), state.step
+            best, state.best_step = prompt.materialize(), state.step
 
         after = None
         if eval_enc:
@@ -333,7 +368,13 @@ class PromptTrainer:
             labels=labels,
         )
 
-    def _optimizer_step(self, prompt: torch.nn.Parameter, optimizer: torch.optim.Optimizer,
+    @staticmethod
+    def _current(prompt: torch.nn.Module) -> torch.Tensor:
+        """The prompt being learned as it is now, in its stored form, without gradients."""
+        with torch.no_grad():
+            return prompt().detach()
+
+    def _optimizer_step(self, prompt: torch.nn.Module, optimizer: torch.optim.Optimizer,
                         group: list[list[_Encoded]], step: int) -> float:
         o = self.options
         lr = o.learning_rate * min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps else o.learning_rate
@@ -346,17 +387,16 @@ class PromptTrainer:
                 loss += self.run(lambda unit=unit: self._backward(prompt, unit, tokens))
 
         def update() -> None:
-            torch.nn.utils.clip_grad_norm_([prompt], _GRAD_CLIP)
+            torch.nn.utils.clip_grad_norm_(list(prompt.parameters()), _GRAD_CLIP)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         self.run(update)
         return loss
 
-    def _backward(self, prompt: torch.nn.Parameter, batch: list[_Encoded], tokens: int) -> float:
+    def _backward(self, prompt: torch.nn.Module, batch: list[_Encoded], tokens: int) -> float:
         with torch.enable_grad():
-            scored = inject.score_continuations(
-                self.model, [prompt] * len(batch), [ex.input_ids for ex in batch], [ex.target_ids for ex in batch]
-            )
+            scored = self.method.score(self.model, prompt(), [ex.input_ids for ex in batch],
+                                       [ex.target_ids for ex in batch])
             loss = -scored.totals().sum() / tokens
             loss.backward()
         return float(loss.detach())

@@ -52,14 +52,16 @@ class DecodingParameters(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., apply_chat_template: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("task", "input", "params")
+    __slots__ = ("task", "input", "params", "priority")
     TASK_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     task: str
     input: str
     params: DecodingParameters
-    def __init__(self, task: _Optional[str] = ..., input: _Optional[str] = ..., params: _Optional[_Union[DecodingParameters, _Mapping]] = ...) -> None: ...
+    priority: int
+    def __init__(self, task: _Optional[str] = ..., input: _Optional[str] = ..., params: _Optional[_Union[DecodingParameters, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("input_tokens", "virtual_tokens", "generated_tokens")
@@ -158,7 +160,7 @@ class ClassifyResponse(_message.Message):
     def __init__(self, scores: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., label: _Optional[str] = ..., prompt_version: _Optional[str] = ..., input_tokens: _Optional[int] = ..., virtual_tokens: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_new_tokens", "default_max_new_tokens", "max_input_tokens", "max_virtual_tokens", "max_batch_size", "max_queued_requests", "max_upload_bytes")
+    __slots__ = ("max_new_tokens", "default_max_new_tokens", "max_input_tokens", "max_virtual_tokens", "max_batch_size", "max_queued_requests", "max_upload_bytes", "max_stop_sequences", "max_labels")
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -166,6 +168,8 @@ class Limits(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MAX_UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_STOP_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    MAX_LABELS_FIELD_NUMBER: _ClassVar[int]
     max_new_tokens: int
     default_max_new_tokens: int
     max_input_tokens: int
@@ -173,7 +177,9 @@ class Limits(_message.Message):
     max_batch_size: int
     max_queued_requests: int
     max_upload_bytes: int
-    def __init__(self, max_new_tokens: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., max_virtual_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_upload_bytes: _Optional[int] = ...) -> None: ...
+    max_stop_sequences: int
+    max_labels: int
+    def __init__(self, max_new_tokens: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., max_virtual_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_upload_bytes: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_labels: _Optional[int] = ...) -> None: ...
 
 class KvCache(_message.Message):
     __slots__ = ("block_size", "total_blocks", "used_blocks", "rows", "bytes_per_token", "total_tokens", "free_tokens")
@@ -194,7 +200,7 @@ class KvCache(_message.Message):
     def __init__(self, block_size: _Optional[int] = ..., total_blocks: _Optional[int] = ..., used_blocks: _Optional[int] = ..., rows: _Optional[int] = ..., bytes_per_token: _Optional[int] = ..., total_tokens: _Optional[int] = ..., free_tokens: _Optional[int] = ...) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model_id", "hidden_size", "dtype", "device", "max_sequence_length", "vocab_size", "fingerprint", "limits", "has_chat_template", "kv_cache")
+    __slots__ = ("model_id", "hidden_size", "dtype", "device", "max_sequence_length", "vocab_size", "fingerprint", "limits", "has_chat_template", "kv_cache", "tasks", "caches")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +211,8 @@ class ModelInfoResponse(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    CACHES_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     hidden_size: int
     dtype: str
@@ -215,15 +223,67 @@ class ModelInfoResponse(_message.Message):
     limits: Limits
     has_chat_template: bool
     kv_cache: KvCache
-    def __init__(self, model_id: _Optional[str] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_sequence_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., fingerprint: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., has_chat_template: _Optional[bool] = ..., kv_cache: _Optional[_Union[KvCache, _Mapping]] = ...) -> None: ...
+    tasks: _containers.RepeatedCompositeFieldContainer[TaskLoad]
+    caches: _containers.RepeatedCompositeFieldContainer[CacheTier]
+    def __init__(self, model_id: _Optional[str] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_sequence_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., fingerprint: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., has_chat_template: _Optional[bool] = ..., kv_cache: _Optional[_Union[KvCache, _Mapping]] = ..., tasks: _Optional[_Iterable[_Union[TaskLoad, _Mapping]]] = ..., caches: _Optional[_Iterable[_Union[CacheTier, _Mapping]]] = ...) -> None: ...
+
+class TaskLoad(_message.Message):
+    __slots__ = ("task", "running", "queued", "share", "fair_share", "weight", "priority", "tokens_per_second", "input_tokens", "output_tokens", "refused")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    FAIR_SHARE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    running: int
+    queued: int
+    share: float
+    fair_share: float
+    weight: float
+    priority: int
+    tokens_per_second: float
+    input_tokens: int
+    output_tokens: int
+    refused: int
+    def __init__(self, task: _Optional[str] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., share: _Optional[float] = ..., fair_share: _Optional[float] = ..., weight: _Optional[float] = ..., priority: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., refused: _Optional[int] = ...) -> None: ...
+
+class CacheTier(_message.Message):
+    __slots__ = ("name", "entries", "bytes", "capacity_bytes", "hits", "misses", "loads", "evictions", "pending")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    LOADS_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    entries: int
+    bytes: int
+    capacity_bytes: int
+    hits: int
+    misses: int
+    loads: int
+    evictions: int
+    pending: int
+    def __init__(self, name: _Optional[str] = ..., entries: _Optional[int] = ..., bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., pending: _Optional[int] = ...) -> None: ...
 
 class PeftAdapter(_message.Message):
-    __slots__ = ("adapter_config_json", "adapter_model_safetensors")
+    __slots__ = ("adapter_config_json", "adapter_model_safetensors", "task_id")
     ADAPTER_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_MODEL_SAFETENSORS_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
     adapter_config_json: str
     adapter_model_safetensors: bytes
-    def __init__(self, adapter_config_json: _Optional[str] = ..., adapter_model_safetensors: _Optional[bytes] = ...) -> None: ...
+    task_id: int
+    def __init__(self, adapter_config_json: _Optional[str] = ..., adapter_model_safetensors: _Optional[bytes] = ..., task_id: _Optional[int] = ...) -> None: ...
 
 class RawTensor(_message.Message):
     __slots__ = ("shape", "dtype", "data")
@@ -261,7 +321,7 @@ class RegisterPromptRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., peft: _Optional[_Union[PeftAdapter, _Mapping]] = ..., tensor: _Optional[_Union[RawTensor, _Mapping]] = ..., description: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., base_model_fingerprint: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class PromptInfo(_message.Message):
-    __slots__ = ("name", "version", "ref", "num_virtual_tokens", "hidden_size", "sha256", "base_model_fingerprint", "created_at", "description", "tags", "aliases", "peft_type", "metrics")
+    __slots__ = ("name", "version", "ref", "num_virtual_tokens", "hidden_size", "sha256", "base_model_fingerprint", "created_at", "description", "tags", "aliases", "peft_type", "metrics", "candidate", "method", "num_layers", "kv_heads", "head_dim", "size_bytes", "peft_task_id")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -289,6 +349,13 @@ class PromptInfo(_message.Message):
     ALIASES_FIELD_NUMBER: _ClassVar[int]
     PEFT_TYPE_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PEFT_TASK_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     ref: str
@@ -302,7 +369,14 @@ class PromptInfo(_message.Message):
     aliases: _containers.RepeatedScalarFieldContainer[str]
     peft_type: str
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., ref: _Optional[str] = ..., num_virtual_tokens: _Optional[int] = ..., hidden_size: _Optional[int] = ..., sha256: _Optional[str] = ..., base_model_fingerprint: _Optional[str] = ..., created_at: _Optional[str] = ..., description: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., aliases: _Optional[_Iterable[str]] = ..., peft_type: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    candidate: bool
+    method: str
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    size_bytes: int
+    peft_task_id: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., ref: _Optional[str] = ..., num_virtual_tokens: _Optional[int] = ..., hidden_size: _Optional[int] = ..., sha256: _Optional[str] = ..., base_model_fingerprint: _Optional[str] = ..., created_at: _Optional[str] = ..., description: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., aliases: _Optional[_Iterable[str]] = ..., peft_type: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., candidate: _Optional[bool] = ..., method: _Optional[str] = ..., num_layers: _Optional[int] = ..., kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., size_bytes: _Optional[int] = ..., peft_task_id: _Optional[int] = ...) -> None: ...
 
 class GetPromptRequest(_message.Message):
     __slots__ = ("ref",)
@@ -354,8 +428,30 @@ class SetAliasRequest(_message.Message):
     version: int
     def __init__(self, name: _Optional[str] = ..., alias: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
+class ExportPromptRequest(_message.Message):
+    __slots__ = ("ref",)
+    REF_FIELD_NUMBER: _ClassVar[int]
+    ref: str
+    def __init__(self, ref: _Optional[str] = ...) -> None: ...
+
+class PromptFile(_message.Message):
+    __slots__ = ("name", "data")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    data: bytes
+    def __init__(self, name: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ExportPromptResponse(_message.Message):
+    __slots__ = ("prompt", "files")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    prompt: PromptInfo
+    files: _containers.RepeatedCompositeFieldContainer[PromptFile]
+    def __init__(self, prompt: _Optional[_Union[PromptInfo, _Mapping]] = ..., files: _Optional[_Iterable[_Union[PromptFile, _Mapping]]] = ...) -> None: ...
+
 class TrainingOptions(_message.Message):
-    __slots__ = ("num_virtual_tokens", "init", "learning_rate", "epochs", "max_steps", "batch_size", "grad_accum", "max_length", "seed", "eval_fraction", "eval_every", "patience", "apply_chat_template", "warmup_steps")
+    __slots__ = ("num_virtual_tokens", "init", "learning_rate", "epochs", "max_steps", "batch_size", "grad_accum", "max_length", "seed", "eval_fraction", "eval_every", "patience", "apply_chat_template", "warmup_steps", "method", "prefix_projection", "encoder_hidden_size")
     NUM_VIRTUAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     INIT_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -370,6 +466,9 @@ class TrainingOptions(_message.Message):
     PATIENCE_FIELD_NUMBER: _ClassVar[int]
     APPLY_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_PROJECTION_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     num_virtual_tokens: int
     init: str
     learning_rate: float
@@ -384,7 +483,10 @@ class TrainingOptions(_message.Message):
     patience: int
     apply_chat_template: bool
     warmup_steps: int
-    def __init__(self, num_virtual_tokens: _Optional[int] = ..., init: _Optional[str] = ..., learning_rate: _Optional[float] = ..., epochs: _Optional[int] = ..., max_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., grad_accum: _Optional[int] = ..., max_length: _Optional[int] = ..., seed: _Optional[int] = ..., eval_fraction: _Optional[float] = ..., eval_every: _Optional[int] = ..., patience: _Optional[int] = ..., apply_chat_template: _Optional[bool] = ..., warmup_steps: _Optional[int] = ...) -> None: ...
+    method: str
+    prefix_projection: bool
+    encoder_hidden_size: int
+    def __init__(self, num_virtual_tokens: _Optional[int] = ..., init: _Optional[str] = ..., learning_rate: _Optional[float] = ..., epochs: _Optional[int] = ..., max_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., grad_accum: _Optional[int] = ..., max_length: _Optional[int] = ..., seed: _Optional[int] = ..., eval_fraction: _Optional[float] = ..., eval_every: _Optional[int] = ..., patience: _Optional[int] = ..., apply_chat_template: _Optional[bool] = ..., warmup_steps: _Optional[int] = ..., method: _Optional[str] = ..., prefix_projection: _Optional[bool] = ..., encoder_hidden_size: _Optional[int] = ...) -> None: ...
 
 class TrainPromptRequest(_message.Message):
     __slots__ = ("task", "train_jsonl", "eval_jsonl", "options", "description", "tags", "promote_alias")

@@ -319,6 +319,11 @@ class RegistryStub:
                 request_serializer=softprompt_dot_protos_dot_softprompt__pb2.SetAliasRequest.SerializeToString,
                 response_deserializer=softprompt_dot_protos_dot_softprompt__pb2.PromptInfo.FromString,
                 _registered_method=True)
+        self.ExportPrompt = channel.unary_unary(
+                '/softprompt.v1.Registry/ExportPrompt',
+                request_serializer=softprompt_dot_protos_dot_softprompt__pb2.ExportPromptRequest.SerializeToString,
+                response_deserializer=softprompt_dot_protos_dot_softprompt__pb2.ExportPromptResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServicer:
@@ -361,6 +366,14 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportPrompt(self, request, context):
+        """Every file of one version: the PEFT adapter (adapter_config.json, adapter_model.safetensors),
+        softprompt.json and, for a trained version, its report (training.json) and loss plot (loss.png).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -388,6 +401,11 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.SetAlias,
                     request_deserializer=softprompt_dot_protos_dot_softprompt__pb2.SetAliasRequest.FromString,
                     response_serializer=softprompt_dot_protos_dot_softprompt__pb2.PromptInfo.SerializeToString,
+            ),
+            'ExportPrompt': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportPrompt,
+                    request_deserializer=softprompt_dot_protos_dot_softprompt__pb2.ExportPromptRequest.FromString,
+                    response_serializer=softprompt_dot_protos_dot_softprompt__pb2.ExportPromptResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -527,6 +545,33 @@ class Registry:
             '/softprompt.v1.Registry/SetAlias',
             softprompt_dot_protos_dot_softprompt__pb2.SetAliasRequest.SerializeToString,
             softprompt_dot_protos_dot_softprompt__pb2.PromptInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportPrompt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/softprompt.v1.Registry/ExportPrompt',
+            softprompt_dot_protos_dot_softprompt__pb2.ExportPromptRequest.SerializeToString,
+            softprompt_dot_protos_dot_softprompt__pb2.ExportPromptResponse.FromString,
             options,
             channel_credentials,
             insecure,

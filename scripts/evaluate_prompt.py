@@ -38,13 +38,14 @@ def main() -> None:
     labels = labels_of(examples)
     examples = [replace(ex, input=args.template.format(input=ex.input)) for ex in examples]
     base = load_base_model(args.model)
-    prompt = None
+    prompt, method = None, "prompt"
     if args.task:
         registry = Registry(args.store)
-        prompt = registry.load_embeddings(registry.resolve(args.task)).to(base.device)
+        version = registry.resolve(args.task)
+        prompt, method = registry.load_embeddings(version).to(base.device), version.method  # a prefix scores as one
     options = TrainingOptions(num_virtual_tokens=1 if prompt is None else int(prompt.shape[0]),
-                              apply_chat_template=args.chat)
-    trainer = PromptTrainer(base.model, base.tokenizer, options)
+                              apply_chat_template=args.chat, method=method)
+    trainer = PromptTrainer(base.model, base.tokenizer, options, kv_layout=base.spec.kv_layout)
     started = time.monotonic()
     result = trainer.evaluate(prompt, trainer.encode(examples, what="evaluation"), labels)
     print(json.dumps({"task": args.task or "bare model", "template": args.template, "chat": args.chat,

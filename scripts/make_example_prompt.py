@@ -1,4 +1,7 @@
-"""Writes a real PEFT prompt-tuning adapter for the default model, for the README's tour.
+"""Writes a real, untrained PEFT prompt-tuning adapter for the default model: a starting point for training.
+
+The README's tour uses examples/pirate-prompt instead, trained from examples/pirate.jsonl: an untrained
+instruction prompt changes little on the default model (its answers read like the bare model's).
 
 The prompt is PEFT's TEXT initialisation: the embeddings of an instruction, the usual starting
 point of prompt tuning. It is saved with PEFT's own `save_pretrained`, exactly as a user's

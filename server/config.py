@@ -10,6 +10,7 @@ from pathlib import Path
 
 from softprompt.server.kv_memory import KvCacheMemory, parse_kv_cache_memory
 from softprompt.server.core.families import SUPPORTED_ATTENTION
+from softprompt.server.core.fairness import FairShareKey
 
 
 def default_store_dir() -> Path:
@@ -32,14 +33,47 @@ def setting(default: Any, help: str, parse: Any = None) -> Any:
     return field(default=default, metadata={"help": help, "parse": parse})
 
 
+# One rule for every port flag (--port, --http-port, --metrics-port), parsed by `parse_port` alone:
+# a number 1-65535 is that port; 0 picks a free port (the log says which), as the OS does for port 0;
+# `off` turns a listener off, for the listeners that may be off (not gRPC's). 0 does not mean "off":
+# a test or a second local server asking for any free port is common, and a port no one can guess is
+# still a listener.
+OFF = "off"
+
+
+def parse_port(text: str, *, can_be_off: bool) -> int | None:
+    """A port flag's value: a port number 0-65535 (0: a free one), or None for `off` where `can_be_off`.
+
+    Raises argparse.ArgumentTypeError (argparse then names the flag) for anything else.
+    """
+    value = text.strip().lower()
+    if value == OFF:
+        if can_be_off:
+            return None
+        raise argparse.ArgumentTypeError("this listener cannot be turned off: give a port number (0 picks a free one)")
+    expected = "a port number 0-65535 (0 picks a free port)" + (" or 'off'" if can_be_off else "")
+    if not value.isdigit() or int(value) > 65535:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return int(value)
+
+
+def port(text: str) -> int:
+    """The value of a port flag whose listener is always on (--port)."""
+    value = parse_port(text, can_be_off=False)
+    assert value is not None
+    return value
+
+
 def port_or_off(text: str) -> int | None:
-    """A port number, or None for "off" (and for 0, which would pick a random port no client could guess)."""
-    if text.strip().lower() in ("off", "0", "none", ""):
-        return None
+    """The value of a port flag whose listener may be off (--http-port, --metrics-port): None for `off`."""
+    return parse_port(text, can_be_off=True)
+
+
+def _fair_share_key(text: str) -> FairShareKey:
     try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number or 'off', got {text!r}") from None
+        return FairShareKey.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -47,11 +81,12 @@ class ServerConfig:
     """Everything `softprompt serve` can be told. Defaults suit the embedded default model on a laptop."""
 
     host: str = setting("127.0.0.1", 'address to bind (use 0.0.0.0 to accept remote clients)')
-    port: int = setting(50051, 'port to listen on; 0 picks a free one and logs it')
+    port: int = setting(50051, 'gRPC port to listen on; 0 picks a free one and logs it', parse=port)
     http_port: int | None = setting(
         8000,
         'port of the OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions, /v1/classify), '
-        "on --host beside gRPC, with the same tokens, TLS files and limits; 0 or 'off' turns it off",
+        "on --host beside gRPC, with the same tokens, TLS files and limits; 0 picks a free one and logs it; 'off' "
+        'turns it off',
         parse=port_or_off,
     )
     model: str | None = setting(
@@ -90,6 +125,31 @@ class ServerConfig:
     cache_dir: Path | None = setting(None, 'where the converted default model is kept (default: ~/.cache/softprompt)')
     max_batch_size: int = setting(32, 'most requests decoded together in one step')
     max_queued_requests: int = setting(256, 'requests waiting beyond the running batch before RESOURCE_EXHAUSTED')
+    fair_share: FairShareKey = setting(
+        FairShareKey.TASK,
+        'what the batch is shared fairly between: task (each task gets its --task-policy weight of the rows and '
+        "tokens while it has requests waiting), token (each caller's token, weight 1 each), or off (arrival "
+        'order); priorities apply in every case',
+        parse=_fair_share_key,
+    )
+    fair_preemption: bool = setting(
+        True,
+        'let a waiting request preempt a running row (which resumes later with the same tokens) when the row is '
+        "less urgent, or its task holds more than its share of the batch while the waiting request's holds less "
+        '(--no-fair-preemption: fair share and priorities order admission only)',
+    )
+    fair_preemption_wait: float = setting(
+        0.0,
+        'a request under its fair share waits for a running row to end, rather than preempt one, when a row ends '
+        "within this fraction of the request's max_new_tokens (in decode steps): fewer recomputes, a later first "
+        'token (0: never waits, the default). A more urgent request never waits',
+    )
+    task_policy: Path | None = setting(
+        None,
+        "TOML or YAML file of per-task weights, caps (running rows, queued requests), token-rate limits and default "
+        'priorities, by task patterns as in the token file (see README, Sharing the server); re-read when it '
+        'changes or on SIGHUP. Without it: weight 1, no caps, priority 0 for every task',
+    )
     max_new_tokens: int = setting(1024, 'largest max_new_tokens a request may ask for')
     default_max_new_tokens: int = setting(64, 'max_new_tokens when a request leaves it at 0')
     max_input_tokens: int = setting(2048, 'longest input, in tokens, after the chat template')
@@ -109,6 +169,13 @@ class ServerConfig:
     )
     batch_wait_ms: float = setting(2.0, 'when idle, how long to gather arriving requests into one prefill')
     prompt_cache_mb: float = setting(256.0, 'device memory for cached prompt tensors (LRU)')
+    host_cache_mb: float = setting(
+        2048.0,
+        "host memory for every registered version's prompt matrix, in the serving dtype: filled at registration "
+        'and, in the background, from the store at start, so a task never served yet starts as fast as any; '
+        'past it, the least recently used are evicted and read from the store again when asked for (ModelInfo '
+        'and /metrics show what it holds); 0 turns the tier off',
+    )
     prefix_cache_mb: float = setting(
         1024.0,
         "device memory for the cached keys/values of prompts' virtual tokens (LRU); a cached prompt's virtual"
@@ -163,10 +230,14 @@ class ServerConfig:
     tls_client_ca: Path | None = setting(None, 'PEM CA bundle: require client certificates signed by it (mutual TLS)')
     metrics_port: int | None = setting(
         None,
-        'serve Prometheus metrics over HTTP on this port (/metrics); 0 picks a free port',
+        "serve Prometheus metrics over HTTP on this port (/metrics); 0 picks a free one and logs it; 'off' (the "
+        'default) serves none',
+        parse=port_or_off,
     )
 
     def __post_init__(self) -> None:
+        # Built from code too (tests, Ray): the key's name is taken for the key.
+        object.__setattr__(self, "fair_share", FairShareKey.parse(str(self.fair_share)))
         for name in ("max_batch_size", "max_queued_requests", "max_new_tokens", "default_max_new_tokens",
                      "max_input_tokens", "max_virtual_tokens", "max_prefill_tokens", "max_labels",
                      "max_training_jobs", "train_unit_rows"):
@@ -176,19 +247,26 @@ class ServerConfig:
             raise ValueError("default_max_new_tokens must not exceed max_new_tokens")
         if self.store_refresh_s < 0:
             raise ValueError(f"store_refresh_s must be >= 0 seconds, got {self.store_refresh_s}")
+        if self.host_cache_mb < 0:
+            raise ValueError(f"host_cache_mb must be >= 0 MiB (0: no host tier), got {self.host_cache_mb}")
         if not 0.0 < self.train_share <= 1.0:
             raise ValueError(f"train_share must be within (0, 1], got {self.train_share}")
+        if not 0.0 <= self.fair_preemption_wait <= 1.0:
+            raise ValueError(f"fair_preemption_wait must be within [0, 1] (a fraction of max_new_tokens), got "
+                             f"{self.fair_preemption_wait}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         if self.http_port is not None and not 0 <= self.http_port <= 65535:
-            # 0 here picks a free port (tests); the flag's 0 means off (`port_or_off`).
-            raise ValueError(f"http_port must be 0..65535 or None (off), got {self.http_port}")
+            raise ValueError(f"http_port must be 0..65535 (0 picks a free port) or None (off), got {self.http_port}")
         if self.http_port and self.http_port == self.port:
-            raise ValueError(f"http_port and port are both {self.port}: give the HTTP API a port of its own")
+            raise ValueError(f"--http-port and --port are both {self.port}: give the HTTP API a port of its own")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            raise ValueError(f"metrics_port must be 0..65535, got {self.metrics_port}")
+            raise ValueError(f"metrics_port must be 0..65535 (0 picks a free port) or None (off), got {self.metrics_port}")
+        if self.metrics_port and self.metrics_port in (self.port, self.http_port):
+            raise ValueError(f"--metrics-port {self.metrics_port} is also --port or --http-port: give the metrics "
+                             "endpoint a port of its own")
         if self.attn_implementation not in (None, *SUPPORTED_ATTENTION):
             raise ValueError(f"attn_implementation must be one of {', '.join(SUPPORTED_ATTENTION)}, got "
                              f"{self.attn_implementation!r}: the engine's attention masks suit no other kernel")
@@ -235,9 +313,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def from_args(args: argparse.Namespace) -> ServerConfig:
     """Builds the config from parsed flags."""
     values = {f.name: getattr(args, f.name) for f in fields(ServerConfig)}
-    if values["metrics_port"] is not None:
-        values["metrics_port"] = int(values["metrics_port"])
-    for name in ("cache_dir", "auth_tokens", "tls_cert", "tls_key", "tls_client_ca"):
+    for name in ("cache_dir", "auth_tokens", "tls_cert", "tls_key", "tls_client_ca", "task_policy"):
         if values[name] is not None:
             values[name] = Path(values[name]).expanduser()
     if values["store"] is not None and "://" not in values["store"]:

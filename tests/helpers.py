@@ -309,3 +309,114 @@ def race(target: Callable[..., None], first: object, count: int, timeout: float 
     assert [p.exitcode for p in procs] == [0, 0]
     return got
 
+
+
+# ---------------------------------------------------------------- PEFT's other prompt-learning methods (issue 21)
+
+
+def peft_ready(model):
+    """`model` with the test matrix's stray `num_key_value_heads` removed from a config whose family takes none
+    (the matrix's tiny configs pass it to every family; PEFT reads it as grouped-query attention and would size a
+    prefix for 2 heads on a model that caches 4). A real checkpoint of those families has no such field."""
+    import inspect
+
+    config = model.config
+    if "num_key_value_heads" in vars(config) and \
+            "num_key_value_heads" not in inspect.signature(type(config).__init__).parameters:
+        delattr(config, "num_key_value_heads")
+    return model
+
+
+def realistic_prefix(base_model, num_virtual_tokens: int, seed: int) -> torch.Tensor:
+    """PEFT's [n, layers * 2 * token_dim] prefix: the keys and values `base_model` computes for random tokens, plus
+    noise at their scale (real magnitudes, far from what the model's own tokens give)."""
+    from softprompt.prompts.base import kv_layout_of
+    from softprompt.prompts.methods.prefix_tuning import initial_prefix
+
+    g = torch.Generator().manual_seed(seed)
+    vocab = base_model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(3, vocab, (num_virtual_tokens,), generator=g).tolist()
+    kv = initial_prefix(base_model, ids, kv_layout_of(base_model))
+    return kv + torch.randn(kv.shape, generator=g) * kv.std() * 0.5
+
+
+def make_prefix_adapter(base_model, out_dir: Path, *, num_virtual_tokens: int, seed: int,
+                        peft_type: str = "PREFIX_TUNING", projection: bool = False) -> Path:
+    """Saves a real PEFT PREFIX_TUNING (or CARTRIDGE) adapter for `base_model` with PEFT's own save_pretrained.
+
+    Its keys and values are `realistic_prefix`'s; with `projection`, PEFT's reparameterization MLP with random
+    weights (PEFT saves its output). PEFT wraps a copy of `base_model`. The config names the model's KV layout,
+    as PEFT derives it for grouped-query attention."""
+    import copy
+
+    from peft import CartridgeConfig, PrefixTuningConfig, get_peft_model
+
+    from softprompt.prompts.base import kv_layout_of
+
+    layout = kv_layout_of(base_model)
+    fields = dict(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens, num_layers=layout.num_layers,
+                  num_attention_heads=layout.kv_heads, token_dim=layout.token_dim)
+    config = (CartridgeConfig(**fields) if peft_type == "CARTRIDGE"
+              else PrefixTuningConfig(**fields, prefix_projection=projection, encoder_hidden_size=32))
+    peft_model = get_peft_model(peft_ready(copy.deepcopy(base_model)), config)
+    encoder = peft_model.prompt_encoder["default"]
+    with torch.no_grad():
+        if projection:
+            g = torch.Generator().manual_seed(seed)
+            for p in encoder.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        else:
+            encoder.load_prompt_embeddings(realistic_prefix(base_model, num_virtual_tokens, seed))
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+def make_multitask_adapter(base_model, out_dir: Path, *, num_virtual_tokens: int, num_tasks: int, seed: int) -> Path:
+    """Saves a real PEFT MULTITASK_PROMPT_TUNING adapter (shared prompt, rank-2 factors per task), random values at
+    the scale of real embeddings."""
+    import copy
+
+    from peft import MultitaskPromptTuningConfig, get_peft_model
+
+    config = MultitaskPromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens,
+                                         num_tasks=num_tasks, num_ranks=2)
+    peft_model = get_peft_model(copy.deepcopy(base_model), config)
+    encoder = peft_model.prompt_encoder["default"]
+    scale = float(base_model.get_input_embeddings().weight.detach().std())
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        encoder.embedding.weight.copy_(torch.randn(encoder.embedding.weight.shape, generator=g) * scale * 4)
+        encoder.prefix_task_cols.copy_(torch.randn(encoder.prefix_task_cols.shape, generator=g))
+        encoder.prefix_task_rows.copy_(torch.randn(encoder.prefix_task_rows.shape, generator=g))
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+def make_cpt_adapter(base_model, out_dir: Path, *, token_ids: list[int], seed: int) -> Path:
+    """Saves a real PEFT CPT adapter: the tokens' embeddings plus random (projected) deltas."""
+    import copy
+
+    from peft import CPTConfig, get_peft_model
+
+    n = len(token_ids)
+    config = CPTConfig(task_type="CAUSAL_LM", cpt_token_ids=token_ids, cpt_mask=[1] * n,
+                       cpt_tokens_type_mask=[1] + [2] * (n - 2) + [3])
+    peft_model = get_peft_model(copy.deepcopy(base_model), config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        delta = peft_model.prompt_encoder["default"].delta_embedding.weight
+        delta.copy_(torch.randn(delta.shape, generator=g))
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+def peft_greedy(peft_model, input_ids: list[int], max_new_tokens: int, **forward_kwargs) -> list[int]:
+    """PEFT's own answer: greedy tokens from a no-cache loop of `PeftModel.forward` (PeftModel.generate is broken
+    for prompt learning on these transformers releases: it re-injects the prompt at every step)."""
+    generated: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            ids = torch.tensor([input_ids + generated])
+            logits = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids), **forward_kwargs).logits
+            generated.append(int(logits[0, -1].argmax()))
+    return generated

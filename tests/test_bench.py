@@ -103,3 +103,21 @@ def test_churn_benchmark_refuses_a_batch_that_cannot_churn_every_step(capsys: py
     with pytest.raises(SystemExit):
         churn_main(["--rows", "8", "--lifetime", "43"])
     assert "--rows (8) must be at least --lifetime (43)" in capsys.readouterr().err
+
+
+def test_mixed_methods_benchmark_serves_the_same_rows_in_both_arms(tiny_model_dir: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 21's mixing benchmark: the mixed arm has prefix-tuned, prompt-tuned and bare rows, the other arm
+    the same rows all prompt-tuned, and both generate the same tokens (else their rates do not compare)."""
+    from softprompt.benchmarks.mixed_methods import main as mixed_main
+
+    out = tmp_path / "mixed.json"
+    argv = ["--model", str(tiny_model_dir), "--rows", "8", "--tasks", "4", "--virtual-tokens", "3",
+            "--input-tokens", "8", "--new-tokens", "3", "--rounds", "2", "--json", str(out)]
+    assert mixed_main(argv) == 0
+    figures = json.loads(out.read_text())
+    rows = figures["rows"]
+    assert rows["mixed"] == {"tokens": 8 * 3, "prefix_rows": 4, "prompt_rows": 2}
+    assert rows["prompt"] == {"tokens": 8 * 3, "prefix_rows": 0, "prompt_rows": 6}
+    assert figures["ratio"] > 0 and len(figures["per_round"]) == 2
+    assert "mixed / prompt only:" in capsys.readouterr().out

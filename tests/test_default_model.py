@@ -134,3 +134,19 @@ def test_the_openai_sdk_chats_with_the_default_model_as_grpc_does(served):
     with Client(address, timeout=300) as client:
         expected = client.generate("", question, chat=True, max_new_tokens=24)
     assert out.choices[0].message.content == expected.text and "Paris" in expected.text
+
+
+def test_the_tours_prompt_visibly_changes_the_answer(address):
+    """README's tour registers examples/pirate-prompt (trained once on examples/pirate.jsonl) and compares it
+    with the bare model: the newcomer must see the prompt at work, not the same text twice."""
+    from pathlib import Path
+
+    folder = Path(__file__).parent.parent / "examples" / "pirate-prompt"
+    with Client(address, timeout=300) as client:
+        client.register("tour-pirate", folder)
+        for text in ("Tell me about the sea.", "Hello!"):
+            pirate = client.generate("tour-pirate", text, chat=True, max_new_tokens=40).text
+            bare = client.generate("", text, chat=True, max_new_tokens=40).text
+            assert pirate != bare
+            assert "arr" in pirate.lower() and "matey" in pirate.lower(), pirate
+            assert "matey" not in bare.lower(), bare

@@ -17,7 +17,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from helpers import TEXTS, engine_prompts, engine_rows, reference_greedy, run_to_end, torch_threads
+from helpers import (TEXTS, engine_prompts, engine_rows, make_prefix_adapter, peft_greedy, peft_ready, reference_greedy,
+                     run_to_end, torch_threads)
 from softprompt.prompts.base import spec_of
 from softprompt.prompts.inject import score_continuations
 from softprompt.server.core.engine import Engine, ScoreRow, Sequence
@@ -200,3 +201,55 @@ def test_scoring_equals_each_row_alone(family, impl, tiny_base):
     keys = [None if p == 0 else (str(p), 1, "x") for p, _, _ in rows]
     assert score_continuations(base.model, *args).totals().tolist() == pytest.approx(alone, abs=1e-4)
     assert engine.score([ScoreRow(*row) for row in zip(args[0], keys, args[1], args[2])]) == pytest.approx(alone, abs=1e-4)
+
+
+# One attention implementation per family for prefix rows: what differs between implementations (attention over
+# the blocks) is the same for every row and checked with both by test_mixed_batches_match_the_reference.
+PREFIX_CASES = [(family, "eager" if family in _EAGER_ONLY else "sdpa") for family in FAMILIES]
+
+
+@pytest.mark.parametrize("family,impl", PREFIX_CASES)
+def test_prefix_tuned_rows_match_peft(family, impl, tiny_base, tmp_path):
+    """Issue 21: rows behind PEFT prefix-tuning adapters (keys and values written into their blocks, no forward
+    for them; 9 virtual tokens, longer than the sliding window) share batches with prompt-tuned and bare rows,
+    join and leave, and give what PEFT's own PeftModel forward gives, token for token."""
+    import copy
+
+    from peft import PeftModel
+
+    from softprompt.prompts.format.uploads import parse_peft_adapter
+    from softprompt.server.core.virtual import KvPrefix
+
+    base = family_base(family, impl, tiny_base)
+    folders = [make_prefix_adapter(base.model, tmp_path / f"p{i}", num_virtual_tokens=9, seed=i) for i in (1, 2)]
+    # PEFT wraps copies, made before the engine packs the model's weights.
+    references = [PeftModel.from_pretrained(peft_ready(copy.deepcopy(base.model)), f).eval() for f in folders]
+    engine = Engine(base, pad_shapes=True, ignore_eos=True)
+    prefixes = []
+    for folder in folders:
+        parsed = parse_peft_adapter((folder / "adapter_config.json").read_text(),
+                                    (folder / "adapter_model.safetensors").read_bytes(), base.spec,
+                                    max_virtual_tokens=32)
+        assert parsed.method == "prefix"
+        prefixes.append(KvPrefix.of(parsed.embeddings.to(base.dtype), engine.pool.layers))
+    prompts = [prefixes[0], *engine_prompts(base)[1:], prefixes[1], None]
+    rows = []
+    for i in range(7):
+        seq = Sequence(request_id=i, input_ids=base.tokenizer(TEXTS[i % 4] * (1 + i % 2)).input_ids,
+                       params=DecodingOptions(max_new_tokens=10 + i), prompt=prompts[i % 5])
+        engine.start(seq)
+        rows.append(seq)
+    batch, _ = engine.prefill(rows[:3])
+    engine.decode(batch)
+    batch = engine.concatenate([batch, engine.prefill(rows[3:5])[0]])
+    batch = engine.filter(batch, [0, 2, 3, 4])
+    batch = engine.concatenate([batch, engine.prefill(rows[5:])[0]])
+    run_to_end(engine, batch)
+    for i, peft_model in enumerate(references):
+        for seq in rows:
+            if seq.prompt is prefixes[i]:
+                assert seq.generated == peft_greedy(peft_model, seq.input_ids, len(seq.generated)), \
+                    f"prefix-tuned row {seq.request_id} differs from PEFT"
+    for seq in rows:
+        if not isinstance(seq.prompt, KvPrefix):
+            assert seq.generated == reference_greedy(base.model, seq.prompt, seq.input_ids, len(seq.generated), ())

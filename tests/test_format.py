@@ -278,13 +278,32 @@ def test_zero_tokens(base):
 # ---------------------------------------------------------------- bad configs
 
 
-def test_prefix_tuning_adapter_is_refused(tmp_path, base):
+def test_prefix_tuning_adapter_is_a_kv_prompt(tmp_path, base):
+    """Issue 21: a prefix-tuning adapter made for this model is taken as keys and values (it was refused before)."""
+    from peft import PrefixTuningConfig
+
+    config_text, weights, expected = save_adapter(PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+                                                  tmp_path)
+    prompt = parse(config_text, weights, base)
+    assert (prompt.method, prompt.source_type, prompt.layout) == ("prefix", "PREFIX_TUNING", base.kv_layout)
+    assert torch.equal(prompt.embeddings, expected)
+
+
+def test_prefix_tuning_adapter_for_another_model_is_refused(tmp_path, base):
     from peft import PrefixTuningConfig
 
     config_text, weights, _ = save_adapter(PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), tmp_path)
+    other = BaseModelSpec("other", HIDDEN, 3, 4, 128, "f" * 16, kv_heads=2, head_dim=8)
     with pytest.raises(InvalidPromptError) as e:
-        parse(config_text, weights, base)
-    assert_error(e, "PREFIX_TUNING", "keys and values", "not input embeddings", "PromptTuningConfig")
+        parse(config_text, weights, other)
+    assert_error(e, "num_layers is 2", "3 layers", "keys and values")
+
+
+def test_adaption_prompt_adapter_is_refused(base):
+    config = {"peft_type": "ADAPTION_PROMPT", "task_type": "CAUSAL_LM", "adapter_len": 4, "adapter_layers": 1}
+    with pytest.raises(InvalidPromptError) as e:
+        parse(config, weights_of(prompt_embeddings=torch.zeros(4, HIDDEN)), base)
+    assert_error(e, "ADAPTION_PROMPT", "inside", "gate", "PREFIX_TUNING", "PROMPT_TUNING")
 
 
 def test_lora_adapter_is_refused(tmp_path, base):

@@ -104,3 +104,43 @@ def test_sliding_window_graphs_give_the_reference(cuda_base):
     for seq in rows:
         assert seq.generated == reference_greedy(model, seq.prompt, seq.input_ids, len(seq.generated), ())
     assert len(engine._step.graph_shapes) == 12
+
+
+def test_prefix_tuned_rows_decoded_in_graphs_give_peft_s_tokens(cuda_base, tiny_model_dir, tmp_path):
+    """Issue 21: rows behind a PEFT prefix-tuning adapter (keys and values written into their blocks), batched with
+    prompt-tuned and bare rows and decoded from captured graphs, give what PEFT's own PeftModel forward gives."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from helpers import make_prefix_adapter
+    from softprompt.prompts.format.uploads import parse_peft_adapter
+    from softprompt.server.core.virtual import KvPrefix
+
+    folder = make_prefix_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), tmp_path / "prefix",
+                                 num_virtual_tokens=9, seed=1)
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir).to("cuda").eval(),
+                                          folder).eval()
+    parsed = parse_peft_adapter((folder / "adapter_config.json").read_text(),
+                                (folder / "adapter_model.safetensors").read_bytes(), cuda_base.spec,
+                                max_virtual_tokens=32)
+    engine = Engine(cuda_base, capture=CAPTURE, ignore_eos=True)
+    prefix = KvPrefix.of(parsed.embeddings.to("cuda"), engine.pool.layers)
+    rows = engine_rows(engine, cuda_base, 7)
+    for seq in rows[::2]:
+        seq.prompt = prefix
+    batch, _ = engine.prefill(rows[:3])
+    for _ in range(3):
+        engine.decode(batch)
+    run_to_end(engine, engine.concatenate([batch, engine.prefill(rows[3:])[0]]))
+    for seq in rows:
+        if seq.prompt is prefix:
+            expected: list[int] = []
+            with torch.no_grad():
+                for _ in range(len(seq.generated)):
+                    ids = torch.tensor([seq.input_ids + expected], device="cuda")
+                    logits = reference(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+                    expected.append(int(logits[0, -1].argmax()))
+        else:
+            expected = reference_greedy(cuda_base.model, seq.prompt, seq.input_ids, len(seq.generated), ())
+        assert seq.generated == expected, f"row {seq.request_id} differs"
+    assert len(engine._step.graph_shapes) == 12

@@ -408,10 +408,12 @@ def bad_configs(hidden: int, num_layers: int) -> st.SearchStrategy[str]:
     """adapter_config.json texts with hostile field values, or not JSON objects at all."""
     fields = st.dictionaries(
         st.sampled_from(["peft_type", "task_type", "num_virtual_tokens", "token_dim", "num_layers",
-                         "num_transformer_submodules", "prompt_tuning_init"]),
+                         "num_transformer_submodules", "prompt_tuning_init", "num_attention_heads", "num_tasks",
+                         "cpt_token_ids"]),
         st.one_of(st.none(), st.integers(-2, 2**40), st.text(_CHARS, max_size=8), st.floats(),
                   st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=2), st.integers(), max_size=1),
-                  st.sampled_from(["PROMPT_TUNING", "P_TUNING", "LORA", "PREFIX_TUNING", "CAUSAL_LM", "SEQ_2_SEQ_LM",
+                  st.sampled_from(["PROMPT_TUNING", "P_TUNING", "LORA", "PREFIX_TUNING", "CARTRIDGE", "CPT",
+                                   "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT", "CAUSAL_LM", "SEQ_2_SEQ_LM",
                                    hidden, num_layers, num_layers + 1])),
         min_size=1, max_size=3,
     )

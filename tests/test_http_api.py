@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from helpers import TEXTS, reference_greedy, running_server, wait_until
-from softprompt.client import Client
+from softprompt.client import Client, InvalidArgumentError
 from softprompt.prompts.tokens import encode_messages
 from softprompt.server.access.tokens import Role, format_entry, hash_token
 from softprompt.server.core.handle import Handle
@@ -177,7 +177,7 @@ def test_models_lists_the_base_model_tasks_versions_and_aliases(server, sdk, tin
         sdk.models.retrieve("nobody")
 
 
-def test_openapi_describes_every_answer_its_errors_and_the_bearer_scheme(server):
+def test_openapi_describes_every_answer_and_its_errors(server):
     spec = httpx.get(server[2].removesuffix("/v1") + "/openapi.json", timeout=30).json()
 
     def schema(op: dict, status: str) -> str:
@@ -187,9 +187,17 @@ def test_openapi_describes_every_answer_its_errors_and_the_bearer_scheme(server)
     assert {path: schema(op, "200") for path, op in ops.items()} == {
         "/v1/models": "ModelList", "/v1/models/{model}": "Model", "/v1/completions": "Completion",
         "/v1/chat/completions": "ChatCompletion", "/v1/classify": "ClassifyResponse"}
-    assert all(schema(op, "4XX") == schema(op, "5XX") == "ErrorResponse" for op in ops.values())
-    assert not any("422" in op["responses"] for op in ops.values())  # validation errors are 400s here
-    assert [scheme["scheme"] for scheme in spec["components"]["securitySchemes"].values()] == ["bearer"]
+    # Every status the server answers, each by its number with OpenAI's error model; never FastAPI's 422. This
+    # server takes no token: no 401 and no bearer scheme (tests/test_openapi.py has the server with tokens).
+    errors = {path: sorted(int(s) for s in op["responses"] if s != "200") for path, op in ops.items()}
+    generation = [400, 403, 404, 413, 429, 499, 500, 503, 504]
+    assert errors == {"/v1/models": [400, 500, 503], "/v1/models/{model}": [403, 404, 500, 503],
+                      "/v1/completions": generation, "/v1/chat/completions": generation, "/v1/classify": generation}
+    assert all(schema(op, status) == "ErrorResponse" for op in ops.values() for status in op["responses"]
+               if status != "200")
+    assert "Retry-After" in ops["/v1/completions"]["responses"]["429"]["headers"]
+    assert "text/event-stream" in ops["/v1/chat/completions"]["responses"]["200"]["content"]
+    assert "securitySchemes" not in spec["components"]
 
 
 # ---------------------------------------------------------------- errors, raw
@@ -257,6 +265,69 @@ def test_sse_framing_and_request_ids(server):
     assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
     chunks = [json.loads(line[6:]) for line in lines[:-1]]
     assert all(c["object"] == "text_completion" for c in chunks) and chunks[-1]["choices"][0]["finish_reason"]
+
+
+@pytest.mark.parametrize(("path", "field"), [("/completions", "max_tokens"), ("/chat/completions", "max_tokens"),
+                                           ("/chat/completions", "max_completion_tokens")])
+def test_a_limit_names_the_field_the_caller_sent(server, path, field):
+    text = {"prompt": "hi"} if path == "/completions" else {"messages": [{"role": "user", "content": "hi"}]}
+    response = _post(server, path, {"model": "poet", **text, field: 100000})
+    assert response.status_code == 400
+    error = _error(response)
+    assert error["param"] == field and error["message"].startswith(f"{field} 100000 exceeds this server's limit")
+    assert "max_new_tokens" not in error["message"]
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"max_tokens": "5"}, "max_tokens"), ({"max_tokens": 2.5}, "max_tokens"), ({"priority": True}, "priority"),
+    ({"stream": 1}, "stream"), ({"temperature": False}, "temperature"), ({"seed": 2**53}, "seed"),
+])
+def test_numbers_and_flags_are_json_s(server, extra, param):
+    """What the schema says an integer, number or boolean is, the server takes, and nothing else: pydantic alone
+    would take "5" and true for integers and 1 for a boolean."""
+    response = _post(server, "/completions", {"model": "poet", "prompt": "hi", **extra})
+    assert response.status_code == 400 and _error(response)["param"] == param
+    whole = {"model": "poet", "prompt": "hi", "max_tokens": 2.0, "seed": 2**53 - 1, "temperature": 0}
+    assert _post(server, "/completions", whole).status_code == 200  # 2.0 is the integer 2, as JSON Schema has it
+
+
+def test_max_tokens_beside_max_completion_tokens_is_checked_too(server):
+    """The newer name decides how many tokens; the older one given beside it must still be in range, as the
+    schema says of both (schemathesis found a body the schema forbids that was served)."""
+    body = {"model": "poet", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 2}
+    response = _post(server, "/chat/completions", {**body, "max_tokens": 100000})
+    assert response.status_code == 400 and _error(response)["param"] == "max_tokens"
+    assert _post(server, "/chat/completions", {**body, "max_tokens": 50}).status_code == 200
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/completions", {"prompt": ""}, "prompt"),
+    ("/completions", {"prompt": ["hi", ""]}, "prompt[1]"),
+    ("/completions", {"prompt": []}, "prompt"),
+    ("/chat/completions", {"messages": []}, "messages"),
+    ("/classify", {"input": "", "labels": ["a", "b"]}, "input"),
+])
+def test_empty_input_is_400_as_on_grpc(server, path, body, param):
+    response = _post(server, path, {"model": "poet", **body})
+    assert response.status_code == 400, response.text
+    error = _error(response)
+    assert error["param"] == param and error["message"].startswith(f"{error['param']} is empty: give")
+    with Client(server[1]) as client, pytest.raises(InvalidArgumentError, match="input is empty: give some text"):
+        client.generate("poet", "")  # the same rule on gRPC
+
+
+@pytest.mark.parametrize("task", ["pirate", ""])
+def test_every_chunk_of_a_stream_carries_the_fingerprint(server, tiny_base, task):
+    model = task or tiny_base.spec.model_id
+    with httpx.stream("POST", f"{server[2]}/chat/completions", timeout=30, json={
+            "model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant" and chunks[-1]["usage"]  # first and usage chunks
+    expected = "pirate@2" if task else tiny_base.spec.model_id  # what ran: the version, or the base model
+    assert [c["system_fingerprint"] for c in chunks] == [expected] * len(chunks)
+    whole = _post(server, "/completions", {"model": model, "prompt": "hi", "max_tokens": 2}).json()
+    assert whole["system_fingerprint"] == expected
 
 
 def test_a_client_that_disconnects_frees_its_row(server, tiny_base):

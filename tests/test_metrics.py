@@ -322,3 +322,41 @@ def test_server_runs_without_prometheus_client(tiny_model_dir, tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
     assert "served" in result.stdout
+
+
+def _readme_metric_rows() -> dict[str, set[str]]:
+    """README's metrics table: each metric's name (as scraped) and the labels the row lists."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    rows: dict[str, set[str]] = {}
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 4 or not cells[0].startswith("`softprompt_"):
+            continue
+        labels = set(re.findall(r"`(\w+)`", re.sub(r"\([^)]*\)", "", cells[2])))  # "(`used`, `free`)": values
+        for name in re.findall(r"`(softprompt_\w+)`", cells[0]):
+            rows[name] = labels
+    return rows
+
+
+def test_the_readme_lists_every_label_of_each_metric(server, client, tiny_base):
+    """The table README gives operators names every label a metric has (`transport` included) and no other."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client.generate("", "hello", max_new_tokens=2)
+    app, _ = server
+    with urllib.request.urlopen(f"http://127.0.0.1:{app.http_port}/v1/models", timeout=10):
+        pass
+    with urllib.request.urlopen(f"http://127.0.0.1:{app.metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    scraped: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            scraped.setdefault(s.name, set()).update(set(s.labels) - {"le", "quantile"})
+    rows = _readme_metric_rows()
+    assert "softprompt_rpc_requests_total" in rows and "softprompt_time_to_first_token_seconds" in rows
+    for name, labels in rows.items():
+        scraped_name = name if name in scraped else f"{name}_count"  # a histogram's row names the family
+        if scraped_name in scraped:
+            assert labels == scraped[scraped_name], f"README's row for {name} lists {sorted(labels)}"

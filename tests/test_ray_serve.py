@@ -25,7 +25,13 @@ from softprompt.prompts.registry import Registry
 from softprompt.protos import softprompt_pb2 as pb
 from softprompt.protos import softprompt_pb2_grpc as pb_grpc
 from softprompt.server.access.tokens import Role, format_entry, hash_token
-from softprompt.server.app.ray_serve import GRPC_SERVICER_FUNCTIONS, Deployment, build
+from softprompt.server.app.ray_serve import (
+    GRPC_SERVICER_FUNCTIONS,
+    Deployment,
+    ProxyListeners,
+    build,
+    proxy_listeners,
+)
 
 ADMIN = "admin-token-for-ray-tests-0001"
 INFER_ALPHA = "infer-token-alpha-only-00001"  # may use task "alpha" only
@@ -81,7 +87,8 @@ def ingress(tiny_model_dir: Path, tiny_base, tmp_path_factory: pytest.TempPathFa
                     grpc_options={"port": port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS})
         # What deploy/ray/serve_config.yaml sets per deployment, here in code: two replicas, and Ray's health
         # check every second so that a killed replica is noticed and replaced quickly.
-        app = Deployment.options(num_replicas=2, health_check_period_s=1).bind(flags)
+        # With the proxies' listeners, as `build` binds it: gRPC is held to http_options.host's scope.
+        app = Deployment.options(num_replicas=2, health_check_period_s=1).bind(flags, proxy_listeners())
         serve.run(app, name=APP)
         yield f"127.0.0.1:{port}", f"http://127.0.0.1:{http_port}"
     finally:
@@ -224,3 +231,58 @@ def test_the_config_file_is_a_valid_serve_config_and_builds():
         build({"flags": ["--no-such-flag"]})
     with pytest.raises(ValueError, match="terminate TLS"):
         build({"flags": ["--tls-cert=c.pem", "--tls-key=k.pem"]})
+
+
+# ---------------------------------------------------------------- where the proxies listen
+
+
+def _this_machines_address() -> str | None:
+    """A non-loopback address of this machine (None if it has none): a caller from it is not on loopback."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the interface a route would use
+        except OSError:
+            return None
+        address = s.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+def test_the_listeners_are_read_from_serves_config(ingress):
+    grpc_port = int(ingress[0].rsplit(":", 1)[1])
+    http_port = int(ingress[1].rsplit(":", 1)[1])
+    assert proxy_listeners() == ProxyListeners("127.0.0.1", http_port, grpc_port)
+
+
+def test_grpc_is_held_to_the_http_hosts_scope(ingress, channel, expected):
+    """Ray binds its gRPC proxy on every interface; with http_options.host 127.0.0.1 a caller from another
+    address of this machine is refused, saying why, while loopback callers are served."""
+    address = _this_machines_address()
+    if address is None:
+        pytest.skip("this machine has no address besides loopback")
+    port = ingress[0].rsplit(":", 1)[1]
+    with grpc.insecure_channel(f"{address}:{port}") as outside:
+        with pytest.raises(grpc.RpcError) as refused:
+            pb_grpc.InferenceStub(outside).Generate(pb.GenerateRequest(task="alpha", input="hello"),
+                                                    metadata=_metadata(ADMIN, "alpha"), timeout=60)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "this machine only (http_options.host 127.0.0.1)" in refused.value.details()
+    assert _generate(channel, "alpha", "hello", stream=False) == expected["alpha", "hello"]
+
+
+@pytest.mark.parametrize(("peer", "allowed"), [
+    ("ipv4:127.0.0.1:5000", True), ("ipv6:[::1]:5000", True), ("unix:/tmp/s", True),
+    ("ipv4:10.0.0.5:5000", False), ("ipv6:[2001:db8::1]:5000", False), ("", False),
+])
+def test_a_loopback_host_answers_loopback_callers_only(peer, allowed):
+    assert ProxyListeners("127.0.0.1", 8000, 9000).allows(peer) is allowed
+    assert ProxyListeners("0.0.0.0", 8000, 9000).allows(peer)  # the config opens it to every caller
+
+
+def test_a_reachable_listener_without_tokens_is_warned_about():
+    open_to_all = ProxyListeners("0.0.0.0", 8000, 9000)
+    warning = open_to_all.exposure(tokens=False)
+    assert warning is not None and "0.0.0.0:8000" in warning and "port 9000 of every interface" in warning
+    assert "--auth-tokens" in warning
+    assert "gRPC" not in (ProxyListeners("0.0.0.0", 8000, None).exposure(tokens=False) or "")
+    assert open_to_all.exposure(tokens=True) is None
+    assert ProxyListeners("127.0.0.1", 8000, 9000).exposure(tokens=False) is None  # this machine only

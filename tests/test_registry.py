@@ -336,7 +336,9 @@ def test_delete_whole_task(reg):
     assert "bare task name" in str(e.value)
     with pytest.raises(InvalidNameError):
         reg.delete("t@prod")
-    assert reg.delete("t", all_versions=True) == ["t@1", "t@2"]
+    with pytest.raises(RegistryConflictError):  # t@prod points at t@2: as for one version, --force (issue 23)
+        reg.delete("t", all_versions=True)
+    assert reg.delete("t", all_versions=True, force=True) == ["t@1", "t@2"]
     assert reg.tasks() == ["u"]
     with pytest.raises(PromptNotFoundError) as e:
         reg.resolve("t")

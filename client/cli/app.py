@@ -30,10 +30,11 @@ _FLAG_GLOBALS = ("--json", "--tls")
 _MAIN_DESCRIPTION = """\
 Run one frozen base language model with many soft prompts (prompt-tuning adapters).
 
-Start a server with `softprompt serve`, train prompts on it (`softprompt train`) or register
-ready-made ones (PEFT adapters or raw tensors) under task names, then generate or classify with
-them. Prompts are referenced as NAME (newest version), NAME@3 (a version) or NAME@ALIAS
-(e.g. NAME@prod)."""
+Start a server with `softprompt serve` (gRPC on localhost:50051, OpenAI's HTTP API on
+http://localhost:8000/v1), train prompts on it (`softprompt train`) or register ready-made ones
+(PEFT adapters or raw tensors) under task names, then generate or classify with them, or fetch a
+version's files (`softprompt export`). Prompts are referenced as NAME (newest version), NAME@3
+(a version) or NAME@ALIAS (e.g. NAME@prod)."""
 
 _MAIN_EPILOG = f"""\
 examples:
@@ -44,6 +45,7 @@ examples:
   softprompt generate sentiment@prod "I loved this film"
   softprompt classify sentiment@prod "I loved this film" --labels positive,negative
   softprompt jobs list
+  softprompt export sentiment@prod ./sentiment-prod
   softprompt list --json
   softprompt --server gpu-box:50051 --tls --ca-cert ca.pem --token-file my-token info
 
@@ -131,20 +133,40 @@ def _tls(args: argparse.Namespace) -> TlsOptions | None:
 
 def _print_server_error(e: SoftpromptError, server: str, *, tls: bool) -> None:
     print(f"error: {e.code.name}: {e.details}", file=sys.stderr)
+    hint = _hint(e, server, tls=tls)
+    if hint:
+        print(hint, file=sys.stderr)
+
+
+# What gRPC itself says when no server answered (refused, unresolvable, closed): the only UNAVAILABLE that
+# "is the server running?" explains. A server that answered UNAVAILABLE (its prompt store is down, it is
+# shutting down) said why in its own words.
+_UNREACHABLE = ("failed to connect", "connection refused", "dns resolution failed", "name resolution",
+                "socket closed", "connection reset", "connections to all backends failing", "empty address list",
+                "broken pipe", "handshake")
+
+
+def _hint(e: SoftpromptError, server: str, *, tls: bool) -> str:
+    """Advice for the error, only where its cause is likely; "" otherwise."""
     if e.code == grpc.StatusCode.UNAVAILABLE:
-        print(
-            f"is the server running at {server}? start it with `softprompt serve` "
-            f"(or point --server / ${SERVER_ENV} at it)"
-            + ("" if tls else "; if it uses TLS, add --tls (and --ca-cert for a private CA)"),
-            file=sys.stderr,
-        )
-    elif e.code == grpc.StatusCode.UNAUTHENTICATED:
-        print(f"pass a token with --token-file FILE, --token TOKEN or ${TOKEN_ENV}", file=sys.stderr)
-    elif e.code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        print("the call ran out of time; raise --timeout or omit it", file=sys.stderr)
-    elif e.code == grpc.StatusCode.UNIMPLEMENTED:
-        print(f"the server at {server} does not offer this call; is it older than this client?",
-              file=sys.stderr)
+        if e.request_id is not None or not any(s in e.details.lower() for s in _UNREACHABLE):
+            return ""
+        return (f"is the server running at {server}? start it with `softprompt serve` "
+                f"(or point --server / ${SERVER_ENV} at it)"
+                + ("" if tls else "; if it uses TLS, add --tls (and --ca-cert for a private CA)"))
+    if e.code == grpc.StatusCode.UNAUTHENTICATED:
+        return f"pass a token with --token-file FILE, --token TOKEN or ${TOKEN_ENV}"
+    if e.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return "the call ran out of time; raise --timeout or omit it"
+    if e.code == grpc.StatusCode.UNIMPLEMENTED and e.rpc.startswith("Training/"):
+        # The one endpoint that serves inference and the registry but not training: a Ray Serve deployment.
+        return (f"the endpoint at {server} does not serve training (a Ray Serve deployment serves inference and "
+                "the registry only: a job would live in one replica); train in this process into the same prompt "
+                "store with `softprompt train --store STORE ...`, or against a plain `softprompt serve` over that "
+                "store (--server)")
+    if e.code == grpc.StatusCode.UNIMPLEMENTED:
+        return f"the server at {server} does not offer this call; is it older than this client?"
+    return ""
 
 
 def _quiet_broken_pipe() -> int:
@@ -190,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_jobs(commands, common)
     inference.add_tokenize(commands, common)
     inference.add_info(commands, common)
+    inference.add_top(commands, common)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""The commands that run the base model: `generate`, `classify`, `tokenize` and `info`."""
+"""The commands that run the base model: `generate`, `classify`, `tokenize`, `info` and `top`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -72,6 +73,11 @@ def add_generate(commands: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--chat", action="store_true", help="wrap TEXT as a user turn with the chat template"
     )
+    parser.add_argument(
+        "--priority", type=int, default=None, metavar="N",
+        help="how soon it is served: lower first, as vLLM's (default: the task's on the server, usually 0); "
+             "the token's role bounds how low it may go",
+    )
 
 
 def add_classify(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -135,6 +141,26 @@ def add_info(commands: Any, common: argparse.ArgumentParser) -> None:
     )
 
 
+def add_top(commands: Any, common: argparse.ArgumentParser) -> None:
+    """Adds `top` to the subparsers `commands`."""
+    parser = add_command(
+        commands,
+        "top",
+        common,
+        _cmd_top,
+        "show how the server is shared between tasks, refreshed",
+        "Show each task busy now or lately: rows it holds in the batch, requests queued, its share of the\n"
+        "rows against the fair share its weight entitles it to, its weight and default priority (the\n"
+        "server's --task-policy), tokens computed for it per second, and requests refused by its limits.\n"
+        "Refreshes every --interval seconds until Ctrl-C (--count N: N times; --json: one object a line).",
+        "  softprompt top\n  softprompt top --count 1\n  softprompt --server gpu-box:50051 top --interval 5\n",
+    )
+    parser.add_argument("--interval", type=non_negative_float, default=2.0, metavar="SECONDS",
+                        help="seconds between refreshes (default 2)")
+    parser.add_argument("--count", type=non_negative_int, default=0, metavar="N",
+                        help="refresh N times, then exit (default 0: until Ctrl-C)")
+
+
 def _read_text(text: str) -> str:
     return sys.stdin.read() if text == STDIN_TEXT else text
 
@@ -152,8 +178,9 @@ def _decoding_options(args: argparse.Namespace) -> DecodingOptions:
 def _cmd_generate(client: Client, args: argparse.Namespace) -> int:
     options, task, text = _decoding_options(args), _task(args.ref), _read_text(args.text)
     if args.stream:
-        return _stream_generate(client.stream(task, text, options=options), wants_json(args))
-    result = client.generate(task, text, options=options)
+        return _stream_generate(client.stream(task, text, options=options, priority=args.priority),
+                                wants_json(args))
+    result = client.generate(task, text, options=options, priority=args.priority)
     if wants_json(args):
         render.print_json(result)
     else:
@@ -203,4 +230,29 @@ def _cmd_info(client: Client, args: argparse.Namespace) -> int:
         render.print_json(info)
     else:
         render.print_model(info)
+        if info.tasks:
+            print()
+            render.print_tasks(info.tasks)
     return 0
+
+
+def _cmd_top(client: Client, args: argparse.Namespace) -> int:
+    shown = 0
+    try:
+        while True:
+            info = client.model_info()
+            if wants_json(args):
+                render.print_json_line({"tasks": [dataclasses.asdict(t) for t in info.tasks]})
+            else:
+                if sys.stdout.isatty():
+                    print("\033[H\033[2J", end="")  # a terminal shows one table at a time, as top does
+                kv = "" if info.kv_cache is None else f"; kv cache {render.kv_cache_line(info.kv_cache)}"
+                print(f"{info.model_id}: max batch {info.limits.max_batch_size}{kv}")
+                render.print_tasks(info.tasks)
+            sys.stdout.flush()
+            shown += 1
+            if args.count and shown >= args.count:
+                return 0
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0

@@ -15,11 +15,13 @@ from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from softprompt.client.types import (
+    CacheTier,
     ClassifyResult,
     EvalMetrics,
     KvCache,
     ModelInfo,
     PromptInfo,
+    TaskLoad,
     TrainingJob,
     Usage,
 )
@@ -47,8 +49,17 @@ def _jsonable(value: Any) -> Any:
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     """Prints `rows` under `headers` in left-aligned columns."""
-    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
-    for row in (headers, *rows):
+    print_rows(column_widths(headers, rows), [headers, *rows])
+
+
+def column_widths(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[int]:
+    """The width of each column that fits `headers` and `rows` (a table printed in pages: its first page's)."""
+    return [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
+
+
+def print_rows(widths: Sequence[int], rows: Sequence[Sequence[str]]) -> None:
+    """Prints `rows` left-aligned in columns of `widths` (a longer cell pushes the rest of its row right)."""
+    for row in rows:
         cells = [str(c).ljust(w) for c, w in zip(row, widths)]
         print("  ".join(cells).rstrip())
 
@@ -110,9 +121,26 @@ def print_model(m: ModelInfo) -> None:
             ("max batch size", limits.max_batch_size),
             ("max queued requests", limits.max_queued_requests),
             ("max upload bytes", limits.max_upload_bytes),
+            ("max stop sequences", limits.max_stop_sequences or "not reported"),
+            ("max labels", limits.max_labels or "not reported"),
             ("kv cache", "not reported" if m.kv_cache is None else kv_cache_line(m.kv_cache)),
+            *((f"{tier.name} cache", cache_tier_line(tier)) for tier in m.caches),
         ]
     )
+
+
+TASK_COLUMNS = ("TASK", "RUNNING", "QUEUED", "SHARE", "FAIR SHARE", "WEIGHT", "PRIORITY", "TOKENS/S", "REFUSED")
+
+
+def print_tasks(tasks: Sequence[TaskLoad]) -> None:
+    """Each task's rows, queue, share of the batch against its fair share, and token rate (`top`, `info`)."""
+    if not tasks:
+        print("no task busy now or lately")
+        return
+    print_table(TASK_COLUMNS, [
+        (t.task, str(t.running), str(t.queued), f"{t.share:.0%}", f"{t.fair_share:.0%}", f"{t.weight:g}",
+         str(t.priority), f"{t.tokens_per_second:,.0f}", str(t.refused))
+        for t in sorted(tasks, key=lambda t: (-t.running, -t.queued, -t.tokens_per_second, t.task))])
 
 
 def kv_cache_line(kv: KvCache) -> str:
@@ -124,6 +152,13 @@ def kv_cache_line(kv: KvCache) -> str:
             f"{kv.rows} {'row' if kv.rows == 1 else 'rows'}")
 
 
+def cache_tier_line(tier: CacheTier) -> str:
+    """A tier of prompt memory in one line: `1,204 entries, 37 MiB of 2,048 MiB, 96% hits, 3 evictions`."""
+    line = (f"{tier.entries:,} entries, {tier.bytes / (1 << 20):,.0f} MiB of {tier.capacity_bytes / (1 << 20):,.0f} "
+            f"MiB, {tier.hit_rate:.0%} hits ({tier.hits:,} of {tier.hits + tier.misses:,}), {tier.evictions:,} evicted")
+    return line + (f", {tier.pending:,} still loading" if tier.pending else "")
+
+
 # ---------------------------------------------------------------------- prompts
 
 PROMPT_COLUMNS = ("REF", "TYPE", "TOKENS", "HIDDEN", "ALIASES", "CREATED", "DESCRIPTION")
@@ -132,7 +167,7 @@ PROMPT_COLUMNS = ("REF", "TYPE", "TOKENS", "HIDDEN", "ALIASES", "CREATED", "DESC
 def prompt_row(p: PromptInfo) -> tuple[str, ...]:
     """`p` as a row under PROMPT_COLUMNS."""
     return (
-        p.ref,
+        f"{p.ref} (candidate)" if p.candidate else p.ref,
         p.peft_type,
         str(p.num_virtual_tokens),
         str(p.hidden_size),
@@ -147,9 +182,13 @@ def print_prompt(p: PromptInfo) -> None:
     print_fields(
         [
             ("ref", p.ref),
+            *([("candidate", "yes: its quality gate kept the alias on another version, so the bare name "
+                             f"{p.name!r} does not serve it")] if p.candidate else []),
             ("type", p.peft_type),
+            ("method", _method_text(p)),
             ("virtual tokens", p.num_virtual_tokens),
             ("hidden size", p.hidden_size),
+            ("bytes", f"{p.size_bytes:,}" if p.size_bytes else "-"),
             ("aliases", ", ".join(p.aliases) or "-"),
             ("created", p.created_at),
             ("description", p.description or "-"),
@@ -159,6 +198,14 @@ def print_prompt(p: PromptInfo) -> None:
             *([("metrics", _metrics_text(p.metrics))] if p.metrics else []),
         ]
     )
+
+
+def _method_text(p: PromptInfo) -> str:
+    """"prefix: 30 layers x 3 KV heads x 64" / "prompt: input embeddings" (servers before methods: "prompt")."""
+    if p.method == "prefix":
+        return f"prefix: keys and values, {p.num_layers} layers x {p.kv_heads} KV heads x head size {p.head_dim}"
+    task = f" (task {p.peft_task_id} of a multitask adapter)" if p.peft_task_id is not None else ""
+    return f"prompt: input embeddings{task}"
 
 
 def _metrics_text(metrics: dict[str, float]) -> str:
@@ -242,12 +289,13 @@ def _progress_text(job: TrainingJob) -> str:
     return "  ".join(parts)
 
 
-# Without a terminal, a progress line is printed at most this often (seconds), or on a phase change.
-_PROGRESS_INTERVAL = 2.0
-
-
 class ProgressLine:
-    """Shows a training job's progress: one line rewritten in place on a terminal, else plain lines.
+    """Shows a training job's progress: one line rewritten in place on a terminal, else a few plain lines.
+
+    Without a terminal (a log file, a pipe) it prints a line the first time the job enters each stage
+    (queued, training, evaluating, ..., done), not a line per step: redirected output stays a short summary.
+    With `interval`, it prints on every change of stage instead, and within one stage at most every
+    `interval` seconds.
 
     Use it as a context manager: leaving it ends the terminal line, so that what follows (a result,
     an error, the Ctrl-C notice) starts on a fresh one.
@@ -256,7 +304,7 @@ class ProgressLine:
     def __init__(
         self,
         stream: TextIO,
-        interval: float = _PROGRESS_INTERVAL,
+        interval: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._stream = stream
@@ -265,9 +313,10 @@ class ProgressLine:
         self._clock = clock
         self._width = 0  # length of the line on screen (terminal only)
         self._last: tuple[str, str, float] | None = None  # (stage, text, time) printed last
+        self._seen: set[str] = set()  # stages printed (no terminal)
 
     def update(self, job: TrainingJob) -> None:
-        """Shows `job`'s progress (throttled unless on a terminal or the phase changed)."""
+        """Shows `job`'s progress (without a terminal: see the class)."""
         text = _progress_text(job)
         if self._tty:
             # Pad to the previous line's length so that no characters of it remain.
@@ -278,10 +327,15 @@ class ProgressLine:
         stage, now = f"{job.state}/{job.phase}", self._clock()
         if self._last is not None:
             last_stage, last_text, last_time = self._last
-            if text == last_text or (stage == last_stage and now - last_time < self._interval):
+            if text == last_text:
+                return
+            if self._interval is None and stage in self._seen:
+                return  # a summary: each stage once (training and evaluating alternate all run long)
+            if self._interval is not None and stage == last_stage and now - last_time < self._interval:
                 return
         print(text, file=self._stream, flush=True)
         self._last = (stage, text, now)
+        self._seen.add(stage)
 
     def __enter__(self) -> ProgressLine:
         return self

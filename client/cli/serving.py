@@ -15,7 +15,7 @@ from softprompt.client.cli import handoff
 from softprompt.client.client import Client
 
 _SUMMARIES = {
-    "serve": "start the gRPC server (see `softprompt serve --help`)",
+    "serve": "start the server: gRPC, and OpenAI's HTTP API on :8000 (see `softprompt serve --help`)",
     "bench": "measure our engine and server against HF generate and PEFT (see `softprompt bench --help`)",
     "token": "make bearer tokens for `serve --auth-tokens` (see `softprompt token --help`)",
 }

@@ -54,11 +54,25 @@ _TRAINING_FLAGS: dict[str, tuple[str, str, str]] = {
         "--chat", "", "wrap each input as a user turn with the chat template (then run it with --chat)"
     ),
     "warmup_steps": ("--warmup-steps", "N", "optimizer steps of linear learning-rate warm-up"),
+    "method": (
+        "--method", "prompt|prefix",
+        "'prompt': prompt tuning (virtual-token embeddings in front of the input); 'prefix': prefix tuning "
+        "(keys and values in front of every layer's KV cache, initialised from those the model computes "
+        "for --init's tokens)",
+    ),
+    "prefix_projection": (
+        "--prefix-projection", "",
+        "with --method prefix: learn the prefix through PEFT's reparameterization MLP (embedding, linear, "
+        "tanh, linear), materialized into plain keys and values when training ends",
+    ),
+    "encoder_hidden_size": (
+        "--encoder-hidden-size", "N", "hidden width of --prefix-projection's MLP; 0: the prefix's token_dim, as PEFT"
+    ),
 }
 
 # `train` flags that only the local trainer (--store) uses, by dest.
 _LOCAL_ONLY_FLAGS = {"model": "--model", "device": "--device", "dtype": "--dtype",
-                     "output_dir": "--output-dir"}
+                     "output_dir": "--output-dir", "s3_endpoint_url": "--s3-endpoint-url"}
 
 
 def add_train(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -131,6 +145,12 @@ def add_train(commands: Any, common: argparse.ArgumentParser) -> None:
         help="train locally and register into the prompt store DIR_OR_URL (a folder or s3://bucket/prefix; "
         "S3 endpoint and credentials from the AWS configuration), as `softprompt serve --store` uses it "
         "(default: train on the server)",
+    )
+    where.add_argument(
+        "--s3-endpoint-url", metavar="URL",
+        help="with an s3:// --store: the endpoint of an S3-compatible store that is not AWS (MinIO, Ceph, ...), "
+             "e.g. http://minio:9000, as `softprompt serve --s3-endpoint-url` takes it (default: the AWS "
+             "configuration, $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL)",
     )
     where.add_argument(
         "--no-wait", action="store_true",
@@ -219,4 +239,6 @@ def _train_locally(args: argparse.Namespace, options: TrainingOptions) -> int:
         device=args.device,
         dtype=args.dtype,
         json_output=wants_json(args),
+        # Only when given: without it the store's endpoint comes from the AWS configuration, as for `serve`.
+        **({"s3_endpoint_url": args.s3_endpoint_url} if args.s3_endpoint_url else {}),
     )

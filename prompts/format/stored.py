@@ -8,6 +8,7 @@ PEFT loads as-is.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping
@@ -25,7 +26,9 @@ from softprompt.prompts.format.tensor import PromptTensor
 _FIX_STORED = "delete this version and register the prompt again"
 
 
+@functools.lru_cache(maxsize=1)
 def _peft_version() -> str | None:
+    # Cached: reading a distribution's metadata parses files (about 1.5 ms), and every registration asks.
     try:
         from importlib.metadata import PackageNotFoundError, version
     except ImportError:  # pragma: no cover
@@ -38,13 +41,18 @@ def _peft_version() -> str | None:
 
 
 def peft_config_for(prompt: PromptTensor, base: BaseModelSpec) -> dict[str, Any]:
-    """The ``adapter_config.json`` for a stored version: a PEFT PROMPT_TUNING config for `base`.
+    """The ``adapter_config.json`` for a stored version: a PEFT config for `base` that loads it as it serves.
 
-    Every source type is stored as PROMPT_TUNING: a P-tuning adapter's saved tensor is already its
-    encoder's output, so the plain embedding table reproduces it exactly. ``prompt_tuning_init`` is
-    "RANDOM" because the stored weights replace the initial values on load, and "TEXT" would need a
-    tokenizer at load time. The keys match what PEFT's own ``save_pretrained`` writes.
+    Input-level prompts are stored as PROMPT_TUNING: a P-tuning adapter's saved tensor is already its
+    encoder's output, and a multitask (one task's) or CPT prompt is materialized at registration, so the
+    plain embedding table reproduces each exactly. ``prompt_tuning_init`` is "RANDOM" because the stored
+    weights replace the initial values on load, and "TEXT" would need a tokenizer at load time. KV-level
+    prompts keep their type (PREFIX_TUNING or CARTRIDGE), their keys and values already materialized
+    (``prefix_projection`` off: the stored matrix is the prefix itself). The keys match what PEFT's own
+    ``save_pretrained`` writes.
     """
+    if prompt.layout is not None:
+        return _kv_config(prompt, base)
     return {
         "auto_mapping": None,
         "base_model_name_or_path": base.model_id,
@@ -64,6 +72,34 @@ def peft_config_for(prompt: PromptTensor, base: BaseModelSpec) -> dict[str, Any]
         "tokenizer_kwargs": None,
         "tokenizer_name_or_path": None,
     }
+
+
+def _kv_config(prompt: PromptTensor, base: BaseModelSpec) -> dict[str, Any]:
+    """PREFIX_TUNING or CARTRIDGE: keys and values of `prompt.layout`, as PEFT sizes them for grouped-query
+    attention (``num_attention_heads`` = KV heads, ``token_dim`` = KV heads x head size)."""
+    layout = prompt.layout
+    assert layout is not None
+    config: dict[str, Any] = {
+        "auto_mapping": None,
+        "base_model_name_or_path": base.model_id,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "num_attention_heads": layout.kv_heads,
+        "num_layers": layout.num_layers,
+        "num_transformer_submodules": 1,
+        "num_virtual_tokens": prompt.num_virtual_tokens,
+        "peft_type": prompt.source_type,
+        "peft_version": _peft_version(),
+        "revision": None,
+        "task_type": "CAUSAL_LM",
+        "token_dim": layout.token_dim,
+    }
+    if prompt.source_type == "CARTRIDGE":
+        # Only training reads it (the first tokens stay frozen, an attention sink); PEFT's default.
+        config["num_frozen_tokens"] = 1
+    else:
+        config.update(encoder_hidden_size=layout.token_dim, init_weights=None, prefix_projection=False)
+    return config
 
 
 def _json_bytes(obj: Mapping[str, Any]) -> bytes:
@@ -130,7 +166,8 @@ def missing_weights_error(where: str) -> CorruptPromptError:
 def parse_embeddings(data: bytes, expected_sha256: str, *, where: str) -> torch.Tensor:
     """A stored version's prompt matrix from its weights (read from `where`), checked against `expected_sha256`.
 
-    Returns a float32, contiguous ``[num_virtual_tokens, hidden]`` tensor. Raises `CorruptPromptError`
+    Returns a float32, contiguous 2-D tensor (``[num_virtual_tokens, hidden]``, or a KV-level prompt's
+    ``[num_virtual_tokens, num_layers * 2 * token_dim]``). Raises `CorruptPromptError`
     if the bytes differ from their checksum or do not hold one finite 2-D float32 tensor.
     """
     from safetensors.torch import load as load_safetensors

@@ -1,5 +1,10 @@
 """Parsing uploads: an uploaded PEFT adapter or raw matrix, checked and turned into a `PromptTensor`.
 
+Every PEFT prompt-learning adapter is taken (`methods.peft_types`): PROMPT_TUNING and P_TUNING as saved,
+MULTITASK_PROMPT_TUNING (one task, named by `task_id`) and CPT materialized into the prompt PEFT would
+prepend, PREFIX_TUNING and CARTRIDGE as keys and values checked against the base model's KV layout;
+anything else is refused with the reason.
+
 Uploaded bytes are untrusted: they are parsed only as safetensors, never unpickled, and every failure is
 reported as an `InvalidPromptError` whose message says what is wrong and how to fix it.
 """
@@ -17,22 +22,8 @@ from softprompt.prompts.base import BaseModelSpec
 from softprompt.prompts.errors import BaseModelMismatchError, InvalidPromptError
 from softprompt.prompts.format.layout import PEFT_WEIGHTS, TENSOR_NAME
 from softprompt.prompts.format.tensor import FLOAT_DTYPES, PromptTensor, check_rows_and_width, validate_embeddings
-
-# peft_type values PEFT uses for adapters that are not input-embedding soft prompts, with the reason.
-_NOT_A_SOFT_PROMPT = {
-    "PREFIX_TUNING": (
-        "a prefix-tuning adapter stores per-layer attention keys and values for the KV cache, not input "
-        "embeddings, so it cannot be served as a soft prompt"
-    ),
-    "CARTRIDGE": (
-        "a cartridge adapter stores per-layer attention keys and values for the KV cache, not input "
-        "embeddings, so it cannot be served as a soft prompt"
-    ),
-    "MULTITASK_PROMPT_TUNING": (
-        "a multitask prompt-tuning adapter computes its prompt from shared and per-task factors at run time"
-    ),
-    "ADAPTION_PROMPT": "an adaption-prompt (LLaMA-Adapter) adapter injects gated prompts inside attention layers",
-}
+from softprompt.prompts.methods import cpt, multitask, prefix_tuning
+from softprompt.prompts.methods.peft_types import FIX_TYPES, SERVED, describe_unserved
 
 _FIX_UPLOAD = "upload the adapter_config.json and adapter_model.safetensors that PEFT's save_pretrained wrote"
 
@@ -79,27 +70,18 @@ def _check_peft_type(config: Mapping[str, Any]) -> str:
     peft_type = config.get("peft_type")
     if peft_type is None:
         raise InvalidPromptError(
-            f"adapter_config.json has no peft_type: only PEFT PROMPT_TUNING and P_TUNING adapters can be "
+            f"adapter_config.json has no peft_type: only PEFT prompt-learning adapters ({FIX_TYPES}) can be "
             f"registered; {_FIX_UPLOAD}"
         )
     if not isinstance(peft_type, str):
         # Checked before the table lookup below, which a list or object (unhashable) would crash.
         raise InvalidPromptError(
-            f"peft_type {peft_type!r:.80} is not a soft prompt: adapter_config.json must name \"PROMPT_TUNING\" or "
-            f"\"P_TUNING\" as a string; {_FIX_UPLOAD}"
+            f"peft_type {peft_type!r:.80} is not a soft prompt: adapter_config.json must name \"PROMPT_TUNING\", "
+            f"\"P_TUNING\" or another prompt-learning type ({FIX_TYPES}) as a string; {_FIX_UPLOAD}"
         )
-    if peft_type in ("PROMPT_TUNING", "P_TUNING"):
+    if peft_type in SERVED:
         return peft_type
-    if peft_type in _NOT_A_SOFT_PROMPT:
-        raise InvalidPromptError(
-            f"peft_type {peft_type!r} is not supported: {_NOT_A_SOFT_PROMPT[peft_type]}; "
-            f"train a PROMPT_TUNING (PromptTuningConfig) or P_TUNING (PromptEncoderConfig) adapter instead"
-        )
-    raise InvalidPromptError(
-        f"peft_type {peft_type!r} is not a soft prompt (it changes the model's weights or layers, not its input "
-        f"embeddings): only PROMPT_TUNING (PromptTuningConfig) and P_TUNING (PromptEncoderConfig) adapters "
-        f"can be registered"
-    )
+    raise InvalidPromptError(describe_unserved(peft_type))
 
 
 def _check_int_field(config: Mapping[str, Any], key: str) -> int | None:
@@ -113,7 +95,7 @@ def _check_int_field(config: Mapping[str, Any], key: str) -> int | None:
     return value
 
 
-def _load_single_tensor(weights: bytes, what: str) -> tuple[str, torch.Tensor]:
+def _load_tensors(weights: bytes, what: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load as load_safetensors
 
     if not isinstance(weights, (bytes, bytearray, memoryview)):
@@ -122,7 +104,7 @@ def _load_single_tensor(weights: bytes, what: str) -> tuple[str, torch.Tensor]:
     if not data:
         raise InvalidPromptError(f"{what} is empty: {_FIX_UPLOAD}")
     try:
-        tensors = load_safetensors(data)
+        return load_safetensors(data)
     except Exception as e:  # the parser's errors are not a stable API; any failure means bad bytes
         # Recognising what people upload by mistake lets the message name the fix; the bytes are still
         # only ever parsed as safetensors, never opened as what they look like.
@@ -136,6 +118,10 @@ def _load_single_tensor(weights: bytes, what: str) -> tuple[str, torch.Tensor]:
             f"{what} is not a valid safetensors file ({type(e).__name__}: {e}); it may be truncated or "
             f"not a safetensors file: {_FIX_UPLOAD}"
         ) from None
+
+
+def _load_single_tensor(weights: bytes, what: str) -> tuple[str, torch.Tensor]:
+    tensors = _load_tensors(weights, what)
     if len(tensors) != 1:
         names = ", ".join(sorted(tensors)) or "none"
         raise InvalidPromptError(
@@ -152,13 +138,16 @@ def parse_peft_adapter(
     *,
     max_virtual_tokens: int,
     force: bool = False,
+    task_id: int | None = None,
 ) -> PromptTensor:
-    """Parses and validates an uploaded PEFT PROMPT_TUNING or P_TUNING adapter for `base`.
+    """Parses and validates an uploaded PEFT prompt-learning adapter for `base`.
 
     `config_json` is the text of ``adapter_config.json``; `weights` the bytes of
-    ``adapter_model.safetensors`` (never unpickled). Raises `InvalidPromptError` for malformed or
-    unservable adapters and `BaseModelMismatchError` when the config records another layer count,
-    unless `force`.
+    ``adapter_model.safetensors`` (never unpickled). `task_id` names the task of a MULTITASK_PROMPT_TUNING
+    adapter (needed when it holds several) and is refused for any other type. Raises `InvalidPromptError`
+    for malformed or unservable adapters (a prefix for another model's layers, KV heads or head size
+    included) and `BaseModelMismatchError` when an input-level adapter's config records another layer
+    count, unless `force`.
     """
     config = _parse_config(config_json)
     peft_type = _check_peft_type(config)
@@ -174,9 +163,22 @@ def parse_peft_adapter(
             f"the adapter has num_transformer_submodules={submodules} (one prompt per encoder and decoder "
             f"of an encoder-decoder model); a causal LM takes a single prompt: train a CAUSAL_LM adapter"
         )
+    if task_id is not None and peft_type != "MULTITASK_PROMPT_TUNING":
+        raise InvalidPromptError(
+            f"task_id {task_id!r} applies to MULTITASK_PROMPT_TUNING adapters only, and this one is {peft_type}: "
+            f"register it without a task id"
+        )
+    if SERVED[peft_type][0] == "prefix":
+        return prefix_tuning.parse_adapter(config, _load_tensors(weights, PEFT_WEIGHTS), base,
+                                           max_virtual_tokens=max_virtual_tokens)
+    config_layers = _check_int_field(config, "num_layers")
+    if peft_type == "MULTITASK_PROMPT_TUNING":
+        prompt = multitask.parse_adapter(config, _load_tensors(weights, PEFT_WEIGHTS), base, task_id=task_id,
+                                         max_virtual_tokens=max_virtual_tokens)
+        _check_num_layers(config_layers, base, force=force)
+        return prompt
     config_rows = _check_int_field(config, "num_virtual_tokens")
     config_width = _check_int_field(config, "token_dim")
-    config_layers = _check_int_field(config, "num_layers")
 
     # Any single tensor is accepted: the name is PEFT's convention, the shape is what matters.
     _, tensor = _load_single_tensor(weights, PEFT_WEIGHTS)
@@ -193,6 +195,10 @@ def parse_peft_adapter(
                 f"adapter_config.json says token_dim={config_width} but the tensor is {width} wide: "
                 f"the config and weights come from different adapters; upload the pair save_pretrained wrote"
             )
+    if peft_type == "CPT":
+        prompt = cpt.parse_adapter(config, tensor, base, max_virtual_tokens=max_virtual_tokens)
+        _check_num_layers(config_layers, base, force=force)
+        return prompt
     embeddings = validate_embeddings(tensor, base, max_virtual_tokens=max_virtual_tokens)
     _check_num_layers(config_layers, base, force=force)
     init = config.get("prompt_tuning_init") if peft_type == "PROMPT_TUNING" else None

@@ -8,14 +8,20 @@ own writes at once (each write drops the task's entries). A version named explic
 does not hold yet is read through (`refresh`), so a reference printed by another replica's
 RegisterPrompt works here at the very next request.
 
-Version files are immutable, so their bytes are kept (LRU, bounded) until the version is seen
-deleted. When the store cannot be reached, a view it already holds keeps serving, past its age,
-and the error reaches a caller only for what was never read: cached versions keep serving through
-an outage, a new one answers UNAVAILABLE.
+Version files are immutable, so their bytes are kept until the version is seen deleted: small ones
+(metadata) in their own generous LRU, so listing every version of a large registry reads each
+`softprompt.json` once, and larger ones (prompt tensors) in a smaller LRU. When the store cannot be
+reached, a view it already holds keeps serving, past its age, and the error reaches a caller only
+for what was never read: cached versions keep serving through an outage, a new one answers UNAVAILABLE.
+
+Every operation costs what its own task costs, whatever the number of tasks: entries are kept per
+task, so a write forgets one task's in one step, and a task this server creates joins the cached task
+list in place instead of the whole list being read again.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
@@ -30,7 +36,48 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 DEFAULT_REFRESH_S = 1.0
-MAX_CACHED_FILE_BYTES = 64 << 20  # metadata and prompt tensors of the versions served lately
+MAX_CACHED_FILE_BYTES = 64 << 20  # prompt tensors (and other large files) of the versions served lately
+SMALL_FILE_BYTES = 4 << 10  # metadata and configs: kept in their own LRU
+MAX_SMALL_FILE_BYTES = 256 << 20  # about 400,000 versions' softprompt.json
+
+_FileKey = tuple[str, int, str]  # (task, version, file name)
+
+
+class _BytesLru:
+    """Files' bytes by (task, version, file), least recently used dropped beyond `max_bytes`; not thread-safe
+    (the view's lock guards it). An index by version makes dropping a deleted version's files cost its own."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[_FileKey, bytes] = OrderedDict()
+        self._by_version: dict[tuple[str, int], set[str]] = {}
+
+    def get(self, key: _FileKey) -> bytes | None:
+        data = self._items.get(key)
+        if data is not None:
+            self._items.move_to_end(key)
+        return data
+
+    def put(self, key: _FileKey, data: bytes) -> None:
+        if key in self._items or len(data) > self.max_bytes:
+            return
+        self._items[key] = data
+        self._by_version.setdefault(key[:2], set()).add(key[2])
+        self.bytes += len(data)
+        while self.bytes > self.max_bytes:
+            self._pop(next(iter(self._items)))
+
+    def drop_version(self, name: str, version: int) -> None:
+        for filename in list(self._by_version.get((name, version), ())):
+            self._pop((name, version, filename))
+
+    def _pop(self, key: _FileKey) -> None:
+        self.bytes -= len(self._items.pop(key))
+        names = self._by_version[key[:2]]
+        names.discard(key[2])
+        if not names:
+            del self._by_version[key[:2]]
 
 
 class CachedStore(PromptStore):
@@ -44,17 +91,20 @@ class CachedStore(PromptStore):
         self.refresh_s = refresh_s
         self._clock = clock
         self._lock = threading.Lock()
-        self._entries: dict[tuple[str, ...], tuple[float, object]] = {}  # key -> (read at, value)
-        self._files: OrderedDict[tuple[str, int, str], bytes] = OrderedDict()
-        self._file_bytes = 0
+        self._tasks: tuple[float, list[str]] | None = None  # (read at, sorted names)
+        # task -> what was read of it: ("versions",), ("aliases",), ("files", version) -> (read at, value)
+        self._entries: dict[str, dict[tuple[str, ...], tuple[float, object]]] = {}
+        self._files = _BytesLru(MAX_CACHED_FILE_BYTES)
+        self._small = _BytesLru(MAX_SMALL_FILE_BYTES)
 
     # ------------------------------------------------------------------ reads
 
-    def _fresh(self, key: tuple[str, ...], read: Callable[[], T]) -> T:
-        """The cached value while younger than refresh_s, else read again; a stale one when the store is down."""
+    def _fresh(self, name: str, key: tuple[str, ...], read: Callable[[], T]) -> T:
+        """Task `name`'s cached value while younger than refresh_s, else read again; a stale one when the
+        store is down."""
         now = self._clock()
         with self._lock:
-            held = self._entries.get(key)
+            held = self._entries.get(name, {}).get(key)
         if held is not None and now - held[0] <= self.refresh_s:
             return held[1]  # type: ignore[return-value]
         try:
@@ -62,43 +112,52 @@ class CachedStore(PromptStore):
         except StoreUnavailableError as e:
             if held is None:
                 raise
-            log.warning("serving a view of %s read %.0f s ago: %s", key, now - held[0], e)
+            log.warning("serving a view of %s %s read %.0f s ago: %s", name, key, now - held[0], e)
             return held[1]  # type: ignore[return-value]
         with self._lock:
-            self._entries[key] = (now, value)
+            self._entries.setdefault(name, {})[key] = (now, value)
         return value
 
     def task_names(self) -> list[str]:
-        """Task names, as read at most refresh_s ago."""
-        return list(self._fresh(("tasks",), self.inner.task_names))
+        """Task names, as read at most refresh_s ago (a task this server created: at once)."""
+        now = self._clock()
+        with self._lock:  # publish inserts into the held list: copied under the lock
+            held = None if self._tasks is None else (self._tasks[0], list(self._tasks[1]))
+        if held is not None and now - held[0] <= self.refresh_s:
+            return held[1]
+        try:
+            names = self.inner.task_names()
+        except StoreUnavailableError as e:
+            if held is None:
+                raise
+            log.warning("serving a list of tasks read %.0f s ago: %s", now - held[0], e)
+            return held[1]
+        with self._lock:
+            self._tasks = (now, list(names))
+        return names
 
     def versions(self, name: str) -> list[int]:
         """A task's versions, as read at most refresh_s ago."""
-        return list(self._fresh(("versions", name), lambda: self.inner.versions(name)))
+        return list(self._fresh(name, ("versions",), lambda: self.inner.versions(name)))
 
     def read_aliases(self, name: str) -> dict[str, int]:
         """A task's aliases, as read at most refresh_s ago."""
-        return dict(self._fresh(("aliases", name), lambda: self.inner.read_aliases(name)))
+        return dict(self._fresh(name, ("aliases",), lambda: self.inner.read_aliases(name)))
 
     def file_names(self, name: str, version: int) -> list[str]:
         """A version's files (immutable: kept while the version lives)."""
-        return list(self._fresh(("files", name, str(version)), lambda: self.inner.file_names(name, version)))
+        return list(self._fresh(name, ("files", str(version)), lambda: self.inner.file_names(name, version)))
 
     def read_file(self, name: str, version: int, filename: str) -> bytes:
         """A version's file (immutable: kept, LRU, until the version is seen deleted)."""
         key = (name, version, filename)
         with self._lock:
-            if key in self._files:
-                self._files.move_to_end(key)
-                return self._files[key]
+            data = self._small.get(key) or self._files.get(key)
+        if data is not None:
+            return data
         data = self.inner.read_file(name, version, filename)
         with self._lock:
-            if key not in self._files and len(data) <= MAX_CACHED_FILE_BYTES:
-                self._files[key] = data
-                self._file_bytes += len(data)
-                while self._file_bytes > MAX_CACHED_FILE_BYTES:
-                    _, dropped = self._files.popitem(last=False)
-                    self._file_bytes -= len(dropped)
+            (self._small if len(data) <= SMALL_FILE_BYTES else self._files).put(key, data)
         return data
 
     def location(self, name: str, version: int | None = None, filename: str | None = None) -> str:
@@ -106,23 +165,35 @@ class CachedStore(PromptStore):
         return self.inner.location(name, version, filename)
 
     def refresh(self, name: str) -> None:
-        """Forgets what was read of task `name` (and the task list): the next read asks the store.
+        """Forgets what was read of task `name`: the next read of it asks the store.
 
         Cached file bytes stay: a version another server deleted is no longer listed once its task is
-        read again, and nothing reads the files of a version the registry does not list.
+        read again, and nothing reads the files of a version the registry does not list. The task list
+        stays too: tasks are only ever added (their storage is never removed), and this server's own
+        are added to it as they are created.
         """
         with self._lock:
-            for key in [k for k in self._entries if k == ("tasks",) or (len(k) > 1 and k[1] == name)]:
-                del self._entries[key]
+            self._entries.pop(name, None)
+
+    def cached_bytes(self) -> int:
+        """Bytes of file contents this view holds now (small and large files)."""
+        with self._lock:
+            return self._small.bytes + self._files.bytes
 
     # ------------------------------------------------------------------ writes: through, then forget the task
 
     def publish(self, name: str, files: Mapping[str, bytes], numbered: Callable[[int], Mapping[str, bytes]]) -> int:
-        """Publishes through the inner store; this server sees the new version at once."""
+        """Publishes through the inner store; this server sees the new version (and a new task) at once."""
         try:
             return self.inner.publish(name, files, numbered)
         finally:
             self.refresh(name)
+            with self._lock:
+                if self._tasks is not None:
+                    names = self._tasks[1]
+                    at = bisect.bisect_left(names, name)
+                    if at == len(names) or names[at] != name:
+                        names.insert(at, name)
 
     def swap_aliases(self, name: str, expected: Mapping[str, int], new: Mapping[str, int]) -> bool:
         """Compare-and-swap on the inner store (never on the view: `expected` is checked there)."""
@@ -137,8 +208,8 @@ class CachedStore(PromptStore):
             return self.inner.delete_version(name, version)
         finally:
             with self._lock:
-                for key in [k for k in self._files if k[:2] == (name, version)]:
-                    self._file_bytes -= len(self._files.pop(key))
+                self._small.drop_version(name, version)
+                self._files.drop_version(name, version)
             self.refresh(name)
 
     def clean_stale_temp(self, max_age_s: float = STALE_TEMP_SECONDS) -> list[str]:

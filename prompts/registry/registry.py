@@ -15,9 +15,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
+import difflib
 import hashlib
 import json
 import logging
+import os
+import threading
+import time
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,7 +47,7 @@ from softprompt.prompts.format.stored import (
     parse_metadata,
     write_peft_folder,
 )
-from softprompt.prompts.format.tensor import PromptTensor, validate_embeddings
+from softprompt.prompts.format.tensor import PromptTensor, revalidate
 from softprompt.prompts.refs import NAME_RE, PromptRef, validate_alias, validate_name, validate_version
 from softprompt.prompts.registry.local import LocalStore
 from softprompt.prompts.registry.store import MissingVersionError, PromptStore
@@ -52,6 +57,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+SWEEP_EVERY_S = 60.0  # how often registrations sweep crashed writers' temporaries (those an hour old)
+_NAMED_TASKS = 20  # tasks a "no such task" message names
+_NEARBY = 100  # task names on each side of a missing name that `nearby` compares it with
 _ANY = object()  # set_alias without a compare-and-swap
 
 
@@ -83,6 +91,19 @@ class Registry:
         if (root is None) == (store is None):
             raise ValueError("give exactly one of root or store")
         self.store: PromptStore = store if store is not None else LocalStore(root)  # type: ignore[arg-type]
+        self._swept_at: float | None = None  # when register last swept crashed writers' temporaries
+        self._sweep_lock = threading.Lock()
+
+    def _sweep_stale_temp(self) -> None:
+        """Removes crashed writers' temporaries, at most once per `SWEEP_EVERY_S`: they must be an hour old
+        before they go, so sweeping on every registration (a listing of every temporary, an object-store
+        round trip) would only cost each write more."""
+        now = time.monotonic()
+        with self._sweep_lock:
+            if self._swept_at is not None and now - self._swept_at < SWEEP_EVERY_S:
+                return
+            self._swept_at = now
+        self.store.clean_stale_temp()
 
     # -- writes
 
@@ -97,6 +118,7 @@ class Registry:
         base_model_fingerprint: str | None = None,
         metrics: Mapping[str, float] | None = None,
         attachments: Mapping[str, bytes] | None = None,
+        candidate: bool = False,
     ) -> PromptVersion:
         """Stores `prompt` as the next version of task `name` and returns it.
 
@@ -104,6 +126,7 @@ class Registry:
         ``base.fingerprint``); compatibility checks belong to the caller (`format.check_base_model`).
         A trained prompt passes its held-out `metrics` and `attachments` (its training report and loss
         plot as bytes, see `format.ATTACHMENTS`), published with the weights as files of the version.
+        A `candidate` (a trained version its quality gate turned down) is never what the bare name means.
         """
         validate_name(name)
         if not isinstance(description, str):
@@ -114,15 +137,13 @@ class Registry:
                 raise TypeError(f"tags must map strings to strings, got {key!r}: {value!r}")
         check_attachments(attachments or {})
         # The prompt was validated when parsed; re-checking keeps a bad tensor built in code out of the store.
-        rows = int(prompt.embeddings.shape[0]) if prompt.embeddings.dim() else 1
-        embeddings = validate_embeddings(prompt.embeddings, base, max_virtual_tokens=max(1, rows))
-        prompt = PromptTensor(embeddings=embeddings, source_type=prompt.source_type, init=prompt.init)
+        prompt = revalidate(prompt, base)
         files = {**adapter_files(prompt, base), **(attachments or {})}
         metadata: dict[str, Any] = {
             "format": METADATA_FORMAT,
             "name": name,
             "num_virtual_tokens": prompt.num_virtual_tokens,
-            "hidden_size": prompt.hidden_size,
+            "hidden_size": base.hidden_size,
             "sha256": hashlib.sha256(files[PEFT_WEIGHTS]).hexdigest(),
             "base_model_fingerprint": base_model_fingerprint or base.fingerprint,
             "base_model_id": base.model_id,
@@ -131,13 +152,15 @@ class Registry:
             "source_type": prompt.source_type,
             "init": prompt.init,
             "metrics": {k: float(v) for k, v in (metrics or {}).items()},
+            **prompt.method_metadata(),  # how it is served: "prompt" or "prefix" (with its KV layout)
+            **({"candidate": True} if candidate else {}),
         }
 
         def numbered(version: int) -> dict[str, bytes]:
             metadata.update(version=version, created_at=_now_rfc3339())
             return {METADATA: metadata_bytes(metadata)}
 
-        self.store.clean_stale_temp()
+        self._sweep_stale_temp()
         version = self.store.publish(name, files, numbered)
         return PromptVersion.from_metadata(metadata, where=f"{name}@{version}")
 
@@ -174,8 +197,8 @@ class Registry:
         """Deletes one version ("name@N") or, with `all_versions`, every version and alias of a task.
 
         Returns the deleted refs, ascending. Deleting a version that aliases point at raises
-        `RegistryConflictError` unless `force`, which removes those aliases too. Deleting a whole task
-        removes its aliases without needing `force`. Version numbers are never reused afterwards.
+        `RegistryConflictError` unless `force`, which removes those aliases too; the same rule holds for a
+        whole task, whose aliases all point at versions it deletes. Version numbers are never reused afterwards.
         """
         parsed = PromptRef.parse(ref) if isinstance(ref, str) else ref
         name = parsed.name
@@ -184,7 +207,7 @@ class Registry:
                 raise InvalidNameError(
                     f"deleting all versions takes a bare task name: pass {name!r}, not {str(ref)!r}"
                 )
-            return [f"{name}@{v}" for v in self._delete_task(name)]
+            return [f"{name}@{v}" for v in self._delete_task(name, force=force)]
         if parsed.version is None:
             raise InvalidNameError(
                 f"delete needs an exact version such as '{name}@3' (got {str(ref)!r}); to delete every version "
@@ -215,8 +238,11 @@ class Registry:
             except MissingVersionError:
                 continue  # deleted meanwhile: the next look reports it
 
-    def _delete_task(self, name: str) -> list[int]:
-        """Deletes every version and alias of task `name`; returns the deleted versions, ascending."""
+    def _delete_task(self, name: str, *, force: bool) -> list[int]:
+        """Deletes every version and alias of task `name`; returns the deleted versions, ascending.
+
+        Aliases are production pointers: as for one version, they are removed only with `force`.
+        """
         self.store.refresh(name)
         self._require_task(name)
         remaining = self.store.versions(name)
@@ -225,6 +251,14 @@ class Registry:
             raise PromptNotFoundError(self._describe_missing_task(name))
         deleted: list[int] = []
         while True:
+            if aliases and not force:
+                # Checked on every pass: an alias made meanwhile refuses the rest, as it would have at first.
+                pointing = [f"{a} -> {name}@{v}" for a, v in sorted(aliases.items())]
+                done = f" ({_join([f'{name}@{v}' for v in deleted])} already deleted)" if deleted else ""
+                raise RegistryConflictError(
+                    f"task {name!r} has alias(es) {_join(pointing)}{done}: move or delete them first, or pass "
+                    f"force=True (CLI: --force) to delete the task and its aliases"
+                )
             # Aliases go first, so a crash midway never leaves an alias pointing at nothing.
             if aliases and not self.store.swap_aliases(name, aliases, {}):
                 aliases = self.store.read_aliases(name)
@@ -250,6 +284,11 @@ class Registry:
         version was deleted.
         """
         version = ref if isinstance(ref, PromptVersion) else self.resolve(ref)
+        return write_peft_folder(directory, self.files(version))
+
+    def files(self, version: PromptVersion) -> dict[str, bytes]:
+        """Every file of `version` by name (what `export` writes), the weights checked against their checksum
+        (`CorruptPromptError`); `PromptNotFoundError` if the version was deleted."""
         try:
             files = {f: self.store.read_file(version.name, version.version, f)
                      for f in self.store.file_names(version.name, version.version)}
@@ -258,7 +297,7 @@ class Registry:
         if PEFT_WEIGHTS not in files:
             raise missing_weights_error(self._where(version, PEFT_WEIGHTS))
         self._check_embeddings(version, files[PEFT_WEIGHTS])
-        return write_peft_folder(directory, files)
+        return files
 
     # -- reads
 
@@ -292,7 +331,7 @@ class Registry:
             elif parsed.version is not None:
                 version = parsed.version
             elif existing:
-                version = existing[-1]
+                return self._newest_served(name, existing, aliases)
             else:
                 raise PromptNotFoundError(self._describe_missing_task(name))
             if version not in existing:
@@ -305,6 +344,26 @@ class Registry:
                 if parsed.version is not None or parsed.alias is not None:
                     break
         raise PromptNotFoundError(f"{parsed} was deleted while it was being read; retry the request")
+
+    def _newest_served(self, name: str, existing: list[int], aliases: Mapping[str, int]) -> PromptVersion:
+        """What a bare name means: the newest version that is not a candidate its quality gate turned down."""
+        # Production traffic on a bare name must not move to a version the gate rejected; usually the newest
+        # version is no candidate, so this reads one metadata file, as resolving always did.
+        candidates: list[str] = []
+        for number in reversed(existing):
+            try:
+                version = self._read_version(name, number, aliases)
+            except FileNotFoundError:
+                continue  # deleted since the listing: the next newest
+            if not version.candidate:
+                return version
+            candidates.append(version.ref)
+        if candidates:
+            raise PromptNotFoundError(
+                f"task {name!r} has only candidate versions ({_summarize(candidates)}), which its quality gate kept "
+                f"from the bare name: name one ({candidates[0]!r}) or point an alias at it"
+            )
+        raise PromptNotFoundError(f"{name} was deleted while it was being read; retry the request")
 
     def load_embeddings(self, version: PromptVersion) -> torch.Tensor:
         """The version's prompt matrix, checked against its recorded sha256 and shape.
@@ -335,8 +394,30 @@ class Registry:
         """Names of tasks with at least one version, sorted."""
         return [name for name in self.store.task_names() if self.store.versions(name)]
 
+    def nearby(self, ref: str, tasks: int = 3) -> list[str]:
+        """References near `ref` (which names nothing), for a "did you mean" message: when its task exists,
+        that task's name, versions and aliases; else those of up to `tasks` tasks spelt like it.
+
+        Looks among the task names sorted next to it (`_NEARBY` on each side), so it reads the few tasks it
+        returns whatever the size of the registry; a typo in a name's first letters finds nothing.
+        """
+        name = ref.partition("@")[0]
+        names = self.store.task_names()
+        at = bisect.bisect_left(names, name)
+        if at < len(names) and names[at] == name:
+            close = [name]
+        else:
+            close = _spelt_like(name, names[max(0, at - _NEARBY):at + _NEARBY], tasks)
+        refs: list[str] = []
+        for task in close:
+            versions = self.store.versions(task)
+            if versions:
+                aliases = sorted(self.store.read_aliases(task))
+                refs += [task, *(f"{task}@{v}" for v in reversed(versions)), *(f"{task}@{a}" for a in aliases)]
+        return refs
+
     def list_page(
-        self, name: str | None = None, page_size: int = DEFAULT_PAGE_SIZE, page_token: str = ""
+        self, name: str | None = None, page_size: int = DEFAULT_PAGE_SIZE, page_token: str = "", *, after: str = ""
     ) -> tuple[list[PromptVersion], str]:
         """One page of versions: tasks sorted by name, each task's versions newest first.
 
@@ -345,19 +426,33 @@ class Registry:
         to continue. Tokens record the last key returned, so pages stay consistent while versions are
         added or deleted: nothing listed twice, and nothing that existed throughout is skipped (a version
         registered meanwhile appears only if it sorts after the token). A malformed token, or one from
-        another listing, raises `InvalidNameError`.
+        another listing, raises `InvalidNameError`. Instead of a token, `after` ("name@3") starts the page
+        after that version, as a token ending there would (the version need not exist).
+
+        A page reads its own tasks only, whatever the size of the registry.
         """
         if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 0:
             raise InvalidNameError(f"page_size must be a non-negative integer, got {page_size!r}")
         page_size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         only = validate_name(name) if name else ""
-        after = self._decode_token(page_token, only) if page_token else None
+        if page_token and after:
+            raise InvalidNameError("give a page token or a version to list after, not both")
+        if after:
+            ref = PromptRef.parse(after)
+            if ref.version is None:
+                raise InvalidNameError(f"list after an exact version such as 'name@3', not {after!r}")
+            after_key: tuple[str, int] | None = (ref.name, ref.version)
+        else:
+            after_key = self._decode_token(page_token, only) if page_token else None
+        return self._page(only, page_size, after_key)
 
+    def _page(self, only: str, page_size: int, after: tuple[str, int] | None) -> tuple[list[PromptVersion], str]:
+        """Up to `page_size` versions after the key `after` (of `only`'s versions, or of every task's)."""
         names = [only] if only else self.store.task_names()
+        # Names are sorted: a page starts where the token left off, so each page reads its own tasks only.
+        start = bisect.bisect_left(names, after[0]) if after is not None else 0
         page: list[PromptVersion] = []
-        for task in names:
-            if after is not None and task < after[0]:
-                continue
+        for task in (names[i] for i in range(start, len(names))):
             versions = sorted(self.store.versions(task), reverse=True)
             if after is not None and task == after[0]:
                 versions = [v for v in versions if v < after[1]]
@@ -394,10 +489,10 @@ class Registry:
 
     def _check_embeddings(self, version: PromptVersion, weights: bytes) -> torch.Tensor:
         tensor = parse_embeddings(weights, version.sha256, where=self._where(version, PEFT_WEIGHTS))
-        if tuple(tensor.shape) != (version.num_virtual_tokens, version.hidden_size):
+        if tuple(tensor.shape) != version.tensor_shape:
             raise CorruptPromptError(
                 f"{version.ref} holds a {list(tensor.shape)} tensor but its metadata says "
-                f"[{version.num_virtual_tokens}, {version.hidden_size}]: delete this version and register it again"
+                f"{list(version.tensor_shape)}: delete this version and register it again"
             )
         return tensor
 
@@ -443,10 +538,20 @@ class Registry:
             raise PromptNotFoundError(self._describe_missing_task(name))
 
     def _describe_missing_task(self, name: str) -> str:
-        known = self.tasks()
+        # Names the first tasks that still have versions, reading only as many tasks as it names: a typo in a
+        # registry of 100,000 tasks must not read every task's versions.
+        names = self.store.task_names()
+        known: list[str] = []
+        for looked, task in enumerate(names, 1):
+            if self.store.versions(task):
+                known.append(task)
+                if len(known) == _NAMED_TASKS:
+                    break
         if not known:
             return f"no task named {name!r}: the registry is empty; register a prompt first"
-        return f"no task named {name!r}; registered tasks: {_summarize(known)}"
+        more = len(names) - looked  # tasks not looked at (a few may have had every version deleted)
+        shown = _join(known + ([f"{more} more"] if more else []))
+        return f"no task named {name!r}; registered tasks: {shown}"
 
     def _describe_task(self, name: str, existing: list[int], aliases: Mapping[str, int] | None = None) -> str:
         if not existing:
@@ -457,3 +562,16 @@ class Registry:
         if aliases:
             text += f" and alias{'es' if len(aliases) > 1 else ''} {_summarize(sorted(aliases))}"
         return text
+
+
+def _spelt_like(name: str, candidates: list[str], n: int) -> list[str]:
+    """Up to `n` of `candidates` spelt like `name`: the longest shared beginning first, then difflib's
+    similarity. (difflib alone ranks "t212" as close to "t12x" as "t120" is, and breaks ties by the larger
+    name, so a typo's neighbours would lose to names that merely share letters.)"""
+    scored = []
+    for candidate in candidates:
+        ratio = difflib.SequenceMatcher(None, name, candidate).ratio()
+        if ratio >= 0.5:
+            shared = len(os.path.commonprefix([name, candidate]))
+            scored.append((-shared, -ratio, candidate))
+    return [candidate for *_, candidate in sorted(scored)[:n]]

@@ -18,6 +18,10 @@ picks a replica. This module only adapts the two worlds:
   unknown task with a loader error instead of the servicer's NOT_FOUND).
 - Auth: the replica loads `--auth-tokens` (the path must exist on every node) and checks the
   `authorization: Bearer` metadata with the unchanged interceptor; Ray's proxy forwards metadata.
+- Where the proxies listen (`ProxyListeners`, read from Serve's controller by `build`): Ray binds its gRPC proxy
+  on every interface whatever the config says, so the replica holds gRPC to `http_options.host`'s scope: with
+  a loopback host it answers callers on this machine only (PERMISSION_DENIED, saying why, to the others). At
+  start it warns when a listener other machines can reach has no token file protecting it.
 - HTTP: the OpenAI-compatible API (`http_api`, same tokens) is the deployment's ASGI ingress, built in
   the replica over its App and served by Ray's HTTP proxy.
 
@@ -43,6 +47,7 @@ from softprompt.server import config as server_config
 from softprompt.server.access.tokens import TokenTable
 from softprompt.server.app.server import build_app
 from softprompt.server.config import ServerConfig
+from softprompt.server.grpc_api.exposure import is_loopback
 from softprompt.server.grpc_api.interceptors import auth
 from softprompt.server.grpc_api.servicers import InferenceServicer, RegistryServicer
 from softprompt.server.http_api.app import create_http_app
@@ -79,6 +84,64 @@ def config_from_flags(flags: Sequence[str]) -> ServerConfig:
         raise ValueError(f"--{given[0].replace('_', '-')} does not apply on Ray Serve: terminate TLS in front of "
                          "Ray's proxy (a load balancer or ingress)")
     return config
+
+
+@dataclass(frozen=True)
+class ProxyListeners:
+    """Where Ray Serve's proxies listen, as its config says (`http_options`, `grpc_options`)."""
+
+    http_host: str
+    http_port: int
+    grpc_port: int | None  # None: no gRPC proxy (no port, or no servicer functions)
+
+    @property
+    def local_only(self) -> bool:
+        """Whether the config keeps the proxies to this machine (a loopback `http_options.host`)."""
+        return is_loopback(self.http_host)
+
+    def allows(self, peer: str) -> bool:
+        """Whether a gRPC caller at `peer` (gRPC's "ipv4:10.0.0.5:4312", "ipv6:[::1]:4312") may be answered."""
+        if not self.local_only:
+            return True
+        kind, _, address = peer.partition(":")
+        if kind == "unix":
+            return True
+        host = address.rsplit(":", 1)[0].strip("[]") if kind in ("ipv4", "ipv6") else ""
+        return bool(host) and is_loopback(host)
+
+    def refusal(self, peer: str) -> str:
+        """Why a caller at `peer` is refused, and what to change."""
+        return (f"this Ray Serve deployment serves this machine only (http_options.host {self.http_host}), and the "
+                f"call came from {peer}; to serve other machines set http_options.host to 0.0.0.0 (or this "
+                "machine's address) with --auth-tokens in the softprompt flags")
+
+    def exposure(self, tokens: bool) -> str | None:
+        """The start-up warning for listeners other machines reach without a token file; None when there is none."""
+        if tokens or self.local_only:
+            return None
+        reached = [f"the HTTP proxy on {self.http_host}:{self.http_port}"]
+        if self.grpc_port is not None:
+            reached.append(f"the gRPC proxy on port {self.grpc_port} of every interface")
+        return (f"no --auth-tokens, and other machines reach {' and '.join(reached)}: anyone there can generate, "
+                "register and delete prompts; add --auth-tokens to the softprompt flags, or set http_options.host "
+                "to 127.0.0.1 to serve this machine only")
+
+
+def proxy_listeners() -> ProxyListeners | None:
+    """The running Serve instance's proxy config, read from its controller (`serve.start` or a config file's
+    `http_options` and `grpc_options`); None where no Serve instance runs (an application built to inspect it)."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    if not ray.is_initialized():
+        return None
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return None
+    http = client.http_config
+    grpc_options = ray.get(client._controller.get_grpc_config.remote())
+    grpc_port = grpc_options.port if grpc_options.port and grpc_options.grpc_servicer_functions else None
+    return ProxyListeners(http.host, http.port, grpc_port)
 
 
 class _Aborted(Exception):
@@ -141,8 +204,10 @@ _END = object()
 class SoftpromptDeployment:
     """One replica: one App on one device, answering Ray's gRPC proxy (see the module docstring)."""
 
-    def __init__(self, flags: Sequence[str] = ()) -> None:
+    def __init__(self, flags: Sequence[str] = (), listeners: ProxyListeners | None = None) -> None:
         config = config_from_flags(flags)
+        # Given by `build`; None (a deployment bound by hand): gRPC is answered whatever the caller's address.
+        self._listeners = listeners
         self.served = build_app(config)
         services = self.served.services
         self._servicers = {"Inference": InferenceServicer(services.inference),
@@ -151,8 +216,12 @@ class SoftpromptDeployment:
         # Training RPCs are not served here, so no rule ever asks for a job's task.
         self._auth = None if self._tokens is None else auth.AuthInterceptor(self._tokens,
                                                                            auth.rules(lambda job_id: None))
-        if self._auth is None:
-            log.warning("no --auth-tokens: this replica answers anyone who reaches Ray's proxies")
+        warning = None if listeners is None else listeners.exposure(tokens=self._tokens is not None)
+        if warning is not None:
+            log.warning("%s", warning)
+        elif self._auth is None:
+            log.info("no --auth-tokens: this replica answers anyone who reaches Ray's proxies (%s)",
+                     "unknown listeners" if listeners is None else f"this machine only: {listeners.http_host}")
         # One thread per RPC in flight, as the gRPC server holds them; Ray's max_ongoing_requests bounds it.
         self._threads = ThreadPoolExecutor(max_workers=config.rpc_workers, thread_name_prefix="softprompt-ray")
         self.served.scheduler.start()
@@ -172,9 +241,19 @@ class SoftpromptDeployment:
         return task
 
     def _handler(self, rpc: str, context: _Context) -> grpc.RpcMethodHandler:
-        """The servicer's method for `rpc`, behind the auth interceptor when tokens are on."""
+        """The servicer's method for `rpc`, behind the auth interceptor when tokens are on; a caller outside the
+        listeners' scope (`ProxyListeners.allows`) is refused before either."""
         service = _SERVICE_OF[rpc]
         factory = grpc.unary_stream_rpc_method_handler if rpc in _STREAMING else grpc.unary_unary_rpc_method_handler
+        peer = context.peer()
+        if self._listeners is not None and not self._listeners.allows(peer):
+            listeners = self._listeners
+
+            def refuse(request: Any, ctx: _Context) -> Any:
+                log.warning("refused %s/%s from %s: outside http_options.host %s", service, rpc, peer,
+                            listeners.http_host)
+                ctx.abort(grpc.StatusCode.PERMISSION_DENIED, listeners.refusal(peer))
+            return factory(refuse)
         handler = factory(getattr(self._servicers[service], rpc))
         if self._auth is None:
             return handler
@@ -258,5 +337,9 @@ def build(args: dict[str, Any]) -> serve.Application:
     if unknown:
         raise ValueError(f"unknown softprompt args in the Ray Serve config: {sorted(unknown)}; expected 'flags'")
     flags = list(args.get("flags", []))
-    config_from_flags(flags)  # a bad flag fails here, at deploy time, rather than in every replica
-    return Deployment.bind(flags)
+    config = config_from_flags(flags)  # a bad flag fails here, at deploy time, rather than in every replica
+    listeners = proxy_listeners()
+    warning = None if listeners is None else listeners.exposure(tokens=config.auth_tokens is not None)
+    if warning is not None:  # here too, where `serve run` shows it, not only in the replicas' logs
+        log.warning("%s", warning)
+    return Deployment.bind(flags, listeners)

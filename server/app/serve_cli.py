@@ -6,7 +6,9 @@ import argparse
 
 from softprompt.prompts.errors import StoreUnavailableError
 from softprompt.server import config as server_config
+from softprompt.server.app.ports import check_ports
 from softprompt.server.core.errors import UnsupportedModelError
+from softprompt.server.core.policy import load_policy
 from softprompt.server.observability import logs
 from softprompt.server.grpc_api import exposure as security
 
@@ -18,8 +20,12 @@ examples:
   softprompt serve --store s3://team-prompts/prod --s3-endpoint-url http://minio:9000
                                                     # a registry on object storage, shared by every replica
   softprompt serve --http-port off                  # gRPC only (the OpenAI-compatible API is on :8000 by default)
+  softprompt serve --metrics-port 9464              # Prometheus metrics on http://localhost:9464/metrics
   softprompt serve --host 0.0.0.0 --auth-tokens tokens.txt --tls-cert cert.pem --tls-key key.pem
                                                     # remote clients: bearer tokens over TLS
+
+Every port flag takes a port number, 0 for a free port (logged), or 'off' for the listeners that may be off
+(--http-port, --metrics-port). A port another process listens on is refused before the model loads.
 
 Without --auth-tokens the server requires no token and refuses any --host but this machine's.
 Make tokens and their file lines with `softprompt token new ROLE [TASK_PATTERN...]`.
@@ -51,9 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(args.log_level)
     try:
         config = server_config.from_args(args)
-        # Bad security flags fail here, before the (slow) model load; the server checks them again.
+        # Bad security flags and busy ports fail here, before the (slow) model load; the server checks them again.
         security.prepare(config)
-    except ValueError as exc:
+        check_ports(config)
+        if config.task_policy is not None:
+            load_policy(config.task_policy)  # a policy file that does not parse stops the start
+    except (ValueError, OSError) as exc:
         raise SystemExit(f"softprompt serve: {exc}") from None
     from softprompt.server.app.server import serve  # imports torch: only once the flags are known to be good
 

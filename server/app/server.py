@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 import threading
@@ -30,9 +31,13 @@ from softprompt.server.observability.factory import create_metrics
 from softprompt.server.observability.metrics import Metrics, NoMetrics, snapshot_reader
 from softprompt.server.kv_memory import resolve_kv_cache_bytes
 from softprompt.server.app.loading import load_base_model
+from softprompt.server.app.ports import PortInUseError, check_free, in_use_message
 from softprompt.server.core.model import BaseModel
 from softprompt.server.core.packed_linear import packing_available
-from softprompt.server.core.prompt_cache import PromptCache
+from softprompt.server.core.fairness import FairShare
+from softprompt.server.core.policy import PolicyFile
+from softprompt.server.core.host_tier import HostTierLoader
+from softprompt.server.core.prompt_cache import HostTier, PromptCache, prompt_tiers
 from softprompt.server.core.scheduler import Scheduler
 from softprompt.server.core.support import check_servable
 from softprompt.server.grpc_api.servicers import InferenceServicer, RegistryServicer, TrainingServicer
@@ -70,6 +75,7 @@ class App:
     metrics_port: int | None = None  # the bound /metrics port, once `start` serves it
     exposure: security.Exposure | None = None  # tokens and TLS, checked when the gRPC server is created
     http: HttpServer | None = None  # the OpenAI-compatible API, once `start` serves it
+    host_loader: HostTierLoader | None = None  # fills the host tier in the background from `start` (--host-cache-mb)
 
     @property
     def http_port(self) -> int | None:
@@ -103,7 +109,8 @@ def build_app(config: ServerConfig, base: BaseModel | None = None) -> App:
     log.info("KV cache: %.2f GiB for %d tokens in %d blocks of %d, %d bytes per token (--kv-cache-memory %s)",
              kv.total_bytes / (1 << 30), kv.total_tokens, kv.total_blocks, kv.block_size, kv.bytes_per_token,
              config.kv_cache_memory)
-    prompts = PromptCache(int(config.prompt_cache_mb * 1024 * 1024), base.device, base.dtype)
+    host = HostTier(int(config.host_cache_mb * 1024 * 1024), base.dtype) if config.host_cache_mb > 0 else None
+    prompts = PromptCache(int(config.prompt_cache_mb * 1024 * 1024), base.device, base.dtype, host=host)
     scheduler = Scheduler(
         engine,
         max_batch_size=config.max_batch_size,
@@ -111,6 +118,9 @@ def build_app(config: ServerConfig, base: BaseModel | None = None) -> App:
         max_prefill_tokens=config.max_prefill_tokens,
         batch_wait_s=config.batch_wait_ms / 1000,
         side_share=config.train_share,
+        # A policy file that does not parse fails the start here; later edits are re-read (or on SIGHUP).
+        fair=FairShare(PolicyFile(config.task_policy), key=config.fair_share, preempt=config.fair_preemption,
+                       wait=config.fair_preemption_wait),
     )
     admission = Admission(engine, registry, prompts, config)
     prompt_service = PromptService(registry, admission, engine, prompts, scheduler,
@@ -121,10 +131,11 @@ def build_app(config: ServerConfig, base: BaseModel | None = None) -> App:
                         on_registered=prompt_service.warm)
     # prometheus_client is imported only here and only with --metrics-port: it is optional.
     metrics = create_metrics(config.metrics_port is not None)
-    metrics.watch(snapshot_reader(scheduler, {"prompt": prompts.lru, "prefix": engine.prefixes}, jobs))
+    metrics.watch(snapshot_reader(scheduler, prompt_tiers(prompts, engine.prefixes), jobs))
     services = Services(InferenceService(admission, scheduler, base, config, metrics), prompt_service,
                         TrainingService(jobs))
-    return App(config, base, registry, prompts, admission, scheduler, jobs, services, metrics)
+    return App(config, base, registry, prompts, admission, scheduler, jobs, services, metrics,
+               host_loader=None if host is None else HostTierLoader(registry, host))
 
 
 def create_server(app: App) -> tuple[grpc.Server, int, health.HealthServicer]:
@@ -137,7 +148,9 @@ def create_server(app: App) -> tuple[grpc.Server, int, health.HealthServicer]:
         futures.ThreadPoolExecutor(max_workers=cfg.rpc_workers, thread_name_prefix="softprompt-rpc"),
         # Past this many RPCs in flight gRPC answers RESOURCE_EXHAUSTED itself, before any thread blocks.
         maximum_concurrent_rpcs=cfg.rpc_workers,
-        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+        # SO_REUSEPORT off (gRPC turns it on): a second server on a busy port must fail to bind, not share it.
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+                 ("grpc.so_reuseport", 0)],
         # Observing first: it also counts (and ids) the RPCs that authentication refuses.
         # Then undecodable request bytes answer INVALID_ARGUMENT (gRPC itself would say INTERNAL).
         interceptors=[ObservingInterceptor(app.metrics), DecodeErrorInterceptor(), *interceptors],
@@ -152,12 +165,17 @@ def create_server(app: App) -> tuple[grpc.Server, int, health.HealthServicer]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{cfg.host}:{cfg.port}"
-    if exposure.credentials is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, exposure.credentials)
+    try:
+        if exposure.credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, exposure.credentials)
+    except RuntimeError:  # grpcio raises where older releases returned 0
+        port = 0
     if port == 0:
-        raise OSError(f"could not bind {cfg.host}:{cfg.port}: is another server using the port?")
+        check_free(cfg.host, cfg.port, "--port", "the gRPC server")  # raises PortInUseError if that is why
+        raise OSError(f"could not bind the gRPC server to {cfg.host}:{cfg.port}: is {cfg.host} an address of this "
+                      "machine? choose another with --host or --port")
     security.log_exposure(cfg, exposure, port)
     return server, port, health_servicer
 
@@ -201,10 +219,18 @@ def start(app: App) -> tuple[grpc.Server, int, health.HealthServicer]:
         scheme = "https" if cfg.tls_cert is not None else "http"
         log.info("OpenAI-compatible API on %s://%s:%d/v1", scheme, cfg.host, app.http.port)
     if app.config.metrics_port is not None:
-        app.metrics_port = app.metrics.serve(app.config.host, app.config.metrics_port)
+        try:
+            app.metrics_port = app.metrics.serve(app.config.host, app.config.metrics_port)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            raise PortInUseError(in_use_message(app.config.host, app.config.metrics_port, "--metrics-port",
+                                                "the metrics endpoint", off=True)) from None
         log.info("metrics on http://%s:%d/metrics", app.config.host, app.metrics_port)
     app.scheduler.start()
     app.jobs.start()
+    if app.host_loader is not None:
+        app.host_loader.start()
     server.start()
     return server, port, health_servicer
 
@@ -217,6 +243,8 @@ def shutdown(app: App, server: grpc.Server, health_servicer: health.HealthServic
     app.scheduler.stop_admitting()
     health_servicer.enter_graceful_shutdown()
     app.jobs.close()
+    if app.host_loader is not None:
+        app.host_loader.stop()
     app.scheduler.close(grace_s)
     if app.http is not None:
         app.http.stop()
@@ -231,6 +259,9 @@ def serve(config: ServerConfig, grace_s: float = 30.0) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    reload = threading.Event()  # SIGHUP: re-read --task-policy (in the main loop, not in the handler)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda *_: reload.set())
     if config.http_port is not None:
         http_transport()  # a missing package fails the start before the (slow) model load
     if config.torch_threads > 0:
@@ -244,6 +275,8 @@ def serve(config: ServerConfig, grace_s: float = 30.0) -> None:
     # hands to one of the many other threads does not interrupt a blocked wait here, so SIGTERM would be
     # lost until some other signal arrived. Waking up twice a second lets the handler run.
     while not stop.wait(0.5):
-        pass
+        if reload.is_set():
+            reload.clear()
+            app.scheduler.fair.policy.reload()
     log.info("shutting down: finishing in-flight requests for up to %.0f s", grace_s)
     shutdown(app, server, health_servicer, grace_s)

@@ -27,28 +27,26 @@ from softprompt.prompts.train import PromptTrainer
 
 log = logging.getLogger("softprompt.train")
 
-_LOG_EVERY_S = 5.0
 
 
 class _ProgressView:
-    """A tqdm bar on a terminal; otherwise a log line every few seconds and on phase changes."""
+    """A tqdm bar on a terminal; otherwise one log line the first time each phase starts (a few summary lines in
+    all: a redirected run's log is read afterwards, not watched step by step)."""
 
     def __init__(self, *, interactive: bool) -> None:
         self.interactive = interactive
         self.bar: Any = None
-        self.phase = ""
-        self.last_log = 0.0
+        self.seen: set[str] = set()
 
     def update(self, p: Progress) -> None:
         if self.interactive:
             self._update_bar(p)
             return
-        now = time.monotonic()
-        if p.phase != self.phase or now - self.last_log >= _LOG_EVERY_S or p.step == p.total_steps:
-            log.info("%s: step %d/%d, train loss %s, held-out loss %s, %.2f steps/s", p.phase, p.step, p.total_steps,
-                     _num(p.train_loss), _num(p.eval_loss), p.steps_per_second)
-            self.last_log = now
-        self.phase = p.phase
+        if p.phase in self.seen:
+            return
+        self.seen.add(p.phase)
+        log.info("%s: step %d/%d, train loss %s, held-out loss %s", p.phase, p.step, p.total_steps,
+                 _num(p.train_loss), _num(p.eval_loss))
 
     def _update_bar(self, p: Progress) -> None:
         from tqdm import tqdm
@@ -80,6 +78,7 @@ def run_local_training(
     device: str | None = None,
     dtype: str | None = None,
     json_output: bool = False,
+    s3_endpoint_url: str | None = None,
 ) -> int:
     """Trains a prompt on the local base model and registers it in `store`; returns the exit status."""
     if not logging.getLogger().handlers:
@@ -87,7 +86,7 @@ def run_local_training(
     try:
         train = load_jsonl(train_path)
         held_out = load_jsonl(eval_path) if eval_path is not None else None
-        registry = Registry(store=open_store(str(store)))
+        registry = Registry(store=open_store(str(store), endpoint_url=s3_endpoint_url))
     except (PromptError, ValueError) as e:  # bad data, or a store URL that is unsupported or unreachable
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -103,7 +102,8 @@ def run_local_training(
                              tags=tags, promote_alias=promote_alias)
         log.info("training %s on %s: %d examples, %d held out; %s", task, base.spec.model_id, len(plan.train),
                  len(plan.held_out), options)
-        trainer = PromptTrainer(base.model, base.tokenizer, options, on_progress=view.update, stop=stop)
+        trainer = PromptTrainer(base.model, base.tokenizer, options, on_progress=view.update, stop=stop,
+                                kv_layout=base.spec.kv_layout)
         outcome = pipeline.execute(plan, trainer, registry, base.spec, on_phase=lambda phase: log.info("%s", phase))
     except PromptError as e:
         view.close()

@@ -11,20 +11,17 @@ import itertools
 import math
 from dataclasses import dataclass
 
-import torch
-
 from softprompt.prompts.format.tensor import check_base_model
 from softprompt.prompts.registry import Registry
 from softprompt.prompts.tokens import encode_input, encode_messages, encode_target, target_end_id
+from softprompt.server.access.callers import Principal
 from softprompt.server.config import ServerConfig
 from softprompt.server.core.engine import Engine, Sequence
 from softprompt.server.core.errors import InvalidRequestError
 from softprompt.server.core.prompt_cache import Key, PromptCache
-from softprompt.prompts.options import DecodingOptions
+from softprompt.server.core.virtual import KvPrefix, Prompt, virtual_tokens
+from softprompt.prompts.options import MAX_STOP_CHARS, DecodingOptions
 from softprompt.server.core.types import ClassifyRequest, ClassifyResult, GenerationRequest, LabelScore, Tokenization
-
-_MAX_STOP_CHARS = 256
-
 
 @dataclass
 class Admitted:
@@ -33,6 +30,8 @@ class Admitted:
     sequence: Sequence
     prompt_version: str
     deadline: float | None
+    priority: int | None = None  # as asked (None: the task's default); fair share checks and applies it
+    principal: Principal = Principal()
 
 
 @dataclass
@@ -40,7 +39,7 @@ class AdmittedScoring:
     """A Classify request ready for the scheduler: one scoring row per label."""
 
     request: ClassifyRequest
-    prompt: torch.Tensor | None
+    prompt: Prompt | None
     input_ids: list[int]
     label_ids: list[list[int]]
     prompt_version: str
@@ -60,7 +59,7 @@ class AdmittedScoring:
             LabelScore(label, lp, w / total, len(ids))
             for label, lp, w, ids in zip(self.request.labels, logprobs, weights, self.label_ids)
         )
-        virtual = 0 if self.prompt is None else int(self.prompt.shape[0])
+        virtual = virtual_tokens(self.prompt)
         best = max(scores, key=lambda x: x.logprob).label
         return ClassifyResult(scores, best, self.prompt_version, len(self.input_ids), virtual)
 
@@ -84,12 +83,14 @@ class Admission:
             input_ids = encode_messages(self.engine.tokenizer, request.messages)
         else:
             input_ids = list(self.tokenize(request.input, chat=request.options.chat).token_ids)
-        self._check_lengths(input_ids, prompt, params.max_new_tokens, fix="lower max_new_tokens")
+        self._check_lengths(input_ids, prompt, params.max_new_tokens, fix="lower max_new_tokens",
+                            empty_text=not request.messages and not request.input)
         seq = Sequence(request_id=next(self._ids), input_ids=input_ids, params=params, prompt=prompt, prompt_key=key)
         # The last step's KV included.
         self._check_fits_pool(seq.num_virtual_tokens, len(input_ids), params.max_new_tokens, fix="lower max_new_tokens")
         self.engine.start(seq)
-        return Admitted(sequence=seq, prompt_version=version, deadline=request.deadline)
+        return Admitted(sequence=seq, prompt_version=version, deadline=request.deadline, priority=request.priority,
+                        principal=request.principal)
 
     def admit_classify(self, request: ClassifyRequest) -> AdmittedScoring:
         """Checks a Classify request's labels and lengths, resolves its prompt and tokenizes."""
@@ -107,9 +108,8 @@ class Admission:
         end = self.label_end(chat=request.chat)
         label_ids = [encode_target(self.engine.tokenizer, label, end) for label in labels]
         longest = max(len(ids) for ids in label_ids)
-        self._check_lengths(input_ids, prompt, longest, fix="use shorter labels")
-        self._check_fits_pool(0 if prompt is None else int(prompt.shape[0]), len(input_ids), longest,
-                              fix="use shorter labels")
+        self._check_lengths(input_ids, prompt, longest, fix="use shorter labels", empty_text=not request.input)
+        self._check_fits_pool(virtual_tokens(prompt), len(input_ids), longest, fix="use shorter labels")
         return AdmittedScoring(request, prompt, input_ids, label_ids, version, key)
 
     def label_end(self, *, chat: bool) -> int:
@@ -123,7 +123,8 @@ class Admission:
         cfg = self.config
         if o.max_new_tokens > cfg.max_new_tokens:
             raise InvalidRequestError(
-                f"max_new_tokens {o.max_new_tokens} exceeds this server's limit {cfg.max_new_tokens}; ask for fewer"
+                f"max_new_tokens {o.max_new_tokens} exceeds this server's limit {cfg.max_new_tokens}; ask for fewer",
+                field="max_new_tokens",
             )
         if not math.isfinite(o.temperature) or o.temperature < 0:
             raise InvalidRequestError(f"temperature must be a finite number >= 0 (0 = greedy), got {o.temperature}")
@@ -134,19 +135,23 @@ class Admission:
         if len(o.stop) > cfg.max_stop_sequences:
             raise InvalidRequestError(f"{len(o.stop)} stop sequences given; at most {cfg.max_stop_sequences} are allowed")
         for s in o.stop:
-            if not s or len(s) > _MAX_STOP_CHARS:
-                raise InvalidRequestError(f"each stop sequence must be 1..{_MAX_STOP_CHARS} characters, got {s!r:.40}")
+            if not s or len(s) > MAX_STOP_CHARS:
+                raise InvalidRequestError(f"each stop sequence must be 1..{MAX_STOP_CHARS} characters, got {s!r:.40}")
         return dataclasses.replace(o, max_new_tokens=o.max_new_tokens or cfg.default_max_new_tokens)
 
-    def resolve(self, task: str) -> tuple[torch.Tensor | None, str, Key | None]:
-        """A task reference's prompt tensor on the device (cached), its version ("name@3") and cache key;
-        ('' is the bare model: no prompt)."""
+    def resolve(self, task: str) -> tuple[Prompt | None, str, Key | None]:
+        """A task reference's prompt on the device (its tensor cached), its version ("name@3") and cache key
+        ('' is the bare model: no prompt). A prefix-tuned version's prompt is its keys and values per layer
+        (`KvPrefix`, views of the cached tensor); any other's, its virtual-token embeddings."""
         if not task:
             return None, "", None
         version = self.registry.resolve(task)
         check_base_model(version, self.engine.base.spec)
         key = (version.name, version.version, version.sha256)
-        return self.prompts.get(key, lambda: self.registry.load_embeddings(version)), version.ref, key
+        tensor = self.prompts.get(key, lambda: self.registry.load_embeddings(version))
+        if version.method == "prefix":
+            return KvPrefix.of(tensor, self.engine.pool.layers), version.ref, key
+        return tensor, version.ref, key
 
     def tokenize(self, text: str, *, chat: bool = False) -> Tokenization:
         """Tokenizes like generation does: the chat template if asked, else the tokenizer's defaults."""
@@ -164,10 +169,19 @@ class Admission:
                 f"server's KV cache of {capacity} tokens (--kv-cache-memory): shorten the input or {fix}"
             )
 
-    def _check_lengths(self, input_ids: list[int], prompt: torch.Tensor | None, new_tokens: int, *, fix: str) -> None:
-        virtual = 0 if prompt is None else int(prompt.shape[0])
-        if not input_ids and not virtual:
-            raise InvalidRequestError("input is empty: give some text, or a task whose prompt starts the sequence")
+    def _check_lengths(self, input_ids: list[int], prompt: Prompt | None, new_tokens: int, *, fix: str,
+                       empty_text: bool = False) -> None:
+        virtual = virtual_tokens(prompt)
+        if not input_ids and isinstance(prompt, KvPrefix):
+            raise InvalidRequestError(
+                "input is empty: a prefix-tuned task's prompt is keys and values, with no virtual token whose "
+                "output predicts the first token, so it needs at least one input token: give some text",
+                field="input",
+            )
+        if not input_ids or empty_text:
+            # One rule for every task and transport (README): no text, no request. A soft prompt's last virtual
+            # token could predict a first token, but an empty input is almost always a caller's mistake.
+            raise InvalidRequestError("input is empty: give some text", field="input")
         if len(input_ids) > self.config.max_input_tokens:
             raise InvalidRequestError(
                 f"input has {len(input_ids)} tokens; this server accepts at most {self.config.max_input_tokens}: "

@@ -3,7 +3,9 @@
 A row's model input is `[prompt ; input]`: the task's soft-prompt vectors followed by the input's
 token embeddings. Rows are left-padded to a common length, and positions count real tokens only
 (`cumsum(mask) - 1`), so a row computes what it would compute alone: the reference is the base
-model's full forward over `[prompt ; input]`, greedy, without a KV cache.
+model's full forward over `[prompt ; input]`, greedy, without a KV cache. A prefix-tuned task's
+prompt is keys and values instead (`virtual.KvPrefix`): its reference is PEFT's `PeftModel` forward,
+the input over the prefix as cache, at positions after it.
 
 The batch contract follows text-generation-inference: `prefill` builds a batch from new rows,
 `decode` advances every row by one token, `filter` drops finished rows and `concatenate` merges
@@ -29,7 +31,7 @@ import torch
 from softprompt.prompts import inject
 from softprompt.prompts.outcomes import FinishReason
 from softprompt.prompts.tokens import eos_token_ids
-from softprompt.server.core import kv, paged_attention
+from softprompt.server.core import kv, paged_attention, virtual
 from softprompt.server.core.decode_step import DecodeStep
 from softprompt.server.core.masks import MaskLayout
 from softprompt.server.core.model import BaseModel
@@ -42,6 +44,7 @@ from softprompt.prompts.options import DecodingOptions
 from softprompt.server.core.sampling import RowSampler, seeded_generator, unseeded_generator
 from softprompt.server.core.text import TextTracker
 from softprompt.server.core.types import KvUsage
+from softprompt.server.core.virtual import Prompt
 
 
 @dataclass
@@ -51,7 +54,7 @@ class Sequence:
     request_id: int
     input_ids: list[int]
     params: DecodingOptions
-    prompt: torch.Tensor | None = None  # [num_virtual_tokens, hidden] on the model's device and dtype
+    prompt: Prompt | None = None  # virtual-token embeddings [n, hidden] or a KvPrefix, on the model's device and dtype
     prompt_key: Key | None = None  # (task, version, sha256): its prefix KV is cached under this key
     generated: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
@@ -61,8 +64,8 @@ class Sequence:
 
     @property
     def num_virtual_tokens(self) -> int:
-        """Soft-prompt positions in front of the input."""
-        return 0 if self.prompt is None else int(self.prompt.shape[0])
+        """Soft-prompt positions in front of the input (virtual tokens, or a prefix's keys and values)."""
+        return virtual.virtual_tokens(self.prompt)
 
     @property
     def length(self) -> int:
@@ -86,7 +89,7 @@ class ScoreRow:
     """A Classify label row: the log-probability of `continuation` after `[prompt ; context]`, computed over
     KV blocks of its own that are given back once it is scored."""
 
-    prompt: torch.Tensor | None
+    prompt: Prompt | None
     key: Key | None
     context: list[int]
     continuation: list[int]
@@ -100,7 +103,7 @@ class ScoreRow:
     @property
     def kv_tokens(self) -> int:
         """Tokens of KV the row holds while it is scored."""
-        return _virtual(self.prompt) + len(self.context) + len(self.continuation)
+        return virtual.virtual_tokens(self.prompt) + len(self.context) + len(self.continuation)
 
 
 @dataclass
@@ -115,7 +118,8 @@ class _Fresh:
     kv: RowBlocks
     head: torch.Tensor | None
     tokens: list[int]
-    prefix: PrefixKV | None = None  # a cached prompt prefix, copied into the row's first slots before the forward
+    prefix: PrefixKV | None = None  # keys and values copied into the row's first slots before the forward: a
+    # prompt-tuned prompt's cached prefix, or a prefix-tuned prompt's own
     keep: Key | None = None
     keep_tokens: int = 0
 
@@ -230,7 +234,9 @@ class Engine:
     virtual token and its tokens; a row whose prefix is not cached runs the whole prompt in its own
     forward, and the KV it wrote becomes the cached prefix. Either way the result is what running
     `[prompt ; input]` whole computes. A prompt's prefix is thus "blocks written into a row", whatever
-    produced them.
+    produced them: a prefix-tuned prompt (`virtual.KvPrefix`) is keys and values already, written into the
+    row's first blocks with nothing run for them. How each kind of prompt fills its positions is
+    `virtual`'s to say (`_first` asks it), so rows of any mix of methods share every forward.
 
     The engine reads block tables; it decides nothing about blocks. The scheduler gets rows their
     blocks from the KV manager (`kv`) before it runs them; a row that lacks them here (a caller using
@@ -297,13 +303,11 @@ class Engine:
         seq.text = TextTracker(self.tokenizer, seq.params.stop)
         seq.generator = seeded_generator(seq.params, self.device)
 
-    def fresh_positions(self, prompt: torch.Tensor | None, key: Key | None, tokens: int) -> int:
-        """Positions a row's first forward computes for `tokens` tokens after `prompt`: the prompt's last
-        virtual token and the tokens if its prefix is cached, else the whole prompt and the tokens."""
-        if prompt is None:
-            return tokens
-        cached = key is not None and prompt.shape[0] > 1 and self.prefixes.contains(key)
-        return (1 if cached or prompt.shape[0] < 2 else int(prompt.shape[0])) + tokens
+    def fresh_positions(self, prompt: Prompt | None, key: Key | None, tokens: int) -> int:
+        """Positions a row's first forward computes for `tokens` tokens after `prompt`: the tokens, after the
+        prompt's last virtual token if its prefix is cached, the whole prompt if not, and nothing of a
+        prefix of keys and values (`virtual.fresh_virtual`)."""
+        return virtual.fresh_virtual(prompt, key, self.prefixes) + tokens
 
     # ------------------------------------------------------------------ generation
 
@@ -387,8 +391,9 @@ class Engine:
         the whole vocabulary at every position.
         """
         for row in rows:
-            if (row.prompt is None or row.prompt.shape[0] == 0) and not row.context:
-                raise ValueError("a continuation needs a prompt or context tokens in front of it")
+            if not virtual.predicts_first_token(row.prompt) and not row.context:
+                raise ValueError("a continuation needs a prompt or context tokens in front of it (a prompt of "
+                                 "virtual tokens: a prefix of keys and values predicts nothing)")
         try:
             self._hold([(r.kv, r.kv_tokens) for r in rows])
             longest = max(len(r.continuation) for r in rows)
@@ -402,18 +407,18 @@ class Engine:
         return inject.gather_continuations(logits, firsts, [r.continuation for r in rows]).totals().tolist()
 
     @torch.inference_mode()
-    def warm(self, prompt: torch.Tensor, key: Key) -> bool:
+    def warm(self, prompt: Prompt, key: Key) -> bool:
         """Computes and caches a prompt's prefix keys and values ahead of its first request, in blocks
         borrowed from the pool; False (nothing done) when the pool has no room now: the prompt's first
-        request then computes it in its own forward."""
-        n = int(prompt.shape[0])
-        if n < 2 or self.prefixes.lookup(key) is not None:
+        request then computes it in its own forward. A prefix of keys and values needs nothing computed."""
+        plan = virtual.first_forward(prompt, key, self.prefixes)
+        if not plan.keep_tokens or plan.head is None:
             return True
         row = RowBlocks(transient=True)
-        if self.kv.allocate_slots(row, n - 1) is None:
+        if self.kv.allocate_slots(row, plan.keep_tokens) is None:
             return False
         try:
-            self._forward([_Fresh(row, prompt[:-1], [], keep=key, keep_tokens=n - 1)])
+            self._forward([_Fresh(row, plan.head[:plan.keep_tokens], [], keep=key, keep_tokens=plan.keep_tokens)])
         finally:
             self.kv.free(row)
         return True
@@ -435,18 +440,15 @@ class Engine:
             if taken and not had:
                 grown.append(row)
 
-    def _first(self, row: RowBlocks, prompt: torch.Tensor | None, key: Key | None, tokens: list[int]) -> _Fresh:
-        """A row's first forward: its prompt's cached prefix copied into its blocks and its last virtual
-        token run before the tokens, or (prefix not cached) its whole prompt run and kept as the prefix."""
-        if prompt is None:
-            return _Fresh(row, None, tokens)
-        n = int(prompt.shape[0])
-        if n < 2:
-            return _Fresh(row, prompt, tokens)
-        prefix = None if key is None else self.prefixes.lookup(key)
-        if prefix is None:
-            return _Fresh(row, prompt, tokens, keep=key, keep_tokens=n - 1)
-        return _Fresh(row, prompt[-1:], tokens, prefix=prefix)
+    def _first(self, row: RowBlocks, prompt: Prompt | None, key: Key | None, tokens: list[int]) -> _Fresh:
+        """A row's first forward, as its prompt says (`virtual.first_forward`): keys and values copied into its
+        first blocks (a cached prompt prefix, or a prefix-tuned prompt's own), then whatever of the prompt
+        runs fresh (its last virtual token, or the whole prompt, kept as the prefix) and its tokens."""
+        if not tokens and not virtual.predicts_first_token(prompt):
+            raise ValueError("a row needs tokens of its own unless virtual tokens run in front of them")
+        plan = virtual.first_forward(prompt, key, self.prefixes)
+        return _Fresh(row, plan.head, tokens, prefix=plan.prefix, keep=key if plan.keep_tokens else None,
+                      keep_tokens=plan.keep_tokens)
 
     def _forward(self, rows: list[_Fresh], score_last: int | None = None) -> torch.Tensor:
         """Runs rows' new positions over what their blocks hold: float32 logits [rows, vocab] of each row's
@@ -575,6 +577,3 @@ class Engine:
             seq.finish_reason = FinishReason.STOP
         return TokenEvent(seq.request_id, token, text, seq.finish_reason)
 
-
-def _virtual(prompt: torch.Tensor | None) -> int:
-    return 0 if prompt is None else int(prompt.shape[0])

@@ -8,7 +8,15 @@ class ServingError(Exception):
 
 
 class InvalidRequestError(ServingError):
-    """A request field is out of range or inconsistent."""
+    """A request field is out of range or inconsistent.
+
+    `field` names the request field at fault, as the service calls it ("max_new_tokens", "input"), so that a
+    transport can name it as its caller sent it (HTTP: `max_tokens`, `prompt`); None when no one field is.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class PreconditionError(ServingError):
@@ -16,7 +24,24 @@ class PreconditionError(ServingError):
 
 
 class OverloadedError(ServingError):
-    """The request queue is full; the client should retry later."""
+    """The request queue is full; the client should retry later (after `retry_after_s`)."""
+
+    retry_after_s: float = 1.0
+
+
+class TaskLimitError(OverloadedError):
+    """A task is over one of its --task-policy limits (`limit`: max_queued or tokens_per_second); the other
+    tasks are unaffected."""
+
+    def __init__(self, message: str, *, task: str, limit: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.task = task
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+
+
+class PriorityNotAllowedError(ServingError):
+    """A request asks for a priority more urgent than its caller's role may."""
 
 
 class UploadTooLargeError(ServingError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ class Handle:
                  withdraw: Callable[[Handle], None] | None = None) -> None:
         self.request_id = request_id
         self.prompt_version = prompt_version  # the version that runs ("name@3"; "" for the bare model)
+        self.queued_at = time.monotonic()
+        self.started_at: float | None = None  # when the worker first took it into a prefill
         self.cancelled = threading.Event()
         self._withdraw = withdraw
         self._lock = threading.Lock()
@@ -79,6 +82,16 @@ class Handle:
     async def aresult(self) -> GenerationResult:
         """Awaits the whole generation."""
         return GenerationResult.from_chunks([chunk async for chunk in self.stream()])
+
+    @property
+    def queue_wait(self) -> float | None:
+        """Seconds it waited before the worker first took it (None: not taken yet)."""
+        return None if self.started_at is None else self.started_at - self.queued_at
+
+    def mark_started(self, now: float) -> None:
+        """Called by the worker when the request first joins a prefill (a resumed row keeps its first time)."""
+        if self.started_at is None:
+            self.started_at = now
 
     def put(self, event: Event) -> None:
         """Called by the worker: hands the reader a chunk, or the request's error."""

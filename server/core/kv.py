@@ -7,20 +7,13 @@ prebuilt masks calls nothing of it but `update` (and, on some releases, `get_seq
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 from transformers import PreTrainedModel
 
+from softprompt.prompts.kvcache import cache_kwarg, layer_kv_shapes
 from softprompt.server.core import packed_linear
-
-
-@lru_cache(maxsize=None)
-def _cache_kwarg(forward_cls: type) -> str:
-    params = inspect.signature(forward_cls.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 @dataclass
@@ -59,34 +52,13 @@ def forward(
             position_ids=position_ids,
             use_cache=True,
             logits_to_keep=1 if score_last is None else score_last,
-            **{_cache_kwarg(type(model)): cache},
+            **{cache_kwarg(type(model)): cache},
         )
     # Scored positions' logits stay in the model's dtype: the caller takes a float32 log-softmax of what it gathers.
     return ForwardOutput(logits=out.logits if score_last is not None else out.logits[:, -1, :].float())
 
 
-class _ShapeRecorder:
-    """A cache that keeps nothing: it records the [batch, kv_heads, positions, head_dim] each layer writes."""
-
-    def __init__(self) -> None:
-        self.shapes: dict[int, tuple[int, int]] = {}
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-               *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
-        self.shapes[layer_idx] = (int(key_states.shape[1]), int(key_states.shape[3]))
-        return key_states, value_states
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0
-
-
 def layer_shapes(model: PreTrainedModel) -> list[tuple[int, int]]:
     """(kv_heads, head_dim) of every layer's cache, read from a one-token forward (as the model itself
     shapes them, whatever its config calls the numbers)."""
-    device = next(model.parameters()).device
-    recorder = _ShapeRecorder()
-    one = torch.zeros(1, 1, dtype=torch.long, device=device)
-    with torch.inference_mode():
-        forward(model, recorder, input_ids=one, position_ids=one,
-                attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device))
-    return [recorder.shapes[i] for i in sorted(recorder.shapes)]
+    return layer_kv_shapes(model)

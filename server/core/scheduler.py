@@ -11,9 +11,12 @@ than a budget's worth of work per token.
 Rows are admitted by KV capacity, never into an out-of-memory cascade, and the scheduler asks one
 question about it: the engine's KV manager's `allocate_slots(row, tokens)`, which gives a row blocks
 of the pool or says no. Each step, the Classify rows of the next scoring forward ask first (they give
-their blocks back within the step), then waiting rows, in arrival order, for the blocks of their
-prefill and first step (the manager keeps one block per running row in reserve, so the running rows
-can grow a while without preemption); a row told no waits, and holds back those behind it. Before
+their blocks back within the step), then waiting rows, in fair-share order (`fairness`: the most urgent
+priority, then the least served task, then arrival), for the blocks of their prefill and first step (the
+manager keeps one block per running row in reserve, so the running rows can grow a while without
+preemption); a row told no waits, and holds back those behind it. When the first waiting row finds no
+free row or no blocks, fair share may name a running row that gives way to it (a less urgent one, or
+the newest of a task over its share while the waiting one's task is under): it is preempted as below. Before
 each decode step every running row asks for room for its next token, oldest first; when the answer
 is no, the newest row gives its blocks back (preemption: it goes back to the front of the queue and
 resumes later by recompute, with the same tokens) -- a row half way through a chunked prefill is the
@@ -44,14 +47,16 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from softprompt.prompts.refs import task_name
 from softprompt.server.core.admission import Admitted, AdmittedScoring
 from softprompt.server.core.engine import Batch, Engine, PartialPrefill, Sequence, TokenEvent
+from softprompt.server.core.fairness import BARE_TASK, FairQueue, FairShare, Ticket
 from softprompt.server.core.handle import Failed, Handle
 from softprompt.server.core.errors import CancelledError, DeadlineError, OverloadedError, ShuttingDownError
 from softprompt.server.core.planning import plan_prefill
 from softprompt.server.core.pool import KvPoolFullError
 from softprompt.server.core.scoring import ScoringGroup, ScoringJob
-from softprompt.server.core.types import KvUsage, StreamChunk, Usage
+from softprompt.server.core.types import KvUsage, StreamChunk, TaskLoad, Usage
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,7 @@ class _Request:
 
     admitted: Admitted
     handle: Handle
+    ticket: Ticket  # fair share's view: task, key, priority, and what its limits counted
 
     @property
     def sequence(self) -> Sequence:
@@ -82,6 +88,7 @@ class SchedulerStats:
     preemptions: int = 0  # rows whose KV was dropped to be recomputed later
     prefill_chunks: int = 0  # forwards of rows prefilled in parts, being longer than the budget
     kv_waits: int = 0  # steps in which the next waiting row (generation or Classify) found no KV blocks
+    share_preemptions: int = 0  # rows preempted for a more urgent request, or for a task under its fair share
 
 
 @dataclass(frozen=True)
@@ -97,7 +104,7 @@ class RowSnapshot:
 class SchedulerSnapshot:
     """What the scheduler holds at one moment: for tests, logs and operators (no internals leak)."""
 
-    waiting: tuple[int, ...]  # request ids queued to join the batch, in the order they will
+    waiting: tuple[int, ...]  # request ids queued to join the batch, in the order they will (as things stand)
     running: tuple[RowSnapshot, ...]  # rows decoding, or prefilled in chunks
     chunking: int | None  # the request being prefilled in chunks
     scoring_queued: int  # Classify requests waiting for the next group
@@ -106,6 +113,7 @@ class SchedulerSnapshot:
     row_cap: int | None  # the batch size admission stops at after an out-of-memory step
     kv: KvUsage
     stats: SchedulerStats
+    tasks: tuple[TaskLoad, ...] = ()  # each busy task's rows, queue and share
 
     @property
     def idle(self) -> bool:
@@ -123,11 +131,16 @@ class _SideJob:
 class _Work:
     new: list[_Request]  # arrivals holding the blocks of their prefill and first step
     side: _SideJob | None
+    batch: Batch | None  # the running batch, less any row that gave way to the arrivals
+
+
+def _ticket(request: _Request) -> Ticket:
+    return request.ticket
 
 
 @dataclass
 class _State:
-    waiting: deque[_Request] = field(default_factory=deque)
+    waiting: FairQueue[_Request] = field(default_factory=lambda: FairQueue(_ticket))
     running: dict[int, _Request] = field(default_factory=dict)
     scoring: deque[ScoringJob] = field(default_factory=deque)
     scored: ScoringGroup = field(default_factory=ScoringGroup)  # the Classify rows being scored
@@ -145,8 +158,9 @@ class Scheduler:
     """Admission queue plus the worker loop; thread-safe `submit`."""
 
     def __init__(self, engine: Engine, *, max_batch_size: int, max_queued: int, max_prefill_tokens: int,
-                 batch_wait_s: float = 0.0, side_share: float = 0.25) -> None:
+                 batch_wait_s: float = 0.0, side_share: float = 0.25, fair: FairShare | None = None) -> None:
         self.engine = engine
+        self.fair = fair or FairShare()
         self.side_share = side_share
         self.max_batch_size = max_batch_size
         self.max_queued = max_queued
@@ -164,19 +178,26 @@ class Scheduler:
         self._thread.start()
 
     def submit(self, admitted: Admitted) -> Handle:
-        """Queues a request; raises OverloadedError when the queue is full."""
+        """Queues a request; raises OverloadedError when the queue is full or its task is over a limit
+        (TaskLimitError), PriorityNotAllowedError for a priority its caller may not ask for."""
         handle = Handle(admitted.sequence.request_id, admitted.prompt_version, self._withdraw)
+        seq = admitted.sequence
         with self._cond:
             self._check_room()
-            self._state.waiting.append(_Request(admitted, handle))
+            ticket = self.fair.enter(_task(admitted.prompt_version), admitted.principal, priority=admitted.priority,
+                                     input_tokens=len(seq.input_ids), max_new=seq.params.max_new_tokens)
+            self._state.waiting.push(_Request(admitted, handle, ticket))
             self._cond.notify()
         return handle
 
     def submit_scoring(self, admitted: AdmittedScoring) -> Future[list[float]]:
         """Queues a Classify request; the future gives each label's log-probability (cancel() drops it)."""
-        job = ScoringJob(admitted, Future())
+        tokens = len(admitted.input_ids) + sum(len(ids) for ids in admitted.label_ids)
         with self._cond:
             self._check_room()
+            ticket = self.fair.enter(_task(admitted.prompt_version), admitted.request.principal, priority=None,
+                                     input_tokens=tokens, max_new=0, scoring=True)
+            job = ScoringJob(admitted, Future(), ticket)
             self._state.scoring.append(job)
             self._cond.notify()
         return job.future
@@ -207,13 +228,22 @@ class Scheduler:
         """What is queued, running and held now (a consistent view of the queues; rows as last stepped)."""
         with self._cond:
             state = self._state
-            waiting = tuple(r.sequence.request_id for r in state.waiting)
+            rows = list(state.running.values())
+            tickets = [r.ticket for r in rows]
+            order = list(state.waiting.ordered(self.fair, tickets))
+            capped = set(order).symmetric_difference(state.waiting)  # tasks at their max_running: after the rest
+            waiting = tuple(r.sequence.request_id for r in [*order, *(r for r in state.waiting if r in capped)])
             scoring_queued, side = len(state.scoring), len(state.side)
         running = tuple(RowSnapshot(r.sequence.request_id, len(r.sequence.generated), len(r.sequence.kv.blocks))
-                        for r in list(state.running.values()))
+                        for r in rows)
         chunking = None if state.partial is None else state.partial[0].sequence.request_id
         return SchedulerSnapshot(waiting, running, chunking, scoring_queued, len(state.scored), side,
-                                 state.row_cap, self.engine.kv_usage(), dataclasses.replace(self.stats))
+                                 state.row_cap, self.engine.kv_usage(), dataclasses.replace(self.stats),
+                                 self.fair.loads(tickets))
+
+    def task_loads(self, *, everything: bool = False) -> tuple[TaskLoad, ...]:
+        """Each task's rows, queue, share and service (a lock-free read, for ModelInfo and metrics)."""
+        return self.fair.loads([r.ticket for r in list(self._state.running.values())], everything=everything)
 
     def in_worker(self) -> bool:
         """Whether the calling thread is the worker (the one thread that runs the model)."""
@@ -264,7 +294,9 @@ class Scheduler:
             work = self._take_work(batch)
             if work is None:
                 break
+            batch = work.batch
             started = time.monotonic()
+            self._charge_scoring()
             self._state.scored.run_one(self.engine)
             try:
                 batch = self._step(batch, work.new)
@@ -294,8 +326,7 @@ class Scheduler:
 
     def _fail_remaining(self) -> None:
         with self._cond:
-            left = [*self._state.running.values(), *self._state.waiting]
-            self._state.waiting.clear()
+            left = [*self._state.running.values(), *self._state.waiting.clear()]
             scoring, side = list(self._state.scoring), list(self._state.side)
             self._state.scoring.clear()
             self._state.side.clear()
@@ -307,6 +338,9 @@ class Scheduler:
         for job in [*scoring, *side]:
             if not job.future.done():
                 job.future.set_exception(error)
+        for job in scoring:
+            if job.ticket is not None:
+                self.fair.settle(job.ticket)
 
     def _take_work(self, batch: Batch | None) -> _Work | None:
         """Waits for work, then takes the arrivals that fit, waiting Classify requests and maybe a side job."""
@@ -324,6 +358,9 @@ class Scheduler:
                     self._cond.wait(left)
             # A new group of Classify requests once the last one is scored, so none waits behind later ones.
             if not state.scored and state.scoring:
+                for job in state.scoring:
+                    if job.ticket is not None:
+                        self.fair.settle(job.ticket)  # out of the queue; charged as its rows are scored
                 state.scored.take(list(state.scoring))
                 state.scoring.clear()
             # Classify rows take their blocks first: they give them back within this step.
@@ -331,8 +368,9 @@ class Scheduler:
                                                        max_positions=self.max_prefill_tokens):
                 self.stats.kv_waits += 1
             rows = self.max_batch_size if state.row_cap is None else min(state.row_cap, self.max_batch_size)
-            room = rows - (0 if batch is None else len(batch))
-            taken = [] if state.partial is not None else self._take_prefill(room)
+            taken: list[_Request] = []
+            if state.partial is None and state.waiting:
+                taken, batch = self._take_prefill(batch, rows)
             idle = batch is None and not taken and not state.scored and state.partial is None
             if idle:
                 # The side job that ran last may have delayed the requests about to arrive: count it
@@ -341,33 +379,77 @@ class Scheduler:
             side = None
             if state.side and (idle or state.side_s <= self.side_share * (state.serve_s + state.side_s)):
                 side = state.side.popleft()
-            return _Work(taken, side)
+            return _Work(taken, side, batch)
 
-    def _take_prefill(self, room: int) -> list[_Request]:
-        """The waiting rows the next prefill takes, each holding its KV blocks; a row over the budget instead
-        starts its chunked prefill.
+    def _take_prefill(self, batch: Batch | None, rows: int) -> tuple[list[_Request], Batch | None]:
+        """The waiting rows the next prefill takes, each holding its KV blocks (a row over the budget instead
+        starts its chunked prefill), and the batch, less any row that gave way to the first of them.
 
-        Rows go in arrival order: the first that the KV manager has no blocks for holds back those
+        Rows go in fair-share order: the first that the KV manager has no blocks for holds back those
         behind it, so a long request is not starved by short ones.
         """
         state, engine = self._state, self.engine
-        fresh = (engine.fresh_positions(r.sequence.prompt, r.sequence.prompt_key, len(r.sequence.tokens))
-                 for r in state.waiting)
-        plan = plan_prefill(fresh, room=room, max_positions=self.max_prefill_tokens)
-        taken = []
-        for request in itertools.islice(state.waiting, plan.rows):
+        room = rows - (0 if batch is None else len(batch))
+        order = state.waiting.ordered(self.fair, self._running_tickets())
+        candidates = list(itertools.islice(order, max(room, 0) + 1))  # a plan looks one row past the room
+        if not candidates:  # every waiting task is at its max_running cap
+            return [], batch
+        batch, joined = self._make_way(batch, rows, candidates[0])
+        if not joined:
+            return [], batch
+        fresh = [engine.fresh_positions(r.sequence.prompt, r.sequence.prompt_key, len(r.sequence.tokens))
+                 for r in candidates]
+        plan = plan_prefill(fresh, room=rows - (0 if batch is None else len(batch)),
+                            max_positions=self.max_prefill_tokens)
+        taken = candidates[:1]
+        for request in candidates[1:plan.rows]:
             if engine.kv.allocate_slots(request.sequence.kv, request.sequence.kv_tokens) is None:
                 self.stats.kv_waits += 1
                 break
             taken.append(request)
-        for _ in taken:
-            state.waiting.popleft()
-        if not plan.chunked or not taken:
-            return taken
+        now = time.monotonic()
+        for request in taken:
+            state.waiting.remove(request)
+            self.fair.start(request.ticket)
+            request.handle.mark_started(now)
+        self.fair.charge((r.ticket, positions, 0) for r, positions in zip(taken, fresh))
+        if not plan.chunked:
+            return taken, batch
         request = taken[0]
         state.running[request.sequence.request_id] = request
         state.partial = request, PartialPrefill(request.sequence)
-        return []
+        return [], batch
+
+    def _make_way(self, batch: Batch | None, rows: int, head: _Request) -> tuple[Batch | None, bool]:
+        """Gets `head`, the first waiting row in fair order, a free row and its KV blocks; while it has not,
+        the running row that fair share says should give way to it (`FairShare.victim`) is preempted, newest
+        rows first. Returns the batch left and whether `head` holds its blocks."""
+        kv = self.engine.kv
+        while True:
+            room = rows - (0 if batch is None else len(batch))
+            if room >= 1 and kv.allocate_slots(head.sequence.kv, head.sequence.kv_tokens) is not None:
+                return batch, True
+            index = None if batch is None else self.fair.victim(
+                head.ticket, [self._state.running[s.request_id].ticket for s in batch.sequences], rows,
+                self._state.waiting.keys(head.ticket.priority),
+                frees_in=min(s.params.max_new_tokens - len(s.generated) for s in batch.sequences))
+            if batch is None or index is None:
+                if room >= 1:
+                    self.stats.kv_waits += 1  # a free row, but no blocks
+                return batch, False
+            victim = batch.sequences[index]
+            batch = self.engine.filter(batch, [i for i in range(len(batch)) if i != index])
+            self._preempt([victim], None)
+
+    def _running_tickets(self) -> list[Ticket]:
+        return [r.ticket for r in list(self._state.running.values())]
+
+    def _charge_scoring(self) -> None:
+        """Charges the Classify rows about to be scored to their tasks, at the positions they compute."""
+        claimed = self._state.scored.claimed()
+        if claimed:
+            self.fair.charge((job.ticket, self.engine.fresh_positions(row.prompt, row.key, len(row.tokens)), 0)
+                             for job, row in claimed if job.ticket is not None)
 
     def _step(self, batch: Batch | None, new: list[_Request]) -> Batch | None:
         now = time.monotonic()
@@ -494,11 +576,22 @@ class Scheduler:
         self._dispatch(events)
         return self._keep_unfinished(batch)
 
-    def _preempt(self, rows: list[Sequence], cause: BaseException) -> None:
-        """Puts rows whose KV is dropped back at the front of the queue, in order, to resume by recompute."""
+    def _preempt(self, rows: list[Sequence], cause: BaseException | None) -> None:
+        """Puts rows whose KV is dropped back at the front of their queue, in order, to resume by recompute.
+
+        `cause` None: they gave way to a more urgent request or a task under its share (logged at DEBUG:
+        routine under contention), else the pool or the device ran out of memory.
+        """
         handles = [self._state.running.pop(s.request_id) for s in rows]
         with self._cond:
-            self._state.waiting.extendleft(reversed(handles))
+            self._state.waiting.push_front(handles)
+        for handle in handles:
+            self.fair.requeue(handle.ticket)
+        if cause is None:
+            self.stats.share_preemptions += len(handles)
+            log.debug("preempted requests %s (tasks %s) for fair share or priority: they resume by recompute",
+                      [s.request_id for s in rows], [h.ticket.task for h in handles])
+            return
         self.stats.preemptions += len(handles)
         log.warning("preempted %d requests (%r): they resume by recompute; request ids %s",
                     len(handles), cause, [s.request_id for s in rows])
@@ -529,16 +622,25 @@ class Scheduler:
         return self.engine.filter(batch, [i for i, s in enumerate(batch.sequences) if s.finish_reason is None])
 
     def _dispatch(self, events: list[TokenEvent]) -> None:
+        running = self._state.running
+        self.fair.charge((running[event.request_id].ticket, 0, 1) for event in events)
         for event in events:
-            handle = self._state.running[event.request_id]
+            handle = running[event.request_id]
             seq = handle.sequence
             usage = None
             if event.finish_reason is not None:
-                del self._state.running[event.request_id]
+                del running[event.request_id]
+                self.fair.settle(handle.ticket, len(seq.generated))
                 usage = Usage(len(seq.input_ids), seq.num_virtual_tokens, len(seq.generated))
             handle.handle.put(StreamChunk(event.text, (event.token_id,), handle.admitted.prompt_version,
                                     event.finish_reason, usage))
 
     def _fail(self, handle: _Request, error: BaseException) -> None:
         self._state.running.pop(handle.sequence.request_id, None)
+        self.fair.settle(handle.ticket, len(handle.sequence.generated))
         handle.handle.put(Failed(error))
+
+
+def _task(prompt_version: str) -> str:
+    """The task a version runs for, as fair share and policies name it ("name@3" -> "name"; BARE_TASK)."""
+    return task_name(prompt_version) or BARE_TASK

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from softprompt.server.core.admission import AdmittedScoring
 from softprompt.server.core.engine import Engine, ScoreRow
 from softprompt.server.core.errors import DeadlineError
+from softprompt.server.core.fairness import Ticket
 from softprompt.server.core.planning import rows_that_fit
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ class ScoringJob:
 
     admitted: AdmittedScoring
     future: Future[list[float]]
+    ticket: Ticket | None = None  # fair share's: its scored positions are charged to its task
 
 
 class ScoringGroup:
@@ -83,6 +85,10 @@ class ScoringGroup:
             claimed += 1
         self._claimed += claimed
         return self._claimed
+
+    def claimed(self) -> list[tuple[ScoringJob, ScoreRow]]:
+        """The rows holding blocks for the next forward, with their jobs."""
+        return [(job, row) for job, _, row in self._rows[:self._claimed]]
 
     def run_one(self, engine: Engine) -> None:
         """Scores the claimed rows in one forward; a job is answered when its last row is scored.

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from softprompt.prompts.options import DecodingOptions
 from softprompt.prompts.outcomes import FinishReason
+from softprompt.server.access.callers import Principal
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,9 @@ class GenerationRequest:
     deadline: float | None = None
     # A conversation of (role, content) turns, through the chat template, instead of `input`.
     messages: tuple[tuple[str, str], ...] = ()
+    # Lower is served first (vLLM's convention); None: the task's default (--task-policy), else 0.
+    priority: int | None = None
+    principal: Principal = Principal()  # who sent it: a fair-share key, and the bound on `priority`
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,7 @@ class ClassifyRequest:
     labels: tuple[str, ...]
     chat: bool = False
     deadline: float | None = None
+    principal: Principal = Principal()
 
 
 @dataclass(frozen=True)
@@ -131,3 +136,43 @@ class KvUsage:
     def total_bytes(self) -> int:
         """Bytes of the pool's usable blocks."""
         return self.total_tokens * self.bytes_per_token
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """One tier of prompt memory now and since start (ModelInfo, metrics): what it holds against its budget,
+    and how often a lookup found its entry. The tiers: "host" (every version's prompt matrix in host memory),
+    "prompt" (prompt matrices on the serving device) and "prefix" (keys and values of prompts' virtual tokens).
+    """
+
+    entries: int
+    bytes: int
+    capacity_bytes: int  # the budget; entries beyond it are evicted, least recently used first
+    hits: int  # lookups that found their entry
+    misses: int  # lookups that did not (the next tier, or the store, then filled it)
+    loads: int  # entries put in (after a miss, at registration, or by the background load)
+    evictions: int  # entries dropped to stay within the budget (deleted versions are not counted)
+    pending: int = 0  # "host": versions its background load has still to read
+
+    @property
+    def hit_rate(self) -> float:
+        """Hits per lookup since start (0 before the first)."""
+        lookups = self.hits + self.misses
+        return self.hits / lookups if lookups else 0.0
+
+
+@dataclass(frozen=True)
+class TaskLoad:
+    """One task's use of the server now and since start, as fair share sees it (ModelInfo, metrics, `top`)."""
+
+    task: str  # the task's name; "-" for the bare model
+    running: int  # rows decoding, or being prefilled in chunks
+    queued: int  # requests waiting (Classify ones included)
+    share: float  # fraction of the running rows it holds
+    fair_share: float  # the fraction its weight entitles it to among the tasks running or waiting now
+    weight: float
+    priority: int  # its requests' default priority
+    tokens_per_second: float  # input and output tokens computed for it lately (a few seconds' average)
+    input_tokens: int  # positions prefilled or scored for it since start (recomputed ones included)
+    output_tokens: int  # tokens generated for it since start
+    refused: int  # requests refused by its limits since start

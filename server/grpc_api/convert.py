@@ -13,6 +13,7 @@ import dataclasses
 from softprompt.protos import softprompt_pb2 as pb
 from softprompt.protos.enums import finish_reason_to_pb, training_state_to_pb
 from softprompt.protos.options import decoding_from_pb, options_from_pb
+from softprompt.server.access.callers import Principal
 from softprompt.server.core.errors import InvalidRequestError
 from softprompt.server.core.types import (
     ClassifyRequest,
@@ -39,9 +40,11 @@ from softprompt.server.service.types import (
 # ---------------------------------------------------------------- inference
 
 
-def generation_request(msg: pb.GenerateRequest, deadline: float | None) -> GenerationRequest:
-    """A Generate / GenerateStream request; `deadline` is the RPC's, on time.monotonic()."""
-    return GenerationRequest(task=msg.task, input=msg.input, options=decoding_from_pb(msg.params), deadline=deadline)
+def generation_request(msg: pb.GenerateRequest, deadline: float | None,
+                       principal: Principal = Principal()) -> GenerationRequest:
+    """A Generate / GenerateStream request from `principal`; `deadline` is the RPC's, on time.monotonic()."""
+    return GenerationRequest(task=msg.task, input=msg.input, options=decoding_from_pb(msg.params), deadline=deadline,
+                             priority=msg.priority if msg.HasField("priority") else None, principal=principal)
 
 
 def usage(u: Usage) -> pb.Usage:
@@ -70,10 +73,11 @@ def stream_message(chunk: StreamChunk) -> pb.GenerateStreamResponse:
     return msg
 
 
-def classify_request(msg: pb.ClassifyRequest, deadline: float | None) -> ClassifyRequest:
-    """A Classify request; `deadline` is the RPC's, on time.monotonic()."""
+def classify_request(msg: pb.ClassifyRequest, deadline: float | None,
+                     principal: Principal = Principal()) -> ClassifyRequest:
+    """A Classify request from `principal`; `deadline` is the RPC's, on time.monotonic()."""
     return ClassifyRequest(task=msg.task, input=msg.input, labels=tuple(msg.labels), chat=msg.apply_chat_template,
-                           deadline=deadline)
+                           deadline=deadline, principal=principal)
 
 
 def classify_response(result: ClassifyResult) -> pb.ClassifyResponse:
@@ -98,7 +102,10 @@ def model_info_response(info: ModelInfo) -> pb.ModelInfoResponse:
     KvCache is `kv_cache`'s."""
     fields = {f.name: getattr(info, f.name) for f in dataclasses.fields(info)}
     return pb.ModelInfoResponse(**{**fields, "limits": pb.Limits(**dataclasses.asdict(info.limits)),
-                                   "kv_cache": kv_cache(info.kv_cache)})
+                                   "kv_cache": kv_cache(info.kv_cache),
+                                   "tasks": [pb.TaskLoad(**dataclasses.asdict(t)) for t in info.tasks],
+                                   "caches": [pb.CacheTier(name=name, **dataclasses.asdict(stats))
+                                              for name, stats in info.caches.items()]})
 
 
 def kv_cache(kv: KvUsage) -> pb.KvCache:
@@ -116,7 +123,8 @@ def prompt_upload(msg: pb.RegisterPromptRequest) -> PromptUpload:
     which = msg.WhichOneof("source")
     source: PeftUpload | TensorUpload
     if which == "peft":
-        source = PeftUpload(msg.peft.adapter_config_json, msg.peft.adapter_model_safetensors)
+        source = PeftUpload(msg.peft.adapter_config_json, msg.peft.adapter_model_safetensors,
+                            msg.peft.task_id if msg.peft.HasField("task_id") else None)
     elif which == "tensor":
         source = TensorUpload(tuple(msg.tensor.shape), msg.tensor.dtype, msg.tensor.data)
     else:
@@ -141,6 +149,13 @@ def prompt_info(v: PromptVersion) -> pb.PromptInfo:
         aliases=list(v.aliases),
         peft_type=v.source_type,
         metrics=dict(v.metrics),
+        candidate=v.candidate,
+        method=v.method,
+        num_layers=v.num_layers,
+        kv_heads=v.kv_heads,
+        head_dim=v.head_dim,
+        size_bytes=v.size_bytes,
+        peft_task_id=v.peft_task_id,
     )
 
 

@@ -22,7 +22,9 @@ from softprompt.protos import softprompt_pb2_grpc as pb_grpc
 from softprompt.server.core.errors import UploadTooLargeError
 from softprompt.server.core.types import GenerationResult, StreamChunk, Usage
 from softprompt.server.grpc_api import convert
+from softprompt.server.access.callers import CURRENT_CALLER
 from softprompt.server.grpc_api.status import status_for
+from softprompt.server.service.statuses import retry_after
 from softprompt.server.observability.logs import RequestIdFilter
 from softprompt.server.service.api import Inference, Prompts, Training
 
@@ -31,12 +33,16 @@ log = logging.getLogger(__name__)
 log.addFilter(RequestIdFilter())
 
 _MAX_DETAILS_BYTES = 1024
+RETRY_AFTER_KEY = "retry-after"  # trailing metadata of RESOURCE_EXHAUSTED answers: whole seconds to wait
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     code = status_for(exc)
+    wait = retry_after(exc)
+    if wait is not None:  # as HTTP's Retry-After: how long a client told to back off should wait, in seconds
+        context.set_trailing_metadata(((RETRY_AFTER_KEY, str(wait)),))
     if code == grpc.StatusCode.INTERNAL:
         incident = uuid.uuid4().hex[:12]
         log.exception("internal error %s", incident, exc_info=exc)
@@ -109,7 +115,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def _chunks(self, rpc: str, request: pb.GenerateRequest, context: grpc.ServicerContext,
                 started: float) -> Iterator[StreamChunk]:
         """Admits and queues a generation, cancelled when the RPC ends; its chunks, with metrics."""
-        handle = self.service.generate(convert.generation_request(request, _deadline(context)))
+        handle = self.service.generate(convert.generation_request(request, _deadline(context), CURRENT_CALLER.get()))
         # Runs on every end of the RPC; after a normal finish cancelling is a no-op.
         context.add_callback(handle.cancel)
         return self.service.stream(handle, rpc, started)
@@ -136,7 +142,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     @unary
     def Classify(self, request: pb.ClassifyRequest, context: grpc.ServicerContext) -> pb.ClassifyResponse:
         started = time.monotonic()
-        pending = self.service.classify(convert.classify_request(request, _deadline(context)))
+        pending = self.service.classify(convert.classify_request(request, _deadline(context), CURRENT_CALLER.get()))
         context.add_callback(pending.cancel)
         result = pending.result()
         log.info("rpc=Classify task=%s labels=%d input_tokens=%d virtual_tokens=%d label=%r ms=%.0f",
@@ -178,6 +184,12 @@ class RegistryServicer(pb_grpc.RegistryServicer):
     @unary
     def SetAlias(self, request: pb.SetAliasRequest, context: grpc.ServicerContext) -> pb.PromptInfo:
         return convert.prompt_info(self.service.set_alias(request.name, request.alias, request.version))
+
+    @unary
+    def ExportPrompt(self, request: pb.ExportPromptRequest, context: grpc.ServicerContext) -> pb.ExportPromptResponse:
+        exported = self.service.export(request.ref)
+        return pb.ExportPromptResponse(prompt=convert.prompt_info(exported.version),
+                                       files=[pb.PromptFile(name=n, data=d) for n, d in sorted(exported.files.items())])
 
 
 class TrainingServicer(pb_grpc.TrainingServicer):

@@ -9,7 +9,7 @@ from starlette.exceptions import HTTPException
 from softprompt.prompts.errors import PromptError
 from softprompt.server.access.tokens import TokenTable
 from softprompt.server.core.errors import ServingError
-from softprompt.server.http_api import errors
+from softprompt.server.http_api import errors, openapi
 from softprompt.server.http_api.errors import ApiError
 from softprompt.server.http_api.schemas import UnsupportedParameter
 from softprompt.server.http_api.middleware import BodyLimit, Observing
@@ -24,6 +24,8 @@ def create_http_app(services: Services, *, tokens: TokenTable | None, max_body_b
     app = FastAPI(title="softprompt", summary="OpenAI-compatible API: the task (a soft prompt) is the model",
                   docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.include_router(api_router(services, tokens))
+    # Every status, the streams, this server's model id and limits, the bearer scheme where there are tokens.
+    openapi.install(app, services, tokens=tokens is not None)
     app.add_exception_handler(RequestValidationError, errors.on_validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, errors.on_http_exception)  # type: ignore[arg-type]
     # Expected failures answer by the status table; anything else is a bug: 500, and logged with its traceback.

@@ -18,6 +18,7 @@ from fastapi import Request
 from fastapi.security import HTTPBearer
 
 from softprompt.prompts.refs import task_name
+from softprompt.server.access.callers import Principal
 from softprompt.server.access.tokens import BARE_MODEL_TASK, TokenEntry, TokenTable
 from softprompt.server.http_api.errors import ApiError
 
@@ -30,6 +31,11 @@ class Caller:
     """The authenticated caller of one request; `entry` None when the server requires no token."""
 
     entry: TokenEntry | None
+
+    @property
+    def principal(self) -> Principal:
+        """Who the caller is to fair share and priority bounds."""
+        return Principal.of(self.entry)
 
     def may_use(self, task: str) -> bool:
         """Whether the caller may use `task` (a name or reference; "" is the bare base model)."""

@@ -6,13 +6,14 @@ OpenAI's terms. Classify requests are admitted and awaited the same way.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from softprompt.prompts.outcomes import FinishReason
+from softprompt.server.core.errors import InvalidRequestError
 from softprompt.server.core.handle import Handle
 from softprompt.server.core.types import (
     ClassifyRequest,
@@ -23,7 +24,7 @@ from softprompt.server.core.types import (
     Usage,
 )
 from softprompt.server.http_api import responses
-from softprompt.server.http_api.errors import for_exception
+from softprompt.server.http_api.errors import for_exception, in_callers_terms
 from softprompt.server.http_api.streams import merged
 from softprompt.server.service.api import Inference
 
@@ -58,15 +59,21 @@ class Generations:
     def __init__(self, inference: Inference) -> None:
         self.inference = inference
 
-    async def submit(self, requests: list[GenerationRequest]) -> list[Handle]:
-        """Admits and queues every request (so they share batches); if one is refused, cancels the others."""
+    async def submit(self, requests: list[GenerationRequest], fields: Mapping[str, str]) -> list[Handle]:
+        """Admits and queues every request (so they share batches); if one is refused, cancels the others.
+
+        `fields` maps the service's field names to the body's (`max_new_tokens` -> `max_tokens`): a refused field
+        is named as the caller sent it.
+        """
         handles: list[Handle] = []
         try:
             for r in requests:  # admission tokenizes: on a worker thread, not the event loop
                 handles.append(await run_in_threadpool(self.inference.generate, r))
-        except BaseException:
+        except BaseException as exc:
             for h in handles:
                 h.cancel()
+            if isinstance(exc, InvalidRequestError):
+                raise in_callers_terms(exc, fields) from None
             raise
         return handles
 

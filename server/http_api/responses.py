@@ -37,6 +37,11 @@ class CompletionChoice(BaseModel):
     finish_reason: Finish | None
 
 
+# Every answer and every chunk of a stream carries it, the same from the first chunk to the usage chunk.
+FINGERPRINT = ("what ran: the prompt version the `model` resolved to (\"name@3\"), or the base model's id for no "
+               "prompt; the same on every chunk of a stream")
+
+
 class Completion(BaseModel):
     """`/v1/completions`'s answer; streamed, each chunk has this shape too (the last one choices [] and usage)."""
 
@@ -45,8 +50,7 @@ class Completion(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
-    system_fingerprint: str | None = Field(description="the prompt version that ran (\"name@3\"); null for the "
-                                                       "base model")
+    system_fingerprint: str = Field(description=FINGERPRINT)
     usage: Usage | None = None
 
 
@@ -77,7 +81,7 @@ class ChatCompletion(BaseModel):
     created: int
     model: str
     choices: list[ChatChoice]
-    system_fingerprint: str | None
+    system_fingerprint: str = Field(description=FINGERPRINT)
     usage: Usage
 
 
@@ -109,7 +113,7 @@ class ChatCompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[ChatChunkChoice]
-    system_fingerprint: str | None
+    system_fingerprint: str = Field(description=FINGERPRINT)
     usage: Usage | None = None
 
 
@@ -128,10 +132,13 @@ class Model(BaseModel):
 
 
 class ModelList(BaseModel):
-    """Every model the caller may use."""
+    """Every model the caller may use; with `limit`, one page of them and where the next starts."""
 
     object: Literal["list"] = "list"
     data: list[Model]
+    has_more: bool | None = Field(None, description="with `limit`: whether another page follows")
+    first_id: str | None = Field(None, description="with `limit`: the page's first id")
+    last_id: str | None = Field(None, description="with `limit`: the page's last id, the next page's `after`")
 
 
 # ---------------------------------------------------------------- classify
@@ -170,7 +177,7 @@ class ClassifyResponse(BaseModel):
     object: Literal["list"] = "list"
     created: int
     model: str
-    system_fingerprint: str | None
+    system_fingerprint: str = Field(description=FINGERPRINT)
     data: list[Classification]
     usage: ClassifyUsage
 

@@ -12,18 +12,21 @@ thread waits on a generation, however many are open.
 
 from __future__ import annotations
 
+import functools
+import json
 import time
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from softprompt.server.access.tokens import TokenTable
 from softprompt.server.core.types import ClassifyRequest as ServiceClassify
 from softprompt.server.core.types import GenerationRequest, StreamChunk
-from softprompt.server.http_api import models, responses
+from softprompt.server.http_api import models, openapi, responses
 from softprompt.server.http_api.auth import Authenticate, Caller
+from softprompt.server.http_api.errors import ApiError
 from softprompt.server.http_api.generations import Generations, finish, total_usage, usage_of
 from softprompt.server.http_api.responses import (
     ChatChoice,
@@ -35,7 +38,6 @@ from softprompt.server.http_api.responses import (
     ClassifyResponse,
     Completion,
     CompletionChoice,
-    ErrorResponse,
     Model,
     ModelList,
 )
@@ -43,43 +45,48 @@ from softprompt.server.http_api.schemas import ChatCompletionRequest, ClassifyRe
 from softprompt.server.http_api.streams import unless_disconnected
 from softprompt.server.service.api import Services
 
-# Every error has OpenAI's shape; ranges rather than codes, which also keeps FastAPI from promising a 422 this
-# API never sends (its validation errors are 400).
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    "4XX": {"model": ErrorResponse, "description": "400 a bad body or parameter, 401 no valid token, 403 a model "
-                                                   "the token may not use, 404 no such model, 429 the queue is full "
-                                                   "(retry after Retry-After seconds)"},
-    "5XX": {"model": ErrorResponse, "description": "503 the server is shutting down, 504 the deadline passed, "
-                                                   "500 a bug (the server log has the details)"},
-}
-
 
 def api_router(services: Services, tokens: TokenTable | None) -> APIRouter:
     """The routes over one server's services, authenticating with `tokens` (None: no authentication)."""
-    router = APIRouter(prefix="/v1", responses=_ERRORS)
+    router = APIRouter(prefix="/v1")
     authenticated = Depends(Authenticate(tokens))
     generations = Generations(services.inference)
     started = int(time.time())
 
-    @router.get("/models", response_model=ModelList)
-    async def list_models(caller: Caller = authenticated) -> ModelList:
-        """Every model id the caller may use."""
-        return ModelList(data=await run_in_threadpool(models.model_objects, services, caller, started))
+    @functools.cache
+    def max_new_tokens() -> int:
+        """The server's --max-new-tokens (fixed for its life: read once)."""
+        return services.inference.model_info().limits.max_new_tokens
 
-    @router.get("/models/{model:path}", response_model=Model)
+    @router.get("/models", response_model=ModelList, responses=openapi.errors(openapi.LISTING))
+    async def list_models(caller: Caller = authenticated,
+                          limit: int | None = Query(None, ge=1, le=models.MAX_LIMIT,
+                                                    description=f"ids per page, 1-{models.MAX_LIMIT} (a "
+                                                                      "version's ids stay together); without, "
+                                                                      "every id at once"),
+                          after: str | None = Query(None, description="the last_id of the previous page")) -> Any:
+        """Every model id the caller may use, or with `limit` one page of them (`has_more`, `last_id`)."""
+        body = await run_in_threadpool(lambda: models.list_models(services, caller, started, limit=limit, after=after))
+        # Serialized as it is: 200,000 ids through a response model each would take seconds.
+        return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
+
+    @router.get("/models/{model:path}", response_model=Model, responses=openapi.errors(openapi.LOOKUP))
     async def get_model(model: str, caller: Caller = authenticated) -> Model:
         """One model object; 404 like a request naming it would get."""
         return await run_in_threadpool(models.model_object, services, caller, model, started)
 
-    @router.post("/completions", response_model=Completion)
+    @router.post("/completions", response_model=Completion,
+                 responses=openapi.errors(openapi.GENERATION, stream=True))
     async def completions(body: CompletionRequest, request: Request, caller: Caller = authenticated) -> Any:
         """One choice per prompt. With `stream: true`, server-sent events of this shape (`usage` on the last, with
         `stream_options.include_usage`), then `data: [DONE]`."""
         unsupported(body.model_extra)
         ref = await run_in_threadpool(models.resolve, services, caller, body.model)
         options = body.decoding()
-        handles = await generations.submit([GenerationRequest(ref, p, options) for p in body.prompts])
-        version = handles[0].prompt_version or None
+        handles = await generations.submit([GenerationRequest(ref, p, options, priority=body.priority,
+                                                              principal=caller.principal) for p in body.prompts],
+                                           {"max_new_tokens": "max_tokens", "input": "prompt"})
+        version = handles[0].prompt_version or services.inference.model_id
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(choices: list[CompletionChoice], usage: responses.Usage | None = None) -> Completion:
@@ -96,16 +103,26 @@ def api_router(services: Services, tokens: TokenTable | None) -> APIRouter:
         return chunk([CompletionChoice(index=i, text=r.text, finish_reason=finish(r.finish_reason))
                       for i, r in enumerate(results)], total_usage([r.usage for r in results]))
 
-    @router.post("/chat/completions", response_model=ChatCompletion)
+    @router.post("/chat/completions", response_model=ChatCompletion,
+                 responses=openapi.errors(openapi.GENERATION, stream=True))
     async def chat_completions(body: ChatCompletionRequest, request: Request, caller: Caller = authenticated) -> Any:
         """The messages through the model's chat template. With `stream: true`, server-sent events of
         `chat.completion.chunk` objects (the first with the role, each next with a `delta`), then `data: [DONE]`."""
         unsupported(body.model_extra)
         for m in body.messages:
             unsupported(m.model_extra)
+        if body.max_completion_tokens is not None and body.max_tokens is not None:
+            # The newer name decides; the older one given beside it must still be one the server takes, as the
+            # schema says of both.
+            limit = await run_in_threadpool(max_new_tokens)
+            if body.max_tokens > limit:
+                raise ApiError(400, f"max_tokens {body.max_tokens} exceeds this server's limit {limit}; ask for "
+                                    "fewer", param="max_tokens", code="invalid_argument")
         ref = await run_in_threadpool(models.resolve, services, caller, body.model)
-        handles = await generations.submit([GenerationRequest(ref, "", body.decoding(), messages=body.turns)])
-        version = handles[0].prompt_version or None
+        handles = await generations.submit([GenerationRequest(ref, "", body.decoding(), messages=body.turns,
+                                                              priority=body.priority, principal=caller.principal)],
+                                           {"max_new_tokens": body.max_tokens_param, "input": "messages"})
+        version = handles[0].prompt_version or services.inference.model_id
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(choices: list[ChatChunkChoice], usage: responses.Usage | None = None) -> ChatCompletionChunk:
@@ -126,17 +143,18 @@ def api_router(services: Services, tokens: TokenTable | None) -> APIRouter:
                                                   finish_reason=finish(result.finish_reason))],
                               usage=usage_of(result.usage))
 
-    @router.post("/classify", response_model=ClassifyResponse)
+    @router.post("/classify", response_model=ClassifyResponse, responses=openapi.errors(openapi.GENERATION))
     async def classify(body: ClassifyRequest, request: Request, caller: Caller = authenticated) -> ClassifyResponse:
         """Each input's most likely label among `labels`, with every label's probability."""
         unsupported(body.model_extra)
         ref = await run_in_threadpool(models.resolve, services, caller, body.model)
         results = await unless_disconnected(request, generations.classify(
-            [ServiceClassify(ref, text, tuple(body.labels), body.apply_chat_template) for text in body.inputs]))
+            [ServiceClassify(ref, text, tuple(body.labels), body.apply_chat_template, principal=caller.principal)
+             for text in body.inputs]))
         prompt_tokens = sum(r.input_tokens for r in results)
         return ClassifyResponse(
             id=f"classify-{uuid.uuid4().hex}", created=int(time.time()), model=body.model,
-            system_fingerprint=results[0].prompt_version or None,
+            system_fingerprint=results[0].prompt_version or services.inference.model_id,
             data=[responses.Classification(
                 index=i, label=r.label, probs=[s.probability for s in r.scores], num_classes=len(r.scores),
                 scores=[responses.LabelScore(label=s.label, logprob=s.logprob, probability=s.probability,

@@ -13,46 +13,73 @@ off).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from softprompt.prompts.options import DecodingOptions
 
 # Fields that change nothing a request returns: accepted whatever their value.
 NO_EFFECT = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
 
+# The values of an unused list, map or flag that mean "not used".
+_EMPTY: tuple[Any, ...] = (None, [], {}, False)
 
-def _empty(value: Any) -> bool:
-    return value is None or value == [] or value == {} or value is False
-
-
-# Parameters this server does not implement, with the values that mean "not used", and what to do instead.
-NEUTRAL: dict[str, tuple[Any, str]] = {
-    "n": (lambda v: v in (None, 1), "this server makes one choice per prompt: send n=1 or leave it out"),
-    "best_of": (lambda v: v in (None, 1), "leave best_of out"),
-    "echo": (_empty, "echo is not supported: leave it out"),
-    "logprobs": (lambda v: _empty(v) or v == 0, "log-probabilities are not returned: leave logprobs out"),
-    "top_logprobs": (lambda v: v in (None, 0), "log-probabilities are not returned: leave top_logprobs out"),
-    "suffix": (lambda v: v in (None, ""), "insertion (suffix) is not supported: leave it out"),
-    "presence_penalty": (lambda v: v in (None, 0), "penalties are not supported: leave presence_penalty out"),
-    "frequency_penalty": (lambda v: v in (None, 0), "penalties are not supported: leave frequency_penalty out"),
-    "repetition_penalty": (lambda v: v in (None, 1), "penalties are not supported: leave repetition_penalty out"),
-    "logit_bias": (_empty, "logit_bias is not supported: leave it out"),
-    "tools": (_empty, "tool calling is not supported: leave tools out"),
-    "tool_choice": (lambda v: v in (None, "none"), "tool calling is not supported: leave tool_choice out"),
-    "parallel_tool_calls": (lambda v: v is None, "tool calling is not supported: leave parallel_tool_calls out"),
-    "functions": (_empty, "function calling is not supported: leave functions out"),
-    "function_call": (lambda v: v in (None, "none"), "function calling is not supported: leave function_call out"),
-    "response_format": (lambda v: v is None or v == {"type": "text"},
-                        "structured output is not supported: leave response_format out"),
-    "modalities": (lambda v: v in (None, ["text"]), "only text output is supported"),
-    "audio": (lambda v: v is None, "audio output is not supported: leave audio out"),
-    "prediction": (lambda v: v is None, "predicted outputs are not supported: leave prediction out"),
-    "reasoning_effort": (lambda v: v is None, "reasoning_effort is not supported: leave it out"),
-    "min_tokens": (lambda v: v in (None, 0), "min_tokens is not supported: leave it out"),
-    "ignore_eos": (lambda v: v in (None, False), "ignore_eos is not supported: leave it out"),
+# Parameters this server does not implement: the values that mean "not used" (JSON values, compared as JSON does:
+# `true` is not 1), and what to do instead. The server accepts exactly these and /openapi.json lists them, so the
+# two cannot disagree.
+NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
+    "n": ((None, 1), "this server makes one choice per prompt: send n=1 or leave it out"),
+    "best_of": ((None, 1), "leave best_of out"),
+    "echo": (_EMPTY, "echo is not supported: leave it out"),
+    "logprobs": ((*_EMPTY, 0), "log-probabilities are not returned: leave logprobs out"),
+    "top_logprobs": ((None, 0), "log-probabilities are not returned: leave top_logprobs out"),
+    "suffix": ((None, ""), "insertion (suffix) is not supported: leave it out"),
+    "presence_penalty": ((None, 0), "penalties are not supported: leave presence_penalty out"),
+    "frequency_penalty": ((None, 0), "penalties are not supported: leave frequency_penalty out"),
+    "repetition_penalty": ((None, 1), "penalties are not supported: leave repetition_penalty out"),
+    "logit_bias": (_EMPTY, "logit_bias is not supported: leave it out"),
+    "tools": (_EMPTY, "tool calling is not supported: leave tools out"),
+    "tool_choice": ((None, "none"), "tool calling is not supported: leave tool_choice out"),
+    "parallel_tool_calls": ((None,), "tool calling is not supported: leave parallel_tool_calls out"),
+    "functions": (_EMPTY, "function calling is not supported: leave functions out"),
+    "function_call": ((None, "none"), "function calling is not supported: leave function_call out"),
+    "response_format": ((None, {"type": "text"}), "structured output is not supported: leave response_format out"),
+    "modalities": ((None, ["text"]), "only text output is supported"),
+    "audio": ((None,), "audio output is not supported: leave audio out"),
+    "prediction": ((None,), "predicted outputs are not supported: leave prediction out"),
+    "reasoning_effort": ((None,), "reasoning_effort is not supported: leave it out"),
+    "min_tokens": ((None, 0), "min_tokens is not supported: leave it out"),
+    "ignore_eos": ((None, False), "ignore_eos is not supported: leave it out"),
 }
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    """Whether two decoded JSON values are equal as JSON sees them: 1 == 1.0, but true != 1."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_json(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
+
+
+def document_extras(schema: dict[str, Any]) -> None:
+    """Adds the parameters `unsupported` accepts beside the fields to a body's JSON schema, and no others.
+
+    The neutral parameters are listed with the values that pass (an `enum`), the ones without effect with any
+    value; everything else is refused, so the schema says `additionalProperties: false`.
+    """
+    properties = schema.setdefault("properties", {})
+    for name, (values, fix) in NEUTRAL.items():
+        properties.setdefault(name, {"enum": list(values), "description": f"Not implemented: {fix}."})
+    for name in sorted(NO_EFFECT):
+        properties.setdefault(name, {"description": "Accepted; has no effect on the output."})
+    schema["additionalProperties"] = False
 
 
 class UnsupportedParameter(ValueError):
@@ -70,32 +97,57 @@ def unsupported(extra: dict[str, Any] | None) -> None:
             continue
         if name not in NEUTRAL:
             raise UnsupportedParameter(name, f"unknown parameter {name!r}: this server does not implement it")
-        ok, fix = NEUTRAL[name]
-        if not ok(value):
+        values, fix = NEUTRAL[name]
+        if not any(_same_json(value, neutral) for neutral in values):
             raise UnsupportedParameter(name, f"{name}={value!r} is not supported by this server: {fix}")
+
+
+# A text that may not be empty, and a list of them that may not be empty either.
+NonEmpty = Annotated[str, Field(min_length=1)]
+NonEmptyList = Annotated[list[NonEmpty], Field(min_length=1)]
+
+
+def _json_integer(value: Any) -> Any:
+    """An integer as JSON Schema has it: a number with no fraction (5 or 5.0), never a boolean or a string."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PydanticCustomError("int_type", "Input should be a valid integer")
+    return value  # pydantic then takes 5.0 as 5 and refuses 5.5
+
+
+# After an integer field's bounds (`Annotated[int, Field(ge=1), JSON_INTEGER]`): before them, pydantic would write
+# the bounds into the JSON schema under its own names (`ge`), which no validator reads.
+JSON_INTEGER = BeforeValidator(_json_integer)
 
 
 class StreamOptions(BaseModel):
     """`stream_options`: a last chunk with the request's usage."""
 
     model_config = ConfigDict(extra="forbid")
-    include_usage: bool = False
+    include_usage: bool = Field(False, strict=True)
 
 
 class _Sampling(BaseModel):
     """The decoding parameters both endpoints share."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra=document_extras)
 
+    # Numbers and flags are JSON's, as the schema says: `true` is no number, 1 no boolean and "5" no integer
+    # (pydantic would take each for the other); 5.0 is the integer 5, as JSON Schema has it.
     model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)
-    seed: int | None = Field(None, ge=0, lt=2**64)
+    max_tokens: Annotated[int, Field(ge=1), JSON_INTEGER] | None = None
+    temperature: float | None = Field(None, ge=0, strict=True)
+    top_p: float | None = Field(None, gt=0, le=1, strict=True)
+    top_k: Annotated[int, Field(ge=-1), JSON_INTEGER] | None = None
+    # Up to 2**53 - 1, the largest integer every JSON reader holds exactly (as a float64): a bound such as int64's
+    # 2**63 - 1 rounds to 2**63 in a validator that reads numbers as floats, so the schema and the server would
+    # disagree at the edge.
+    seed: Annotated[int, Field(ge=0, le=2**53 - 1), JSON_INTEGER] | None = None
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: bool = Field(False, strict=True)
     stream_options: StreamOptions | None = None
+    # vLLM's extra field: lower is served first; None: the task's default (--task-policy). The token's role
+    # bounds how urgent it may be (403 beyond).
+    priority: Annotated[int, Field(ge=-(2**31), lt=2**31), JSON_INTEGER] | None = None
 
     def decoding(self, *, chat: bool = False) -> DecodingOptions:
         """The service's decoding options (0 meaning the server's default or off, as the service reads them)."""
@@ -124,7 +176,9 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     """`POST /v1/completions`: one choice per prompt."""
 
-    prompt: str | list[str]
+    # Empty input is refused, as on gRPC: a request with no text is a mistake, whatever the task.
+    prompt: NonEmpty | NonEmptyList = Field(description="the text to complete, or a list of texts (one choice "
+                                                          "each); never empty")
 
     @property
     def prompts(self) -> list[str]:
@@ -143,7 +197,7 @@ class TextPart(BaseModel):
 class Message(BaseModel):
     """One turn of a conversation."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra=document_extras)
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = None
@@ -158,12 +212,17 @@ class ChatCompletionRequest(_Sampling):
     """`POST /v1/chat/completions`: the conversation through the model's chat template."""
 
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Annotated[int, Field(ge=1), JSON_INTEGER] | None = None
 
     @property
     def max_new_tokens(self) -> int | None:
         """`max_completion_tokens` (OpenAI's newer name), else `max_tokens`."""
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def max_tokens_param(self) -> str:
+        """The name of the field `max_new_tokens` came from, to name it in an error."""
+        return "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
 
     @property
     def turns(self) -> tuple[tuple[str, str], ...]:
@@ -174,11 +233,12 @@ class ChatCompletionRequest(_Sampling):
 class ClassifyRequest(BaseModel):
     """`POST /v1/classify`: which of the candidate labels the task's prompt makes most likely, per input."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra=document_extras)
     model: str
-    input: str | list[str]
+    input: NonEmpty | NonEmptyList = Field(description="the text to classify, or a list of texts (one result "
+                                                         "each); never empty")
     labels: list[str] = Field(min_length=2)
-    apply_chat_template: bool = False
+    apply_chat_template: bool = Field(False, strict=True)
 
     @property
     def inputs(self) -> list[str]:

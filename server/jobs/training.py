@@ -79,7 +79,8 @@ class TrainingJobs:
             max_virtual_tokens=self.max_virtual_tokens,
         )
         # Tokenizing is cheap and finds over-long targets before the job queues.
-        checker = PromptTrainer(self.base.model, self.base.tokenizer, request.options)
+        checker = PromptTrainer(self.base.model, self.base.tokenizer, request.options,
+                                kv_layout=self.base.spec.kv_layout)
         checker.encode(plan.train)
         checker.encode(plan.held_out, what="held-out")
         with self._cond:
@@ -178,7 +179,8 @@ class TrainingJobs:
                 self._update(job, phase=name)
 
         trainer = PromptTrainer(self.base.model, self.base.tokenizer, plan.options, runner=self.scheduler.call,
-                                on_progress=progress, cancel=job.cancel, max_unit_rows=self.unit_rows)
+                                on_progress=progress, cancel=job.cancel, max_unit_rows=self.unit_rows,
+                                kv_layout=self.base.spec.kv_layout)
         try:
             outcome = pipeline.execute(plan, trainer, self.registry, self.base.spec, on_phase=phase)
         except (TrainingCancelled, ShuttingDownError) as e:

@@ -19,9 +19,9 @@ from softprompt.prompts.refs import task_name
 
 # Only for annotations: both transports import this module, and the serving parts it reads need torch.
 if TYPE_CHECKING:
-    from softprompt.server.core.prompt_cache import DeviceLru
+    from softprompt.server.core.prompt_cache import DeviceLru, HostTier
     from softprompt.server.core.scheduler import Scheduler
-    from softprompt.server.core.types import KvUsage
+    from softprompt.server.core.types import CacheStats, KvUsage, TaskLoad
     from softprompt.server.jobs.training import TrainingJobs
 
 # The first MAX_TASK_LABELS distinct tasks served get their own `task` label value; any later one
@@ -30,17 +30,6 @@ MAX_TASK_LABELS = 32
 # Registry names start with a letter or digit, so these two never collide with a real task.
 BASE_TASK = "_base"  # requests for the bare model (empty task)
 OTHER_TASK = "_other"
-
-
-@dataclass(frozen=True)
-class CacheCounts:
-    """One device LRU's activity since start (hits, misses, loads) and its size now."""
-
-    hits: int
-    misses: int
-    loads: int
-    entries: int
-    bytes: int
 
 
 @dataclass(frozen=True)
@@ -54,7 +43,9 @@ class Snapshot:
     training_units: int
     kv_cache: KvUsage  # the KV pool's size and occupancy
     preemptions: int = 0  # running requests whose KV was dropped to be recomputed (out of memory)
-    caches: dict[str, CacheCounts] = field(default_factory=dict)
+    share_preemptions: int = 0  # running requests that gave way to a more urgent one or a task under its share
+    tasks: tuple[TaskLoad, ...] = ()  # every task served since start: rows, queue, share, tokens (fair share)
+    caches: dict[str, CacheStats] = field(default_factory=dict)  # tiers of prompt memory: host, prompt, prefix
     training_jobs: dict[TrainingState, int] = field(default_factory=dict)
 
 
@@ -73,6 +64,9 @@ class Metrics(Protocol):
 
     def tokens_generated(self, task: str, count: int) -> None:
         """A generation for `task` ended (finished or not) after producing `count` tokens."""
+
+    def queue_wait(self, task: str, seconds: float) -> None:
+        """A generation for `task` waited `seconds` in the queue before the worker first took it."""
 
     def watch(self, snapshot: Callable[[], Snapshot]) -> None:
         """Registers the function that reads the server's state at scrape time."""
@@ -114,15 +108,11 @@ class TaskLabels:
         return OTHER_TASK
 
 
-def cache_counts(lru: DeviceLru) -> CacheCounts:
-    """A device LRU's counters and size."""
-    entries, size = lru.size()
-    return CacheCounts(hits=lru.hits, misses=lru.misses, loads=lru.loads, entries=entries, bytes=size)
-
-
-def snapshot_reader(scheduler: Scheduler, caches: dict[str, DeviceLru], jobs: TrainingJobs) -> Callable[[], Snapshot]:
+def snapshot_reader(scheduler: Scheduler, caches: dict[str, DeviceLru | HostTier],
+                    jobs: TrainingJobs) -> Callable[[], Snapshot]:
     """A function reading the serving parts' state for `Metrics.watch`: the scheduler's queue and counters, its
-    engine's KV pool, the `caches` (a label to an LRU) and the training jobs."""
+    engine's KV pool, the `caches` (a label to a tier of prompt memory, `prompt_cache.prompt_tiers`) and the
+    training jobs."""
 
     def read() -> Snapshot:
         states = dict.fromkeys(TrainingState, 0)
@@ -137,7 +127,9 @@ def snapshot_reader(scheduler: Scheduler, caches: dict[str, DeviceLru], jobs: Tr
             training_units=stats.side_units,
             kv_cache=scheduler.engine.kv_usage(),
             preemptions=stats.preemptions,
-            caches={name: cache_counts(lru) for name, lru in caches.items()},
+            share_preemptions=stats.share_preemptions,
+            tasks=scheduler.task_loads(everything=True),
+            caches={name: tier.stats() for name, tier in caches.items()},
             training_jobs=states,
         )
 

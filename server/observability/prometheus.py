@@ -19,6 +19,8 @@ from softprompt.server.observability.metrics import Snapshot, TaskLabels
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 # The first token waits for admission, the queue and one prefill: usually well under a second.
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# A queue wait is nothing for a task under its share, up to minutes for one flooding the server.
+QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
 HTTP_SERVICE = "openai"  # the `service` label of the HTTP API's routes
@@ -35,8 +37,9 @@ def _split(method: str, transport: str) -> tuple[str, str]:
 class _StateCollector:
     """Turns a scrape-time `Snapshot` into metric families."""
 
-    def __init__(self, read: Callable[[], Snapshot]) -> None:
+    def __init__(self, read: Callable[[], Snapshot], tasks: TaskLabels) -> None:
         self._read = read
+        self._tasks = tasks
 
     def describe(self) -> list[Metric]:
         # Declaring nothing keeps registration from calling collect() before the server runs.
@@ -54,6 +57,10 @@ class _StateCollector:
         yield CounterMetricFamily("softprompt_preemptions",
                                   "Running requests preempted (KV dropped, recomputed when they resume)",
                                   value=s.preemptions)
+        yield CounterMetricFamily("softprompt_share_preemptions",
+                                  "Running requests preempted for a more urgent request or a task under its fair "
+                                  "share (recomputed when they resume)", value=s.share_preemptions)
+        yield from _task_loads(s, self._tasks)
         yield from _kv_cache(s)
         yield CounterMetricFamily("softprompt_training_units", "Units of training work run on the worker",
                                   value=s.training_units)
@@ -63,10 +70,26 @@ class _StateCollector:
             "misses": CounterMetricFamily("softprompt_cache_misses", "Cache lookups that did not",
                                           labels=["cache"]),
             "loads": CounterMetricFamily("softprompt_cache_loads",
-                                         "Entries made after a miss and kept (prompt: read from the registry; "
-                                         "prefix: keys/values computed)", labels=["cache"]),
+                                         "Entries made after a miss and kept, or put ahead of one (host: read "
+                                         "from the registry, at registration or by the background load; prompt: "
+                                         "moved to the device; prefix: keys/values computed)", labels=["cache"]),
             "entries": GaugeMetricFamily("softprompt_cache_entries", "Entries held", labels=["cache"]),
-            "bytes": GaugeMetricFamily("softprompt_cache_bytes", "Device bytes held", labels=["cache"]),
+            "bytes": GaugeMetricFamily("softprompt_cache_bytes",
+                                       "Bytes held (host: host memory; prompt and prefix: device memory)",
+                                       labels=["cache"]),
+            "capacity_bytes": GaugeMetricFamily("softprompt_cache_capacity_bytes",
+                                                "The tier's budget in bytes (--host-cache-mb, --prompt-cache-mb, "
+                                                "--prefix-cache-mb)", labels=["cache"]),
+            "evictions": CounterMetricFamily("softprompt_cache_evictions",
+                                             "Entries dropped to stay within the budget (least recently used)",
+                                             labels=["cache"]),
+            "pending": GaugeMetricFamily("softprompt_cache_pending",
+                                         "Versions the host tier's background load has still to read",
+                                         labels=["cache"]),
+            # Since start, as ModelInfo gives it; a recent window's is rate(hits) / (rate(hits) + rate(misses)).
+            "hit_rate": GaugeMetricFamily("softprompt_cache_hit_ratio",
+                                          "Lookups that found their entry per lookup, since start (0 before the "
+                                          "first)", labels=["cache"]),
         }
         for name, counts in s.caches.items():
             for field, family in families.items():
@@ -77,6 +100,37 @@ class _StateCollector:
         for state, count in s.training_jobs.items():
             jobs.add_metric([state.value], count)
         yield jobs
+
+
+def _task_loads(s: Snapshot, labels: TaskLabels) -> Iterator[Metric]:
+    """Per-task fair-share state, under the bounded task labels (tasks past the bound add up under _other)."""
+    values: dict[str, list[float]] = {}
+    for load in s.tasks:
+        row = values.setdefault(labels(load.task if load.task != "-" else ""), [0.0] * 7)
+        for i, v in enumerate((load.running, load.queued, load.share, load.fair_share, load.input_tokens,
+                               load.output_tokens, load.refused)):
+            row[i] += v
+    running = GaugeMetricFamily("softprompt_task_running", "Rows a task holds in the batch", labels=["task"])
+    queued = GaugeMetricFamily("softprompt_task_queued", "Requests of a task waiting", labels=["task"])
+    share = GaugeMetricFamily("softprompt_task_share", "Fraction of the running rows a task holds now",
+                              labels=["task"])
+    fair = GaugeMetricFamily("softprompt_task_fair_share",
+                             "Fraction of the server a task's weight entitles it to among the busy tasks",
+                             labels=["task"])
+    served = CounterMetricFamily("softprompt_task_served_tokens",
+                                 "Tokens computed for a task: input (positions prefilled or scored, recomputed ones "
+                                 "included) and output (generated)", labels=["task", "kind"])
+    refused = CounterMetricFamily("softprompt_task_refused",
+                                  "Requests refused by a task's limits (queued cap, token rate)", labels=["task"])
+    for task, (r, q, sh, fs, inp, out, ref) in values.items():
+        running.add_metric([task], r)
+        queued.add_metric([task], q)
+        share.add_metric([task], sh)
+        fair.add_metric([task], fs)
+        served.add_metric([task, "input"], inp)
+        served.add_metric([task, "output"], out)
+        refused.add_metric([task], ref)
+    yield from (running, queued, share, fair, served, refused)
 
 
 def _kv_cache(s: Snapshot) -> Iterator[Metric]:
@@ -118,6 +172,9 @@ class PrometheusMetrics:
                                       registry=r)
         self._task_tokens = Counter("softprompt_task_generated_tokens", "Tokens generated, by task", ["task"],
                                     registry=r)
+        self._queue_wait = Histogram("softprompt_task_queue_wait_seconds",
+                                     "From a generation's arrival to the worker first taking it, by task", ["task"],
+                                     buckets=QUEUE_WAIT_BUCKETS, registry=r)
         self._httpd: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -141,9 +198,13 @@ class PrometheusMetrics:
             self._tokens.inc(count)
             self._task_tokens.labels(self._tasks(task)).inc(count)
 
+    def queue_wait(self, task: str, seconds: float) -> None:
+        """Records how long a generation waited in the queue, under its task label."""
+        self._queue_wait.labels(self._tasks(task)).observe(seconds)
+
     def watch(self, snapshot: Callable[[], Snapshot]) -> None:
-        """Registers the scrape-time reader of queue, batch, cache and training-job state."""
-        self.registry.register(_StateCollector(snapshot))
+        """Registers the scrape-time reader of queue, batch, cache, fair-share and training-job state."""
+        self.registry.register(_StateCollector(snapshot, self._tasks))
 
     def serve(self, host: str, port: int) -> int:
         """Serves /metrics on `host:port` in a daemon thread; returns the bound port."""

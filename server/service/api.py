@@ -12,7 +12,14 @@ from typing import Protocol
 
 from softprompt.server.core.handle import Handle
 from softprompt.server.core.types import ClassifyRequest, ClassifyResult, GenerationRequest, StreamChunk, Tokenization
-from softprompt.server.service.types import JobSnapshot, ModelInfo, PromptUpload, PromptVersion, TrainJobRequest
+from softprompt.server.service.types import (
+    JobSnapshot,
+    ModelInfo,
+    PromptFiles,
+    PromptUpload,
+    PromptVersion,
+    TrainJobRequest,
+)
 
 
 class PendingClassification(Protocol):
@@ -69,15 +76,22 @@ class Prompts(Protocol):
     def get(self, ref: str) -> PromptVersion:
         """The version a reference ("name", "name@3", "name@prod") names now."""
 
-    def list_page(self, name: str | None, page_size: int = 0,
-                  page_token: str = "") -> tuple[Sequence[PromptVersion], str]:
-        """One page of versions and the token of the next ("" after the last)."""
+    def list_page(self, name: str | None, page_size: int = 0, page_token: str = "", *,
+                  after: str = "") -> tuple[Sequence[PromptVersion], str]:
+        """One page of versions and the token of the next ("" after the last); `after` ("name@3") starts the
+        page after that version instead of a token."""
+
+    def nearby(self, ref: str) -> list[str]:
+        """References (task names, versions, aliases) near `ref`, which names nothing: for "did you mean"."""
 
     def delete(self, ref: str, *, all_versions: bool = False, force: bool = False) -> list[str]:
         """Deletes a version (or a whole task); returns the deleted refs."""
 
     def set_alias(self, name: str, alias: str, version: int) -> PromptVersion:
         """Points ``name@alias`` at `version`."""
+
+    def export(self, ref: str) -> PromptFiles:
+        """The version a reference names and every file of it, the weights checked against their checksum."""
 
 
 class Training(Protocol):

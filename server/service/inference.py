@@ -17,6 +17,7 @@ from softprompt.server.config import ServerConfig
 from softprompt.server.core.admission import Admission, AdmittedScoring
 from softprompt.server.core.handle import Handle
 from softprompt.server.core.model import BaseModel
+from softprompt.server.core.prompt_cache import prompt_tiers
 from softprompt.server.core.scheduler import Scheduler
 from softprompt.server.core.types import ClassifyRequest, ClassifyResult, GenerationRequest, StreamChunk, Tokenization
 from softprompt.server.observability.metrics import Metrics, NoMetrics
@@ -125,8 +126,13 @@ class InferenceService:
                 max_batch_size=cfg.max_batch_size,
                 max_queued_requests=cfg.max_queued_requests,
                 max_upload_bytes=cfg.max_upload_bytes,
+                max_stop_sequences=cfg.max_stop_sequences,
+                max_labels=cfg.max_labels,
             ),
             kv_cache=self.scheduler.engine.kv_usage(),
+            tasks=self.scheduler.task_loads(),
+            caches={name: tier.stats()
+                    for name, tier in prompt_tiers(self.admission.prompts, self.scheduler.engine.prefixes).items()},
         )
 
 
@@ -145,6 +151,9 @@ class _Meter:
         """Records a chunk on its way to the client."""
         if not self.generated:
             self.metrics.first_token(self.endpoint, time.monotonic() - self.started, self.transport)
+            wait = self.handle.queue_wait
+            if wait is not None:
+                self.metrics.queue_wait(self.handle.prompt_version, wait)
         self.generated += len(chunk.token_ids)
 
     def done(self) -> None:

@@ -9,6 +9,7 @@ listed is a bug: INTERNAL, 500.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from softprompt.prompts import errors as prompt_errors
@@ -18,6 +19,7 @@ from softprompt.server.core.errors import (
     InvalidRequestError,
     OverloadedError,
     PreconditionError,
+    PriorityNotAllowedError,
     ShuttingDownError,
     TrainingJobNotFoundError,
     UploadTooLargeError,
@@ -52,6 +54,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], Status], ...] = (
     (InvalidRequestError, INVALID),
     (PreconditionError, PRECONDITION),
     (OverloadedError, EXHAUSTED),
+    (PriorityNotAllowedError, Status("PERMISSION_DENIED", 403)),
     (UploadTooLargeError, Status("RESOURCE_EXHAUSTED", 413)),
     (DeadlineError, Status("DEADLINE_EXCEEDED", 504)),
     (CancelledError, Status("CANCELLED", 499)),
@@ -59,6 +62,14 @@ STATUS_TABLE: tuple[tuple[type[BaseException], Status], ...] = (
     (TrainingJobNotFoundError, NOT_FOUND),
     (MemoryError, EXHAUSTED),
 )
+
+
+def retry_after(exc: BaseException) -> int | None:
+    """Whole seconds a client told to back off should wait (HTTP's Retry-After, gRPC's `retry-after` trailing
+    metadata); None for errors that retrying later would not fix."""
+    if isinstance(exc, OverloadedError):
+        return max(1, math.ceil(exc.retry_after_s))
+    return None
 
 
 def status_for(exc: BaseException) -> Status:

@@ -14,18 +14,21 @@ from dataclasses import dataclass, field
 
 from softprompt.prompts.registry.version import PromptVersion
 from softprompt.prompts.results import EvalResult, Progress
-from softprompt.server.core.types import KvUsage
+from softprompt.server.core.types import CacheStats, KvUsage, TaskLoad
 from softprompt.server.jobs.types import JobSnapshot, TrainJobRequest
 
 __all__ = [
+    "CacheStats",
     "EvalResult",
     "JobSnapshot",
     "Limits",
     "ModelInfo",
     "PeftUpload",
     "Progress",
+    "PromptFiles",
     "PromptUpload",
     "PromptVersion",
+    "TaskLoad",
     "TensorUpload",
     "TrainJobRequest",
 ]
@@ -35,10 +38,12 @@ __all__ = [
 
 @dataclass(frozen=True)
 class PeftUpload:
-    """A PEFT prompt-tuning adapter: the text of adapter_config.json and the bytes of adapter_model.safetensors."""
+    """A PEFT prompt-learning adapter: the text of adapter_config.json and the bytes of adapter_model.safetensors;
+    `task_id` picks the task of a MULTITASK_PROMPT_TUNING adapter (None: not given)."""
 
     config_json: str
     safetensors: bytes
+    task_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,14 @@ class PromptUpload:
     force: bool = False
 
 
+@dataclass(frozen=True)
+class PromptFiles:
+    """One version and every file of it by name (adapter, softprompt.json, training report, loss plot)."""
+
+    version: PromptVersion
+    files: Mapping[str, bytes]
+
+
 # ---------------------------------------------------------------- inference
 
 
@@ -80,6 +93,8 @@ class Limits:
     max_batch_size: int
     max_queued_requests: int
     max_upload_bytes: int
+    max_stop_sequences: int
+    max_labels: int
 
 
 @dataclass(frozen=True)
@@ -96,3 +111,5 @@ class ModelInfo:
     has_chat_template: bool
     limits: Limits
     kv_cache: KvUsage  # the pool's size (--kv-cache-memory) and occupancy when asked
+    tasks: tuple[TaskLoad, ...] = ()  # each task busy now or lately: rows, queue, share, rate (fair share)
+    caches: dict[str, CacheStats] = field(default_factory=dict, hash=False)  # tiers of prompt memory by name

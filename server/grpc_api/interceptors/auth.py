@@ -3,13 +3,14 @@
 A call presents `authorization: Bearer <token>` metadata. The interceptor looks the token up in the
 token file (`tokens.py`), checks the method against the role table below, and wraps the servicer's
 behaviour so that the request's task names are checked against the token's patterns before the
-servicer runs, and list answers are cut down to the tasks the token may see. Servicers stay unaware
-of authentication. Health and reflection stay open: load balancers and grpcurl need no token.
+servicer runs, and list answers are cut down to the tasks the token may see. The servicer runs as the
+token's principal (`access.callers.CURRENT_CALLER`: fair share and priority bounds read it). Servicers stay
+unaware of authentication. Health and reflection stay open: load balancers and grpcurl need no token.
 
 | RPC                                                                | infer | admin |
 |--------------------------------------------------------------------|-------|-------|
 | Inference: Generate, GenerateStream, Classify, Tokenize, ModelInfo | yes   | yes   |
-| Registry: GetPrompt, ListPrompts                                   | yes   | yes   |
+| Registry: GetPrompt, ListPrompts, ExportPrompt                     | yes   | yes   |
 | Registry: RegisterPrompt, DeletePrompt, SetAlias                   | no    | yes   |
 | Training: every RPC                                                | no    | yes   |
 """
@@ -25,6 +26,7 @@ import grpc
 
 from softprompt.prompts.refs import task_name
 from softprompt.protos import softprompt_pb2 as pb
+from softprompt.server.access.callers import CURRENT_CALLER, Principal
 from softprompt.server.access.tokens import BARE_MODEL_TASK, Role, TokenEntry, TokenTable
 from softprompt.server.grpc_api.interceptors import handlers
 
@@ -119,12 +121,14 @@ def rules(job_task: JobTask) -> dict[str, Rule]:
         method("Inference", "GenerateStream"): Rule(infer, by_task),
         method("Inference", "Classify"): Rule(infer, by_task),
         method("Inference", "Tokenize"): Rule(infer),
-        method("Inference", "ModelInfo"): Rule(infer),
+        method("Inference", "ModelInfo"): Rule(infer, None, _keep("tasks", "task")),
         method("Registry", "GetPrompt"): Rule(infer, by_ref),
         method("Registry", "ListPrompts"): Rule(infer, listed, _keep("prompts", "name")),
         method("Registry", "RegisterPrompt"): Rule(admin, by_name),
         method("Registry", "DeletePrompt"): Rule(admin, by_ref),
         method("Registry", "SetAlias"): Rule(admin, by_name),
+        # A read like GetPrompt: a token that may run a task's prompts may take its files (weights, report, plot).
+        method("Registry", "ExportPrompt"): Rule(infer, by_ref),
         method("Training", "TrainPrompt"): Rule(admin, trained),
         method("Training", "GetTrainingJob"): Rule(admin, by_job),
         method("Training", "WatchTrainingJob"): Rule(admin, by_job),
@@ -222,10 +226,14 @@ def _refusing(handler: grpc.RpcMethodHandler, method: str, refusal: _Refusal) ->
 
 
 def _checked(handler: grpc.RpcMethodHandler, method: str, entry: TokenEntry, rule: Rule) -> grpc.RpcMethodHandler:
-    if not entry.task_patterns:
-        return handler  # the role check was all there was to do
+    """The handler, run as the token's principal (`CURRENT_CALLER`: fair share and priorities read it), its
+    request's tasks checked and its list answer cut down to the token's task patterns, if it has any."""
+    principal = Principal.of(entry)
+    limited = bool(entry.task_patterns)
 
     def check(request: Any, context: grpc.ServicerContext) -> None:
+        if not limited:
+            return  # the role check was all there was to do
         for task in rule.tasks(request) if rule.tasks else ():
             if not entry.allows_task(task):
                 log.warning("refused %s from %s: task %r is outside the token's patterns (token file line %d)",
@@ -237,8 +245,12 @@ def _checked(handler: grpc.RpcMethodHandler, method: str, entry: TokenEntry, rul
 
         def unary_unary(request: Any, context: grpc.ServicerContext) -> Any:
             check(request, context)
-            response = inner_unary(request, context)
-            return rule.visible(response, entry) if rule.visible else response
+            token = CURRENT_CALLER.set(principal)
+            try:
+                response = inner_unary(request, context)
+            finally:
+                CURRENT_CALLER.reset(token)
+            return rule.visible(response, entry) if rule.visible and limited else response
 
         return handlers.rebuild(handler, unary_unary, handler.request_deserializer)
     if handler.unary_stream is not None:
@@ -246,9 +258,23 @@ def _checked(handler: grpc.RpcMethodHandler, method: str, entry: TokenEntry, rul
 
         def unary_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             check(request, context)
-            yield from inner_stream(request, context)
+            responses: Iterator[Any] | None = None
+            while True:
+                # Set around each step, not across yields: between two responses this thread is gRPC's.
+                token = CURRENT_CALLER.set(principal)
+                try:
+                    if responses is None:
+                        responses = iter(inner_stream(request, context))
+                    response = next(responses)
+                except StopIteration:
+                    return
+                finally:
+                    CURRENT_CALLER.reset(token)
+                yield response
 
         return handlers.rebuild(handler, unary_stream, handler.request_deserializer)
+    if not limited:
+        return handler
     # A request stream cannot be checked per task before it is read; no softprompt RPC has one.
     return _refusing(handler, method, _Refusal(grpc.StatusCode.PERMISSION_DENIED,
                                                f"{_short(method)} is not open to task-limited tokens"))

@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from softprompt.prompts.refs import task_name
 from softprompt.server.access.callers import Principal
 from softprompt.server.core.errors import PriorityNotAllowedError, TaskLimitError
 from softprompt.server.core.policy import PolicyFile, PolicyTable, TaskPolicy
@@ -470,3 +471,8 @@ class FairQueue(Generic[R]):
     def _deque(self, item: R) -> deque[R]:
         t = self.ticket_of(item)
         return self._levels.setdefault(t.priority, {}).setdefault(t.key, deque())
+
+
+def task_of(prompt_version: str) -> str:
+    """The task a version runs for, as fair share and policies name it ("name@3" -> "name"; BARE_TASK)."""
+    return task_name(prompt_version) or BARE_TASK

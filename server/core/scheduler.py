@@ -42,21 +42,22 @@ import threading
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, TypeVar
 
-from softprompt.prompts.refs import task_name
 from softprompt.server.core.admission import Admitted, AdmittedScoring
 from softprompt.server.core.engine import Batch, Engine, PartialPrefill, Sequence, TokenEvent
-from softprompt.server.core.fairness import BARE_TASK, FairQueue, FairShare, Ticket
+from softprompt.server.core.fairness import FairQueue, FairShare, Ticket, task_of
 from softprompt.server.core.handle import Failed, Handle
 from softprompt.server.core.errors import CancelledError, DeadlineError, OverloadedError, ShuttingDownError
 from softprompt.server.core.planning import plan_prefill
 from softprompt.server.core.pool import KvPoolFullError
 from softprompt.server.core.scoring import ScoringGroup, ScoringJob
-from softprompt.server.core.types import KvUsage, StreamChunk, TaskLoad, Usage
+from softprompt.server.core.snapshot import RowSnapshot, SchedulerSnapshot, SchedulerStats
+from softprompt.server.core.types import StreamChunk, TaskLoad, Usage
 
 log = logging.getLogger(__name__)
 
@@ -78,50 +79,6 @@ class _Request:
 
 
 @dataclass
-class SchedulerStats:
-    """Counters for logs and benchmarks."""
-
-    steps: int = 0
-    prefills: int = 0
-    max_batch: int = 0
-    side_units: int = 0
-    preemptions: int = 0  # rows whose KV was dropped to be recomputed later
-    prefill_chunks: int = 0  # forwards of rows prefilled in parts, being longer than the budget
-    kv_waits: int = 0  # steps in which the next waiting row (generation or Classify) found no KV blocks
-    share_preemptions: int = 0  # rows preempted for a more urgent request, or for a task under its fair share
-
-
-@dataclass(frozen=True)
-class RowSnapshot:
-    """A running generation as the scheduler sees it."""
-
-    request_id: int
-    generated: int  # tokens produced so far
-    kv_blocks: int  # KV blocks it holds
-
-
-@dataclass(frozen=True)
-class SchedulerSnapshot:
-    """What the scheduler holds at one moment: for tests, logs and operators (no internals leak)."""
-
-    waiting: tuple[int, ...]  # request ids queued to join the batch, in the order they will (as things stand)
-    running: tuple[RowSnapshot, ...]  # rows decoding, or prefilled in chunks
-    chunking: int | None  # the request being prefilled in chunks
-    scoring_queued: int  # Classify requests waiting for the next group
-    scoring_rows: int  # label rows of the Classify group being scored
-    side_jobs: int  # training units waiting for the worker
-    row_cap: int | None  # the batch size admission stops at after an out-of-memory step
-    kv: KvUsage
-    stats: SchedulerStats
-    tasks: tuple[TaskLoad, ...] = ()  # each busy task's rows, queue and share
-
-    @property
-    def idle(self) -> bool:
-        """Nothing queued, running or being scored."""
-        return not (self.waiting or self.running or self.scoring_queued or self.scoring_rows)
-
-
-@dataclass
 class _SideJob:
     fn: Callable[[], Any]
     future: Future[Any]
@@ -134,13 +91,9 @@ class _Work:
     batch: Batch | None  # the running batch, less any row that gave way to the arrivals
 
 
-def _ticket(request: _Request) -> Ticket:
-    return request.ticket
-
-
 @dataclass
 class _State:
-    waiting: FairQueue[_Request] = field(default_factory=lambda: FairQueue(_ticket))
+    waiting: FairQueue[_Request] = field(default_factory=lambda: FairQueue(attrgetter("ticket")))
     running: dict[int, _Request] = field(default_factory=dict)
     scoring: deque[ScoringJob] = field(default_factory=deque)
     scored: ScoringGroup = field(default_factory=ScoringGroup)  # the Classify rows being scored
@@ -184,7 +137,7 @@ class Scheduler:
         seq = admitted.sequence
         with self._cond:
             self._check_room()
-            ticket = self.fair.enter(_task(admitted.prompt_version), admitted.principal, priority=admitted.priority,
+            ticket = self.fair.enter(task_of(admitted.prompt_version), admitted.principal, priority=admitted.priority,
                                      input_tokens=len(seq.input_ids), max_new=seq.params.max_new_tokens)
             self._state.waiting.push(_Request(admitted, handle, ticket))
             self._cond.notify()
@@ -195,7 +148,7 @@ class Scheduler:
         tokens = len(admitted.input_ids) + sum(len(ids) for ids in admitted.label_ids)
         with self._cond:
             self._check_room()
-            ticket = self.fair.enter(_task(admitted.prompt_version), admitted.request.principal, priority=None,
+            ticket = self.fair.enter(task_of(admitted.prompt_version), admitted.request.principal, priority=None,
                                      input_tokens=tokens, max_new=0, scoring=True)
             job = ScoringJob(admitted, Future(), ticket)
             self._state.scoring.append(job)
@@ -639,8 +592,3 @@ class Scheduler:
         self._state.running.pop(handle.sequence.request_id, None)
         self.fair.settle(handle.ticket, len(handle.sequence.generated))
         handle.handle.put(Failed(error))
-
-
-def _task(prompt_version: str) -> str:
-    """The task a version runs for, as fair share and policies name it ("name@3" -> "name"; BARE_TASK)."""
-    return task_name(prompt_version) or BARE_TASK

@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--paged-kernel", action=argparse.BooleanOptionalAction, default=True,
                    help="on a CPU in float32, our decode steps attend over the KV blocks in place "
                         "(--no-paged-kernel: gather them and run SDPA, to measure what the kernel buys)")
+    m.add_argument("--mixed-steps", action=argparse.BooleanOptionalAction, default=True,
+                   help="with the paged kernel, our engine prefills arriving requests in the decode step's forward "
+                        "(--no-mixed-steps: in a forward of their own, to measure what mixing buys)")
     r = parser.add_argument_group("run")
     r.add_argument("--skip", type=_skip_keys, default=frozenset(), metavar="a,b,...",
                    help="methods to skip, by letter or name (e.g. --skip peft or --skip a,c)")
@@ -94,7 +97,7 @@ def parse_settings(argv: Sequence[str] | None) -> Settings:
         input_tokens=a.input_tokens, data=a.data, clients=a.clients or a.requests, batch_size=a.batch_size,
         model=a.model, device=a.device, dtype=a.dtype, random_weights=a.random_weights, skip=a.skip,
         json_out=a.json_out, warmup=max(0, a.warmup), cuda_graphs=a.cuda_graphs,
-        packed_linears=a.packed_linears, paged_kernel=a.paged_kernel,
+        packed_linears=a.packed_linears, paged_kernel=a.paged_kernel, mixed_steps=a.mixed_steps,
     )
 
 

@@ -40,7 +40,7 @@ def engine_config(s: Settings, base: BaseModel, work: Workload, store: Path, *, 
         max_queued_requests=max(256, s.requests), max_new_tokens=max(1024, s.new_tokens),
         max_input_tokens=max(2048, longest), max_virtual_tokens=max(256, s.virtual_tokens),
         kv_cache_memory=str(kv_cache_bytes(s, base, longest)), cuda_graphs=s.cuda_graphs,
-        packed_linears=s.packed_linears, paged_kernel=s.paged_kernel,
+        packed_linears=s.packed_linears, paged_kernel=s.paged_kernel, mixed_steps=s.mixed_steps,
         http_port=0 if serve_http else None,
     )
 
@@ -82,7 +82,7 @@ def engine_extra(app: Any, timings: StepTimings, before: dict[str, tuple[int, fl
     after = timings.snapshot()
     parts = {p: {"calls": after[p][0] - before[p][0], "seconds": after[p][1] - before[p][1]} for p in after}
     stats = app.scheduler.stats
-    busy = sum(parts[p]["seconds"] for p in ("prefill", "decode", "filter", "concatenate"))
+    busy = sum(parts[p]["seconds"] for p in ("prefill", "decode", "mixed", "filter", "concatenate") if p in parts)
     return {
         "engine": parts,
         "outside_engine_s": wall - busy,

@@ -52,7 +52,8 @@ def run(base: BaseModel, args: argparse.Namespace, budget: int) -> dict[str, Any
 
     with tempfile.TemporaryDirectory(prefix="softprompt-long-") as store:
         config = ServerConfig(port=0, store=Path(store), max_batch_size=32, max_prefill_tokens=budget,
-                              max_input_tokens=max(2048, args.long_tokens), kv_cache_memory="2GiB")
+                              max_input_tokens=max(2048, args.long_tokens), kv_cache_memory="2GiB",
+                              mixed_steps=args.mixed_steps)
         app = build_app(config, base=base)
         app.scheduler.engine.ignore_eos = True
         admit = app.admission.admit
@@ -99,12 +100,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hidden", type=int, default=576, help="random model width (a multiple of 192)")
     parser.add_argument("--layers", type=int, default=8, help="random model layers")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--mixed-steps", action=argparse.BooleanOptionalAction, default=True,
+                        help="chunks run in the decode step's forward where the paged kernel runs (the server's "
+                             "default); --no-mixed-steps: in a forward of their own, to measure what mixing buys")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     base, shape = random_llama(args.hidden, args.layers, torch.device("cpu"))
     print(f"model: random-weight Llama {json.dumps(shape)}; {args.streams} streams x {args.new_tokens} tokens, "
-          f"{args.long} prompts of {args.long_tokens} tokens {args.every} s apart, torch threads {args.threads}")
+          f"{args.long} prompts of {args.long_tokens} tokens {args.every} s apart, torch threads {args.threads}, "
+          f"mixed steps {'on' if args.mixed_steps else 'off'}")
     results = {}
     for name, budget in (("whole", args.long_tokens + 64), ("chunked", args.max_prefill_tokens)):
         r = results[name] = run(base, args, budget)

@@ -109,8 +109,9 @@ def engine_lines(results: list[MethodResult]) -> list[str]:
             continue
         e = r.extra["engine"]
         part = {p: f"{e[p]['seconds']:.2f} s/{e[p]['calls']}" for p in e}
+        mixed = f", mixed (prefill inside a decode step) {part['mixed']}" if "mixed" in part else ""
         lines.append(
-            f"({r.key}) engine time (s/calls): prefill {part['prefill']}, decode {part['decode']}, of which "
+            f"({r.key}) engine time (s/calls): prefill {part['prefill']}, decode {part['decode']}{mixed}, of which "
             f"sampling+detokenizing {part['emit']}; filter {part['filter']}, concatenate {part['concatenate']}; "
             f"outside the engine {r.extra['outside_engine_s']:.2f} s; {r.extra['decode_steps']} decode steps, "
             f"{r.extra['prefills']} prefills, max batch {r.extra['max_batch']}"

@@ -49,6 +49,7 @@ class Settings:
     cuda_graphs: bool = True
     packed_linears: bool = True  # CPU float32: linear layers on oneDNN-packed weights
     paged_kernel: bool = True  # CPU float32: decode attention over the KV blocks in place
+    mixed_steps: bool = True  # with the kernel: arrivals prefilled in the decode step's forward
 
 
 @dataclass(frozen=True)

@@ -71,28 +71,39 @@ def test_engine_options_the_bench_uses(tiny_base) -> None:
     run_to_end(engine, batch)
     assert seq.generated == expected and seq.finish_reason == "length"
     calls = {part: n for part, (n, seconds) in timings.snapshot().items()}
-    assert calls == {"prefill": 1, "decode": 4, "emit": 5, "filter": 4, "concatenate": 0}
+    assert calls == {"prefill": 1, "decode": 4, "mixed": 0, "emit": 5, "filter": 4, "concatenate": 0}
+    engine.step(None, engine_rows(engine, tiny_base, 1, max_new=5))  # a mixed step (here prefill alone)
+    assert timings.snapshot()["mixed"][0] == 1 and timings.snapshot()["emit"][0] == 6
     assert all(seconds >= 0 for _, seconds in timings.snapshot().values())
 
 
-def test_churn_benchmark_reports_both_runs(tiny_model_dir: Path, tmp_path: Path,
+@pytest.mark.parametrize("mixed", [False, True], ids=["apart", "mixed"])
+def test_churn_benchmark_reports_both_runs(mixed: bool, tiny_model_dir: Path, tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
-    """Rows 6 and lifetime 4 make 1.5 rows finish and join per step, each replaced, and every figure positive."""
+    """Rows 6 and lifetime 4 make 1.5 rows finish and join per step, each replaced, and every figure positive;
+    mixed, the joiners are prefilled in the next step's forward, which makes their first tokens."""
     from softprompt.benchmarks.churn import main as churn_main
 
     out = tmp_path / "churn.json"
     argv = ["--model", str(tiny_model_dir), "--rows", "6", "--lifetime", "4", "--steps", "6",
-            "--virtual-tokens", "3", "--tasks", "2", "--threads", "1", "--json", str(out)]
+            "--virtual-tokens", "3", "--tasks", "2", "--threads", "1", "--json", str(out),
+            "--mixed-steps" if mixed else "--no-mixed-steps"]
     assert churn_main(argv) == 0
     figures = json.loads(out.read_text())
     still, churn = figures["no_churn"], figures["churn"]
     assert still["finished_per_step"] == 0 and still["decode_tokens"] == 6 * 6
     assert churn["finished_per_step"] == churn["joined_per_step"] == 1.5
-    assert churn["mean_rows"] == 6 and churn["decode_tokens"] == 6 * 6
     for run in (still, churn):
-        assert run["decode_tokens_per_s"] > 0 and run["seconds"] > 0
+        assert run["decode_tokens_per_s"] > 0 and run["seconds"] > 0 and run["tokens_per_s"] > 0
         assert run["ms_per_step"]["decode"] > 0 and run["mean_width"] > 0
-    assert churn["ms_per_step"]["prefill"] > 0 and churn["ms_per_step"]["filter"] > 0
+    assert churn["ms_per_step"]["filter"] > 0
+    made = round(churn["tokens_per_s"] * churn["seconds"])
+    if mixed:  # 6 rows make a token every step; a step with joiners decodes fewer rows
+        assert churn["ms_per_step"]["mixed"] > 0 and churn["ms_per_step"]["prefill"] == 0
+        assert made == 6 * 6 and churn["decode_tokens"] < 6 * 6
+    else:  # 6 rows decode every step, and the joiners' prefills make 1.5 first tokens a step
+        assert churn["ms_per_step"]["prefill"] > 0 and churn["ms_per_step"]["mixed"] == 0
+        assert churn["mean_rows"] == 6 and churn["decode_tokens"] == 6 * 6 and made == 6 * 6 + 9
     assert figures["ratio"] > 0 and figures["ratio_without_prefill"] > 0 and figures["threads"] == 1
     assert "churn / no churn:" in capsys.readouterr().out
 

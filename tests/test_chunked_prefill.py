@@ -3,7 +3,8 @@
 Exactness: rows prefilled in one, two or many chunks (with and without soft prompts, resumed rows too)
 then decoded in a batch with others equal the no-cache reference, for full-attention and sliding-window
 models. Interleaving is counted, never timed: every engine call is recorded in order, and between two
-chunks of a long row (or two Classify forwards) the running rows take a decode step.
+chunks of a long row (or two Classify forwards) the running rows take a decode step -- in the same forward
+where the engine runs mixed steps (`fused`: the paged kernel's ragged forwards), apart where it does not.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from softprompt.prompts.base import spec_of
 from softprompt.prompts.inject import score_continuations
 from softprompt.server.app.server import build_app
 from softprompt.server.config import ServerConfig
+from softprompt.server.core import forward
 from softprompt.server.core.engine import Engine, PartialPrefill, Sequence
 from softprompt.server.core.errors import CancelledError
 from softprompt.server.core.model import BaseModel
 from softprompt.server.core.planning import PrefillPlan, plan_prefill
 from softprompt.server.core.kv_manager import KvManager, RowBlocks
+from softprompt.server.core.paged_cache import Segment
 from softprompt.server.core.pool import BLOCK_SIZE, KvPool, LayerShape
 from softprompt.prompts.options import DecodingOptions
 from softprompt.server.core.types import ClassifyRequest, GenerationRequest
@@ -113,9 +116,15 @@ def _chunked(engine: Engine, seq: Sequence, budget: int):
 @pytest.mark.parametrize("family,impl", [("llama", "sdpa"), ("mistral", "sdpa"), ("qwen2", "sdpa"),
                                          ("qwen2", "eager")])
 @pytest.mark.parametrize("chunks", [1, 2, "many"])
-def test_chunked_rows_join_a_batch_and_match_the_reference(family, impl, chunks, tiny_base):
+@pytest.mark.parametrize("segments", [False, True], ids=["kernel", "segments"])
+def test_chunked_rows_join_a_batch_and_match_the_reference(family, impl, chunks, segments, tiny_base, monkeypatch):
     """Each prompt's row (none, 5 and 9 virtual tokens) and a resumed row are prefilled in chunks, then decode
-    with rows prefilled whole; sliding windows (6 tokens) are far shorter than the rows."""
+    with rows prefilled whole; sliding windows (6 tokens) are far shorter than the rows. With `segments`, every
+    ragged row of more than one position is attended by SDPA over its gathered keys (as long chunks are)."""
+    made: list[forward.Segment] = []
+    if segments:
+        monkeypatch.setattr(forward, "SEGMENT_WORK", 0)
+        monkeypatch.setattr(forward, "Segment", lambda *a: made.append(Segment(*a)) or made[-1])
     base = _base(family, impl, tiny_base)
     engine = Engine(base, prefix_cache_bytes=1 << 20, ignore_eos=True)
     prompts = engine_prompts(base)
@@ -143,6 +152,7 @@ def test_chunked_rows_join_a_batch_and_match_the_reference(family, impl, chunks,
     run_to_end(engine, batch)
     for seq in rows:
         assert seq.generated == reference_greedy(base.model, seq.prompt, seq.input_ids, 8, ()), seq.request_id
+    assert bool(made) == (segments and engine.fuses_steps)
 
 
 def test_a_chunk_needs_a_position(tiny_base):
@@ -162,7 +172,7 @@ class _Calls:
     def __init__(self, engine: Engine, on_call=None) -> None:
         self.names: list[str] = []
         self.on_call = on_call
-        for name in ("prefill", "prefill_chunk", "decode", "score"):
+        for name in ("prefill", "prefill_chunk", "decode", "score", "step"):
             setattr(engine, name, self._recording(name, getattr(engine, name)))
 
     def _recording(self, name, method):
@@ -179,9 +189,11 @@ class _Calls:
         return [self.names[a + 1:b] for a, b in zip(at, at[1:])]
 
 
-def _app(tiny_base, tmp_path, budget: int):
-    return build_app(ServerConfig(port=0, store=tmp_path / "store", max_batch_size=8, max_prefill_tokens=budget),
-                     base=tiny_base)
+def _app(tiny_base, tmp_path, budget: int, fused: bool):
+    app = build_app(ServerConfig(port=0, store=tmp_path / "store", max_batch_size=8, max_prefill_tokens=budget,
+                                 paged_kernel=fused), base=tiny_base)
+    assert app.scheduler.engine.fuses_steps == fused
+    return app
 
 
 def _submit(app, text: str, max_new: int):
@@ -196,11 +208,15 @@ def _long_run(tiny_base, budget: int) -> tuple[int, int]:
     return chunks, short_new
 
 
-def test_a_long_prefill_runs_in_chunks_between_decode_steps(tiny_base, tmp_path):
+@pytest.mark.parametrize("fused", [False, True], ids=["apart", "fused"])
+def test_a_long_prefill_runs_in_chunks_between_decode_steps(fused, tiny_base, tmp_path):
     budget = 5
     chunks, short_new = _long_run(tiny_base, budget)
-    app = _app(tiny_base, tmp_path, budget)
-    calls = _Calls(app.scheduler.engine)
+    app = _app(tiny_base, tmp_path, budget, fused)
+    steps: list[tuple[bool, int, bool]] = []  # fused: (decode rows, arriving rows, a chunk) of each mixed step
+    calls = _Calls(app.scheduler.engine,
+                   lambda name, args: steps.append((args[0] is not None, len(args[1]), args[2] is not None))
+                   if name == "step" else None)
     shorts = [_submit(app, "hi", short_new) for _ in range(2)]
     long = _submit(app, LONG, 6)  # queued behind the short rows, before the worker starts
     app.scheduler.start()
@@ -210,33 +226,49 @@ def test_a_long_prefill_runs_in_chunks_between_decode_steps(tiny_base, tmp_path)
         assert list(long.result().token_ids) == expected_ids(tiny_base, None, LONG, 6)
     finally:
         app.scheduler.close()
+    assert app.scheduler.stats.prefill_chunks == chunks > 2
+    if fused:
+        # The short rows prefilled together, then each chunk in the forward of one decode step of theirs.
+        assert calls.names[:1 + chunks + 1] == ["step"] * (1 + chunks) + ["decode"]
+        assert steps == [(False, 2, False)] + [(True, 0, True)] * chunks
+        assert "prefill_chunk" not in calls.names and "prefill" not in calls.names
+        return
     assert calls.names[:2] == ["prefill", "decode"]  # the short rows, prefilled together
-    assert calls.names.count("prefill_chunk") == app.scheduler.stats.prefill_chunks == chunks > 2
+    assert calls.names.count("prefill_chunk") == chunks
     # One chunk between two decode steps of the running rows, and never a chunk without one.
     assert calls.between("prefill_chunk") == [["decode"]] * (chunks - 1)
     assert calls.names[2:2 + 2 * chunks] == ["prefill_chunk", "decode"] * chunks
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["apart", "fused"])
 @pytest.mark.parametrize("how", ["preempted", "cancelled"])
-def test_a_row_stopped_mid_prefill_frees_its_partial_kv(how, tiny_base, tmp_path):
+def test_a_row_stopped_mid_prefill_frees_its_partial_kv(how, fused, tiny_base, tmp_path):
     """Preempted (a decode step runs out of memory while the row is half prefilled) it restarts from its
-    first chunk and ends exact; cancelled it fails alone. Either way its partial KV is freed."""
+    first chunk and ends exact; cancelled it fails alone. Either way its partial KV is freed.
+
+    Fused, the mixed step carrying its second chunk runs out of memory first: its parts then run apart, the
+    chunk alone and the decode step, which runs out of memory too."""
     budget = 5
     chunks, short_new = _long_run(tiny_base, budget)
-    app = _app(tiny_base, tmp_path, budget)
+    app = _app(tiny_base, tmp_path, budget, fused)
     held: list[RowBlocks] = []  # the long row's blocks, taken at its first chunk
-    state = {"decodes": 0}
+    state = {"decodes": 0, "failed_step": False}
 
     def on_call(name, args):
         if name == "decode":
             state["decodes"] += 1
-            if how == "preempted" and state["decodes"] == 3:  # after the long row's second chunk
-                raise torch.OutOfMemoryError("injected: out of memory")
-        if name == "prefill_chunk" and args[0].done and not held:  # once its first chunk is in
-            held.append(args[0].sequence.kv)
+            if how == "preempted" and (state["failed_step"] if fused else state["decodes"] == 3):
+                state["failed_step"] = False
+                raise torch.OutOfMemoryError("injected: out of memory")  # after the long row's second chunk
+        chunk = args[0] if name == "prefill_chunk" else args[2] if name == "step" else None
+        if chunk is not None and chunk.done and not held:  # once its first chunk is in
+            held.append(chunk.sequence.kv)
             assert held[0].blocks, "the partial row holds KV blocks"
             if how == "cancelled":
                 long.cancel()
+            elif fused:
+                state["failed_step"] = True
+                raise torch.OutOfMemoryError("injected: out of memory")
 
     calls = _Calls(app.scheduler.engine, on_call)
     shorts = [_submit(app, "hi", short_new) for _ in range(2)]
@@ -257,14 +289,15 @@ def test_a_row_stopped_mid_prefill_frees_its_partial_kv(how, tiny_base, tmp_path
     stats = app.scheduler.stats
     if how == "preempted":
         assert stats.preemptions == 1 and stats.prefill_chunks == chunks + 2  # two chunks redone
-    else:
-        assert stats.preemptions == 0 and calls.names.count("prefill_chunk") == 2
+    else:  # cancelled during its second chunk: no third
+        assert stats.preemptions == 0 and stats.prefill_chunks == 2
 
 
-def test_classify_forwards_interleave_with_decode_steps(tiny_base, tmp_path):
+@pytest.mark.parametrize("fused", [False, True], ids=["apart", "fused"])
+def test_classify_forwards_interleave_with_decode_steps(fused, tiny_base, tmp_path):
     """Classify rows needing several forwards are scored one forward per decode step of the running rows."""
-    app = build_app(ServerConfig(port=0, store=tmp_path / "store", max_batch_size=2, max_prefill_tokens=24),
-                    base=tiny_base)
+    app = build_app(ServerConfig(port=0, store=tmp_path / "store", max_batch_size=2, max_prefill_tokens=24,
+                                 paged_kernel=fused), base=tiny_base)
     calls = _Calls(app.scheduler.engine)
     requests = [ClassifyRequest("", text, ("great", "awful film", "a", "so so")) for text in (TEXTS[0], "hi")]
     admitted = [app.admission.admit_classify(r) for r in requests]
@@ -282,5 +315,6 @@ def test_classify_forwards_interleave_with_decode_steps(tiny_base, tmp_path):
         app.scheduler.close()
     forwards = calls.names.count("score")
     assert forwards >= 4  # 8 label rows, at most 2 per forward
-    assert calls.names[:3] == ["score", "prefill", "decode"]
-    assert calls.between("score") == [["prefill", "decode"]] + [["decode"]] * (forwards - 2)
+    first = ["step"] if fused else ["prefill", "decode"]  # the short rows' prefill (with their decode step)
+    assert calls.names[:1 + len(first)] == ["score", *first]
+    assert calls.between("score") == [first] + [["decode"]] * (forwards - 2)

@@ -305,3 +305,35 @@ def test_softprompt_serve_drains_a_sigterm_that_arrives_while_loading(tiny_model
         assert "shutting down" in serve.log()
     finally:
         serve.close()
+
+
+def test_softprompt_serve_rereads_its_task_policy_on_sighup(tiny_model_dir, tmp_path) -> None:
+    """Issue 20: SIGHUP re-reads --task-policy. The edit keeps the file's size and modification time, so the
+    server's own change check cannot see it: only the signal can make the new rate limit bite."""
+    policy = tmp_path / "policy.toml"
+    loose = '[[tasks]]\nmatch = "-"\ntokens_per_second = 100000\n'
+    tight = '[[tasks]]\nmatch = "-"\ntokens_per_second =    1.0\n'
+    assert len(loose) == len(tight)
+    policy.write_text(loose)
+    stamp = policy.stat().st_mtime_ns
+    serve = ServeProcess(tiny_model_dir, tmp_path, "--task-policy", str(policy))
+    request = pb.GenerateRequest(input=TEXTS[0], params=pb.DecodingParameters(max_new_tokens=4))
+    try:
+        port = int(serve.wait_for_log(r"serving .* on 127\.0\.0\.1:([1-9][0-9]*)").group(1))
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            assert len(stub.Generate(request, timeout=TIMEOUT_S).token_ids) == 4
+            policy.write_text(tight)
+            os.utime(policy, ns=(stamp, stamp))
+            serve.proc.send_signal(signal.SIGHUP)
+            serve.wait_for_log(r"task policy reloaded from .*policy\.toml: 1 rules")
+            # A full bucket (1 token now) lets one request through, however large; the next one waits for it.
+            assert len(stub.Generate(request, timeout=TIMEOUT_S).token_ids) == 4
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Generate(request, timeout=TIMEOUT_S)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "over its token rate (1 tokens/s" in (refused.value.details() or "")
+        serve.proc.send_signal(signal.SIGTERM)
+        assert serve.exit_code() == 0, serve.log()
+    finally:
+        serve.close()

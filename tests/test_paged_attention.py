@@ -1,5 +1,6 @@
-"""The CPU decode-attention kernel: the same attention as gathering the blocks and running SDPA (windows, grouped
-heads, padding rows), used by decode steps only, and greedy outputs equal to the gathered path's."""
+"""The CPU paged-attention kernel: the same attention as gathering the blocks and running SDPA (windows, grouped
+heads, padding rows), used by decode steps and by ragged forwards (prefills, and mixed steps that prefill arriving
+rows in a decode step's forward), with greedy outputs equal to the gathered path's."""
 
 from __future__ import annotations
 
@@ -96,3 +97,58 @@ def test_outside_a_decode_step_sdpa_is_transformers_own(tiny_base):
         finally:
             tiny_base.model.config._attn_implementation = "sdpa"
     assert torch.allclose(wrapped, eager, atol=1e-5)
+
+
+def test_a_mixed_step_computes_what_prefill_and_decode_apart_compute(tiny_base):
+    """Decode rows, arriving rows (a cached prefix, an uncached prompt, no prompt) and a chunk in one ragged
+    forward: the same logits as the padded forwards, and every row's tokens the no-cache reference's."""
+    from softprompt.server.core.engine import PartialPrefill
+    from softprompt.server.core.forward import Fresh
+
+    engine = Engine(tiny_base, prefix_cache_bytes=1 << 20, ignore_eos=True)
+    assert engine.fuses_steps
+    rows = engine_rows(engine, tiny_base, 7)
+    batch, _ = engine.prefill(rows[:3])
+    engine.decode(batch)
+    partial = PartialPrefill(rows[6])
+    engine.prefill_chunk(partial, 2)
+    captured = {}
+    emit = engine._emit
+    engine._emit = lambda b, logits: captured.setdefault("logits", logits.clone()) is None or emit(b, logits)
+    lengths = [s.kv.length for s in rows]
+    batch, events = engine.step(batch, rows[3:6], partial, 3)
+    assert [e.request_id for e in events] == [s.request_id for s in rows[:6]] and partial.done == 5
+    # The same rows again, padded: rewind them and run what the step ran through the gathered path.
+    engine._emit = emit
+    for seq, length in zip(rows, lengths):
+        seq.kv.length = length
+    partial.done = 2
+    firsts = [s.generated for s in rows[3:6]]
+    for seq in rows[3:6]:
+        seq.generated = []
+    fresh = [engine._first(s.kv, s.prompt, s.prompt_key, s.tokens) for s in rows[3:6]]
+    decode = [Fresh(s.kv, None, [s.generated[-2]]) for s in rows[:3]]
+    chunk, _, _ = engine._chunk(partial, 3)
+    padded = engine.forwards.padded([*decode, *fresh, chunk])[:6]
+    assert torch.allclose(captured["logits"], padded, atol=1e-4, rtol=1e-4)
+    for seq, first in zip(rows[3:6], firsts):
+        seq.generated = first
+    run_to_end(engine, batch)
+    for seq in rows[:6]:
+        assert seq.generated == reference_greedy(tiny_base.model, seq.prompt, seq.input_ids, len(seq.generated), ())
+
+
+def test_a_model_the_kernel_cannot_attend_for_runs_its_forwards_padded(tiny_base, monkeypatch):
+    """A layer needing attention the kernel lacks (soft-capping, sinks) in a ragged forward: that forward runs padded,
+    exact, and the engine stops fusing steps."""
+    monkeypatch.setattr(paged_cache.PagedCache, "covers", lambda self, query: False)
+    engine = Engine(tiny_base, ignore_eos=True)
+    assert engine.fuses_steps
+    rows = engine_rows(engine, tiny_base, 5)
+    batch, _ = engine.prefill(rows[:3])
+    assert not engine.fuses_steps
+    engine.decode(batch)
+    batch, _ = engine.step(batch, rows[3:])
+    run_to_end(engine, batch)
+    for seq in rows:
+        assert seq.generated == reference_greedy(tiny_base.model, seq.prompt, seq.input_ids, len(seq.generated), ())

@@ -100,7 +100,7 @@ def build_app(config: ServerConfig, base: BaseModel | None = None) -> App:
     engine = Engine(base, prefix_cache_bytes=int(config.prefix_cache_mb * 1024 * 1024),
                     cuda_graphs=config.cuda_graphs and base.device.type == "cuda",
                     packed_linears=config.packed_linears and packing_available(base.device, base.dtype),
-                    paged_kernel=None if config.paged_kernel else False,
+                    paged_kernel=None if config.paged_kernel else False, mixed_steps=config.mixed_steps,
                     kv_cache_bytes=resolve_kv_cache_bytes(config.kv_cache, base.device),
                     # Graphs for every batch size and for rows as long as a request may make them.
                     capture=(config.max_batch_size,

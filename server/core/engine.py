@@ -16,11 +16,16 @@ a prefill writes a row's prompt prefix and fresh positions there, each decode st
 and a row leaving frees only its blocks. `filter` and `concatenate` move no keys or values at all.
 A row longer than the scheduler's prefill budget is prefilled in chunks (`prefill_chunk`) straight
 into its blocks; it joins a batch once its whole input is in.
+
+Where the CPU's paged kernel runs, forwards are ragged instead of padded: every new position of every
+row is one query of a single row, attending to its own row's blocks up to its position, so decode rows,
+arriving rows and a chunk share one forward (`step`) and no position is padding.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,11 +38,11 @@ from softprompt.prompts.outcomes import FinishReason
 from softprompt.prompts.tokens import eos_token_ids
 from softprompt.server.core import kv, paged_attention, virtual
 from softprompt.server.core.decode_step import DecodeStep
+from softprompt.server.core.forward import Fresh, PoolForward
 from softprompt.server.core.masks import MaskLayout
 from softprompt.server.core.model import BaseModel
 from softprompt.server.core.kv_manager import KvManager, RowBlocks
 from softprompt.server.core.packed_linear import pack_linears, packing_available
-from softprompt.server.core.paged_cache import PagedCache, read_slots
 from softprompt.server.core.pool import SCRATCH, KvPool, KvPoolFullError, LayerShape
 from softprompt.server.core.prompt_cache import DeviceLru, Key, PrefixKV, prefix_bytes
 from softprompt.prompts.options import DecodingOptions
@@ -45,6 +50,8 @@ from softprompt.server.core.sampling import RowSampler, seeded_generator, unseed
 from softprompt.server.core.text import TextTracker
 from softprompt.server.core.types import KvUsage
 from softprompt.server.core.virtual import Prompt
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -107,24 +114,6 @@ class ScoreRow:
 
 
 @dataclass
-class _Fresh:
-    """One row of a forward over the pool: the positions it computes now, after what its blocks hold.
-
-    `head` is virtual-token embeddings run before the tokens: a prompt's last one over its cached
-    `prefix`, or the whole prompt when its prefix is not cached; then `keep` names the cache entry that
-    the KV of its first `keep_tokens` positions (all virtual tokens but the last) becomes after the forward.
-    """
-
-    kv: RowBlocks
-    head: torch.Tensor | None
-    tokens: list[int]
-    prefix: PrefixKV | None = None  # keys and values copied into the row's first slots before the forward: a
-    # prompt-tuned prompt's cached prefix, or a prefix-tuned prompt's own
-    keep: Key | None = None
-    keep_tokens: int = 0
-
-
-@dataclass
 class PartialPrefill:
     """A row being prefilled in chunks: the first `done` positions of its first forward are in its blocks.
 
@@ -135,7 +124,7 @@ class PartialPrefill:
 
     sequence: Sequence
     done: int = 0
-    plan: _Fresh | None = None
+    plan: Fresh | None = None
 
     @property
     def total(self) -> int | None:
@@ -174,9 +163,9 @@ class Batch:
 
 DEFAULT_KV_CACHE_BYTES = 2 << 30  # an Engine built without a budget (tests, benchmarks): 2 GiB, backed as used
 
-# The parts of a step a StepTimings totals; `emit` (choosing the next tokens, detokenizing) runs
-# inside prefill and decode.
-STEP_PARTS = ("prefill", "decode", "emit", "filter", "concatenate")
+# The parts of a step a StepTimings totals; `mixed` is a step whose one forward also prefills (`Engine.step`);
+# `emit` (choosing the next tokens, detokenizing) runs inside prefill, decode and mixed.
+STEP_PARTS = ("prefill", "decode", "mixed", "emit", "filter", "concatenate")
 
 
 class StepTimings:
@@ -228,7 +217,7 @@ class Engine:
     """Runs prefill, decode and scoring forwards on the frozen base model, every one over the KV pool.
 
     Every forward is the same: rows' new positions are written into their own blocks of the pool and
-    attend to what those blocks hold (`_forward`). The keys and values of a prompt's virtual tokens
+    attend to what those blocks hold (`forward.PoolForward`). The keys and values of a prompt's virtual tokens
     depend on nothing but the prompt, so they are kept once computed (`prefixes`, LRU in bytes): a
     row whose prompt's prefix is cached gets it copied into its first blocks and runs only its last
     virtual token and its tokens; a row whose prefix is not cached runs the whole prompt in its own
@@ -249,7 +238,9 @@ class Engine:
     `packed_linears` (default: on where `packed_linear.packing_available`, a CPU in float32) packs the
     model's linear weights for oneDNN once (`packed_linear`), which the engine's forwards then use.
     `paged_kernel` (default: on where `paged_attention.kernel_available`, a CPU in float32 with SDPA
-    attention) has decode steps attend over the pool's blocks in place instead of gathering them.
+    attention) has forwards attend over the pool's blocks in place instead of gathering them; with it,
+    `mixed_steps` (default on) runs forwards ragged (`forward.PoolForward.ragged`: every position of every row as one
+    row of queries, no padding), and `step` prefills arriving rows in the decode step's own forward.
 
     `ignore_eos` keeps a row generating past end-of-sequence tokens until `max_new_tokens` or a stop
     string (as vLLM's `SamplingParams.ignore_eos`), so that every request makes the same number of
@@ -261,7 +252,8 @@ class Engine:
     def __init__(self, base: BaseModel, prefix_cache_bytes: int = 0, *, cuda_graphs: bool | None = None,
                  pad_shapes: bool | None = None, ignore_eos: bool = False, timings: StepTimings | None = None,
                  kv_cache_bytes: int | None = None, capture: tuple[int, int] = (32, 4096),
-                 packed_linears: bool | None = None, paged_kernel: bool | None = None) -> None:
+                 packed_linears: bool | None = None, paged_kernel: bool | None = None,
+                 mixed_steps: bool = True) -> None:
         self.base = base
         self.ignore_eos = ignore_eos
         self.timings = timings
@@ -289,10 +281,19 @@ class Engine:
             paged_attention.install()
         self._step = DecodeStep(self.model, self._masks, self.pool, pad_shapes=graphs if pad_shapes is None else pad_shapes,
                                 packed=self.packed_linears, kernel=kernel)
+        # With the kernel, forwards run ragged, and a step can prefill arriving rows in the decode step's own forward.
+        self.forwards = PoolForward(self.model, self.pool, self._masks, self.prefixes, packed=self.packed_linears,
+                                    kernel=kernel, ragged=not graphs and mixed_steps)
         if graphs:
             # `capture` is (most rows, longest row in tokens) served; a row never outgrows the pool.
             self._step.capture(capture[0], min(capture[1], self.kv.capacity_tokens))
         self._unseeded = unseeded_generator(self.device)
+
+    @property
+    def fuses_steps(self) -> bool:
+        """Whether `step` runs arriving rows' prefill and chunks in the decode step's forward (ragged, through the
+        paged kernel); False: callers prefill apart from decode steps."""
+        return self.forwards.is_ragged
 
     def kv_usage(self) -> KvUsage:
         """The KV pool's size and occupancy now (a lock-free read, for ModelInfo and metrics)."""
@@ -322,7 +323,7 @@ class Engine:
         generator) carried on, so it makes the tokens it would have made.
         """
         self._hold([(s.kv, s.kv_tokens) for s in sequences])
-        logits = self._forward([self._first(s.kv, s.prompt, s.prompt_key, s.tokens) for s in sequences])
+        logits = self.forwards.run([self._first(s.kv, s.prompt, s.prompt_key, s.tokens) for s in sequences])
         batch = Batch(list(sequences))
         return batch, self._emit(batch, logits)
 
@@ -338,6 +339,17 @@ class Engine:
         while positions are left, and after the last chunk what `prefill` returns for the row: its
         batch and first token.
         """
+        row, stop, last = self._chunk(partial, positions)
+        logits = self.forwards.run([row])
+        partial.done = stop
+        if not last:
+            return None
+        batch = Batch([partial.sequence])
+        return batch, self._emit(batch, logits)
+
+    def _chunk(self, partial: PartialPrefill, positions: int) -> tuple[Fresh, int, bool]:
+        """The next chunk of a row's prefill as one row of a forward, the position it stops at and whether it is
+        the last; the first chunk takes the row's blocks and plans its whole prefill (`partial.plan`)."""
         if positions < 1:
             raise ValueError(f"a prefill chunk needs at least one position, got {positions}")
         seq = partial.sequence
@@ -350,16 +362,11 @@ class Engine:
         stop = min(start + positions, total)
         virtual = 0 if plan.head is None else int(plan.head.shape[0])
         head = plan.head[start:stop] if plan.head is not None and start < virtual else None
-        row = _Fresh(seq.kv, head, plan.tokens[max(0, start - virtual):max(0, stop - virtual)],
+        row = Fresh(seq.kv, head, plan.tokens[max(0, start - virtual):max(0, stop - virtual)],
                      prefix=plan.prefix if first else None,
                      # The prompt's prefix is kept by the chunk that completes it.
                      keep=plan.keep if start < plan.keep_tokens <= stop else None, keep_tokens=plan.keep_tokens)
-        logits = self._forward([row])
-        partial.done = stop
-        if stop < total:
-            return None
-        batch = Batch([seq])
-        return batch, self._emit(batch, logits)
+        return row, stop, stop == total
 
     @_timed("decode")
     @torch.inference_mode()
@@ -374,10 +381,55 @@ class Engine:
         lengths = [s.kv.length for s in sequences]
         assert batch.tokens is not None, "a batch decodes after its prefill produced its first tokens"
         logits = self._step(batch.tokens, torch.tensor(lengths, device=self.device),
-                            self._table([s.kv for s in sequences]), max(lengths) + 1)
+                            self.forwards.table([s.kv for s in sequences]), max(lengths) + 1)
         for seq in sequences:
             seq.kv.length += 1
         return self._emit(batch, logits)
+
+    @_timed("mixed")
+    @torch.inference_mode()
+    def step(self, batch: Batch | None, new: list[Sequence], chunk: PartialPrefill | None = None,
+             chunk_positions: int = 0) -> tuple[Batch | None, list[TokenEvent]]:
+        """One forward for everything a step runs (`fuses_steps` engines): the batch's rows decode a token, arriving
+        rows (`new`) run their prefill and produce their first token, and a row being prefilled in chunks runs its
+        next `chunk_positions` positions (its first token too, when that was its last chunk), all as one ragged
+        row of queries through the paged kernel, so the weights are read once for all of it.
+
+        Returns the batch of every row that produced a token (the batch's rows, then the new ones, then the
+        chunked row if it completed), or None if there is none, and their events. A step that raises leaves every
+        row as it was (blocks kept), so the caller may run the same work apart instead.
+        """
+        running = [] if batch is None else list(batch.sequences)
+        self._hold([(s.kv, s.kv.length + 1) for s in running] + [(s.kv, s.kv_tokens) for s in new])
+        rows = [Fresh(s.kv, None, [s.generated[-1]]) for s in running]
+        rows += [self._first(s.kv, s.prompt, s.prompt_key, s.tokens) for s in new]
+        wanted = [True] * len(rows)
+        planned, stop, last = chunk is not None and chunk.plan is not None, 0, False
+        if chunk is not None:
+            row, stop, last = self._chunk(chunk, chunk_positions)
+            rows.append(row)
+            wanted.append(last)
+        if not rows:
+            return None, []
+        lengths = [r.kv.length for r in rows]
+        try:
+            logits = self.forwards.ragged(rows, wanted)
+        except BaseException:
+            for row, length in zip(rows, lengths):
+                row.kv.length = length
+            if chunk is not None and not planned:
+                chunk.plan = None
+            raise
+        sequences = running + list(new)
+        if chunk is not None:
+            chunk.done = stop
+            if last:
+                sequences.append(chunk.sequence)
+        if not sequences:
+            return None, []
+        merged = batch if batch is not None else Batch([])
+        merged.sequences = sequences
+        return merged, self._emit(merged, logits)
 
     # ------------------------------------------------------------------ scoring and warming
 
@@ -397,7 +449,7 @@ class Engine:
         try:
             self._hold([(r.kv, r.kv_tokens) for r in rows])
             longest = max(len(r.continuation) for r in rows)
-            logits = self._forward([self._first(r.kv, r.prompt, r.key, r.tokens) for r in rows],
+            logits = self.forwards.run([self._first(r.kv, r.prompt, r.key, r.tokens) for r in rows],
                                    score_last=longest + 1)
         finally:
             for row in rows:
@@ -418,7 +470,7 @@ class Engine:
         if self.kv.allocate_slots(row, plan.keep_tokens) is None:
             return False
         try:
-            self._forward([_Fresh(row, plan.head[:plan.keep_tokens], [], keep=key, keep_tokens=plan.keep_tokens)])
+            self.forwards.run([Fresh(row, plan.head[:plan.keep_tokens], [], keep=key, keep_tokens=plan.keep_tokens)])
         finally:
             self.kv.free(row)
         return True
@@ -440,70 +492,15 @@ class Engine:
             if taken and not had:
                 grown.append(row)
 
-    def _first(self, row: RowBlocks, prompt: Prompt | None, key: Key | None, tokens: list[int]) -> _Fresh:
+    def _first(self, row: RowBlocks, prompt: Prompt | None, key: Key | None, tokens: list[int]) -> Fresh:
         """A row's first forward, as its prompt says (`virtual.first_forward`): keys and values copied into its
         first blocks (a cached prompt prefix, or a prefix-tuned prompt's own), then whatever of the prompt
         runs fresh (its last virtual token, or the whole prompt, kept as the prefix) and its tokens."""
         if not tokens and not virtual.predicts_first_token(prompt):
             raise ValueError("a row needs tokens of its own unless virtual tokens run in front of them")
         plan = virtual.first_forward(prompt, key, self.prefixes)
-        return _Fresh(row, plan.head, tokens, prefix=plan.prefix, keep=key if plan.keep_tokens else None,
+        return Fresh(row, plan.head, tokens, prefix=plan.prefix, keep=key if plan.keep_tokens else None,
                       keep_tokens=plan.keep_tokens)
-
-    def _forward(self, rows: list[_Fresh], score_last: int | None = None) -> torch.Tensor:
-        """Runs rows' new positions over what their blocks hold: float32 logits [rows, vocab] of each row's
-        last position, or with `score_last` the last that many positions' [rows, score_last, vocab].
-
-        Rows are left-padded to a common number of queries; padding queries write SCRATCH, and the
-        attended columns are each row's positions, so no row sees another's padding.
-        """
-        self._write_prefixes([(r.kv, r.prefix) for r in rows if r.prefix is not None])
-        x = inject.build_inputs(self._embed, [r.head for r in rows], [r.tokens for r in rows], padding=inject.LEFT)
-        queries = x.embeds.shape[1]
-        starts, writes = [], []
-        for row, mask in zip(rows, x.attention_mask.tolist()):
-            fresh, start = sum(mask), row.kv.length
-            starts.append(start)
-            writes.append([SCRATCH] * (queries - fresh) + row.kv.slots(start, start + fresh))
-            row.kv.length += fresh
-        positions = torch.where(x.attention_mask.bool(),
-                                x.position_ids + torch.tensor(starts, device=self.device)[:, None], 0)
-        lengths = [r.kv.length for r in rows]
-        width = max(lengths)
-        reads = read_slots(self._table([r.kv for r in rows]), torch.tensor(lengths, device=self.device), width)
-        cache = PagedCache(self.pool, torch.tensor(writes, device=self.device), reads, past=min(starts))
-        out = kv.forward(self.model, cache, inputs_embeds=x.embeds, position_ids=positions,
-                         attention_mask=self._masks.over_positions(positions, width), score_last=score_last,
-                         packed=self.packed_linears)
-        for row in rows:
-            if row.keep is not None:
-                self.prefixes.put(row.keep, self._read_prefix(row.kv, row.keep_tokens))
-        return out.logits
-
-    def _write_prefixes(self, rows: list[tuple[RowBlocks, PrefixKV]]) -> None:
-        """Copies cached prompt prefixes into the first slots of their rows' blocks (one copy per layer)."""
-        if not rows:
-            return
-        slots: list[int] = []
-        for row, prefix in rows:
-            row.length = int(prefix[0][0].shape[0])
-            slots += row.slots(0, row.length)
-        index = torch.tensor(slots, device=self.device)
-        for layer, (keys, values) in enumerate(zip(self.pool.keys, self.pool.values)):
-            keys.index_copy_(0, index, torch.cat([p[layer][0] for _, p in rows]))
-            values.index_copy_(0, index, torch.cat([p[layer][1] for _, p in rows]))
-
-    def _read_prefix(self, row: RowBlocks, tokens: int) -> PrefixKV:
-        """The keys and values of a row's first `tokens` positions, copied out of the pool."""
-        index = torch.tensor(row.slots(0, tokens), device=self.device)
-        return [(keys.index_select(0, index), values.index_select(0, index))
-                for keys, values in zip(self.pool.keys, self.pool.values)]
-
-    def _table(self, rows: list[RowBlocks]) -> torch.Tensor:
-        """[rows, blocks] block numbers of the rows (0-padded: columns past a row's length read TRASH anyway)."""
-        width = max(len(r.blocks) for r in rows)
-        return torch.tensor([r.blocks + [0] * (width - len(r.blocks)) for r in rows], dtype=torch.long,
-                            device=self.device)
 
     # ------------------------------------------------------------------ batches
 

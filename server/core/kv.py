@@ -32,18 +32,23 @@ def forward(
     input_ids: torch.Tensor | None = None,
     inputs_embeds: torch.Tensor | None = None,
     score_last: int | None = None,
+    keep: torch.Tensor | None = None,
     packed: bool = False,
 ) -> ForwardOutput:
     """Runs the model over new positions; their keys and values go to `cache.update`.
 
     `attention_mask` is a 4D mask, or 4D masks by layer type (`masks.MaskLayout`). Logits are the last
     position's [batch, vocab], or with `score_last` the last that many positions' [batch, score_last,
-    vocab]. The model applies its LM head (and its final soft-capping or logit scale) to those
+    vocab]; with `keep` (indices along the queries of a one-row forward) those positions' [len(keep), vocab] in
+    float32. The model applies its LM head (and its final soft-capping or logit scale) to those
     positions only, through its own `logits_to_keep`. `packed` runs linear layers that `packed_linear`
     packed on their packed weights.
     """
     if score_last is not None and score_last < 1:
         raise ValueError(f"score_last must be a positive number of positions, got {score_last}")
+    if keep is not None and score_last is not None:
+        raise ValueError("keep and score_last are two ways to choose positions: give one")
+    to_keep: int | torch.Tensor = keep if keep is not None else 1 if score_last is None else score_last
     with packed_linear.serving(packed):
         out = model(
             input_ids=input_ids,
@@ -51,10 +56,12 @@ def forward(
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=True,
-            logits_to_keep=1 if score_last is None else score_last,
+            logits_to_keep=to_keep,
             **{cache_kwarg(type(model)): cache},
         )
     # Scored positions' logits stay in the model's dtype: the caller takes a float32 log-softmax of what it gathers.
+    if keep is not None:
+        return ForwardOutput(logits=out.logits[0].float())
     return ForwardOutput(logits=out.logits if score_last is not None else out.logits[:, -1, :].float())
 
 

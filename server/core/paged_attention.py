@@ -10,8 +10,10 @@ query heads at once (grouped-query heads are never expanded).
 The kernel reaches the layers through transformers' attention registry: `install()` registers a wrapper
 under "sdpa" that runs the kernel only inside `fused(cache)` (the engine's decode steps) and otherwise
 calls transformers' own SDPA function unchanged, so the no-cache reference, training and every prefill
-compute what they computed before. A layer call the kernel does not cover (more than one query, extra
-attention arguments such as soft-capping or sinks) gathers its keys and values and runs SDPA as before.
+compute what they computed before. A layer call the kernel does not cover (extra attention arguments such as
+soft-capping or sinks) gathers its keys and values and runs SDPA as before in a decode step, and raises
+`NotCovered` in a ragged forward (prefill and decode rows as one row of queries), which has no padded
+layout to gather into: the engine then runs that model's forwards padded.
 
 The kernel sums in another order than SDPA (float32, vectorized), so logits differ in the last bits;
 greedy outputs equal the gathered path's on the test suite's models (the 30-family matrix runs both).
@@ -56,6 +58,11 @@ _FUSED: contextvars.ContextVar[PagedCache | None] = contextvars.ContextVar("soft
 _lock = threading.Lock()
 _kernel: ModuleType | None = None
 _failed = False
+
+
+class NotCovered(RuntimeError):
+    """A layer of a ragged forward needs attention the kernel does not compute (soft-capping, sinks): a ragged
+    forward has no padded layout to fall back to, so the engine runs its forwards padded from then on."""
 
 
 def kernel_available(device: torch.device, dtype: torch.dtype, attn_implementation: str | None) -> bool:
@@ -155,8 +162,11 @@ def install() -> None:
         if cache is None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         layer = int(getattr(module, "layer_idx"))
-        if query.shape[2] != 1 or any(kwargs.get(k) is not None for k in ("softcap", "s_aux", "sinks")) \
+        if not cache.covers(query) or any(kwargs.get(k) is not None for k in ("softcap", "s_aux", "sinks")) \
                 or kwargs.get("dropout", 0.0):
+            if cache.in_place is not None and cache.in_place.ragged:
+                raise NotCovered(f"{type(module).__name__} calls attention with arguments the kernel does not "
+                                 f"take ({sorted(k for k, v in kwargs.items() if v is not None)})")
             key, value = cache.gathered(layer)
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         return cache.attend(layer, query, kwargs.get("scaling")), None

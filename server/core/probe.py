@@ -67,7 +67,9 @@ def _run(base: BaseModel, outputs: list[torch.Tensor]) -> str | None:
     for seq in rows:
         engine.start(seq)
     batch, _ = engine.prefill(rows)
-    steps = [outputs[-1][:, -1]]  # the prefill's last positions
+    # The prefill's last positions: [1, rows, vocab] of a ragged forward (its wanted positions only), else
+    # [rows, 1, vocab] of the padded one.
+    steps = [outputs[-1][0] if engine.fuses_steps else outputs[-1][:, -1]]
     for _ in range(TOKENS - 1):
         engine.decode(batch)
         steps.append(outputs[-1][:len(rows), -1])  # decode steps run padded rows too

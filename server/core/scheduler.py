@@ -6,7 +6,9 @@ of any tasks, or one chunk of a row longer than the prefill budget: `planning`) 
 rows whose prefill is complete into the running batch, then decodes one token for every row. A
 request joins at the next step and leaves the moment it finishes; nothing waits for a whole batch
 to drain, and no long prompt or burst of Classify requests holds the running streams for more
-than a budget's worth of work per token.
+than a budget's worth of work per token. Where the engine runs mixed steps (`Engine.fuses_steps`: the
+CPU's paged kernel), that prefill or chunk runs inside the decode step's own forward (`_mixed_step`),
+so the model's weights are read once for both; if that forward raises, the same work runs apart.
 
 Rows are admitted by KV capacity, never into an out-of-memory cascade, and the scheduler asks one
 question about it: the engine's KV manager's `allocate_slots(row, tokens)`, which gives a row blocks
@@ -409,7 +411,13 @@ class Scheduler:
         new = [h for h in new if self._still_wanted(h, now)]
         if batch is not None:
             batch = self._drop_unwanted(batch, now)
-        joining = [*(self._prefill(new) if new else []), *self._prefill_chunk(now)]
+        together = True
+        if self.engine.fuses_steps and (new or self._state.partial is not None):
+            fused, batch = self._mixed_step(batch, new, now)
+            if fused:
+                return batch
+            together = False  # the rows failed together once: find the one at fault without failing twice
+        joining = [*(self._prefill(new, together) if new else []), *self._prefill_chunk(now)]
         if joining:
             parts = [b for b in (batch, *joining) if b is not None]
             batch = self.engine.concatenate(parts)
@@ -417,19 +425,62 @@ class Scheduler:
             batch = self._decode(batch)
         return batch
 
-    def _prefill(self, new: list[_Request]) -> list[Batch]:
-        """Prefills arriving (or resumed) rows together; if that raises, each row alone, failing only the rows
-        that fail alone. Returns the batches of the rows that did not finish at their first token."""
+    def _mixed_step(self, batch: Batch | None, new: list[_Request], now: float) -> tuple[bool, Batch | None]:
+        """Decodes the batch and prefills the arrivals and the next chunk in one forward (`Engine.step`).
+
+        Returns (True, the batch after it), or (False, the batch) when that forward raised: every row is then as
+        it was, and the caller runs the same work apart (`_prefill`, `_prefill_chunk`, `_decode`), which finds
+        the row at fault and fails it alone.
+        """
+        partial = self._state.partial
+        if partial is not None and not self._still_wanted(partial[0], now):
+            self._state.partial = None
+            self.engine.release([partial[1].sequence])  # its partial KV goes with it
+            partial = None
+        if batch is not None:
+            batch = self._make_room(batch)
+            partial = self._state.partial  # making room may have preempted it
+        if batch is None and not new and partial is None:
+            return True, None
         for h in new:
             self._state.running[h.sequence.request_id] = h
         try:
-            done = [self.engine.prefill([h.sequence for h in new])]
-        except Exception as exc:  # noqa: BLE001 - which row failed is found by running each alone
-            if len(new) == 1:
-                self._fail_alone(new[0], exc, "prefill")
-                return []
-            log.warning("prefill of %d rows failed (%r): running each alone", len(new), exc)
-            done = []
+            merged, events = self.engine.step(batch, [h.sequence for h in new],
+                                              None if partial is None else partial[1], self.max_prefill_tokens)
+        except Exception as exc:  # noqa: BLE001 - the work is run apart, where a failing row fails alone
+            log.warning("a mixed prefill and decode step failed (%r): running its parts apart", exc)
+            return False, batch
+        if new:
+            self.stats.prefills += 1
+        if partial is not None:
+            self.stats.prefill_chunks += 1
+            if partial[1].total == partial[1].done:
+                self._state.partial = None
+                self.stats.prefills += 1
+        if batch is not None:
+            self.stats.steps += 1
+        if merged is None:
+            return True, None
+        self.stats.max_batch = max(self.stats.max_batch, len(merged))
+        self._dispatch(events)
+        return True, self._keep_unfinished(merged)
+
+    def _prefill(self, new: list[_Request], together: bool = True) -> list[Batch]:
+        """Prefills arriving (or resumed) rows together; if that raises (or, not `together`, from the start),
+        each row alone, failing only the rows that fail alone. Returns the batches of the rows that did not
+        finish at their first token."""
+        for h in new:
+            self._state.running[h.sequence.request_id] = h
+        done = []
+        if together or len(new) == 1:
+            try:
+                done = [self.engine.prefill([h.sequence for h in new])]
+            except Exception as exc:  # noqa: BLE001 - which row failed is found by running each alone
+                if len(new) == 1:
+                    self._fail_alone(new[0], exc, "prefill")
+                    return []
+                log.warning("prefill of %d rows failed (%r): running each alone", len(new), exc)
+        if not done:
             for h in new:
                 try:
                     done.append(self.engine.prefill([h.sequence]))

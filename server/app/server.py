@@ -22,6 +22,7 @@ from softprompt.protos import softprompt_pb2 as pb
 from softprompt.protos import softprompt_pb2_grpc as pb_grpc
 from softprompt.server.grpc_api.interceptors import auth
 from softprompt.server.grpc_api import exposure as security
+from softprompt.server.core import omp
 from softprompt.server.core.admission import Admission
 from softprompt.server.config import ServerConfig, default_cache_dir
 from softprompt.server.core.engine import Engine
@@ -134,6 +135,8 @@ def build_app(config: ServerConfig, base: BaseModel | None = None) -> App:
     metrics.watch(snapshot_reader(scheduler, prompt_tiers(prompts, engine.prefixes), jobs))
     services = Services(InferenceService(admission, scheduler, base, config, metrics), prompt_service,
                         TrainingService(jobs))
+    # The model is served from the scheduler's worker thread: this one hands its OpenMP threads back (core/omp.py).
+    omp.release_pool()
     return App(config, base, registry, prompts, admission, scheduler, jobs, services, metrics,
                host_loader=None if host is None else HostTierLoader(registry, host))
 

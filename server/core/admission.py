@@ -16,6 +16,7 @@ from softprompt.prompts.registry import Registry
 from softprompt.prompts.tokens import encode_input, encode_messages, encode_target, target_end_id
 from softprompt.server.access.callers import Principal
 from softprompt.server.config import ServerConfig
+from softprompt.server.core import omp
 from softprompt.server.core.engine import Engine, Sequence
 from softprompt.server.core.errors import InvalidRequestError
 from softprompt.server.core.prompt_cache import Key, PromptCache
@@ -89,6 +90,7 @@ class Admission:
         # The last step's KV included.
         self._check_fits_pool(seq.num_virtual_tokens, len(input_ids), params.max_new_tokens, fix="lower max_new_tokens")
         self.engine.start(seq)
+        omp.release_pool()  # a transport's thread: its tensor work (a prompt loaded) must not slow the worker's
         return Admitted(sequence=seq, prompt_version=version, deadline=request.deadline, priority=request.priority,
                         principal=request.principal)
 
@@ -110,6 +112,7 @@ class Admission:
         longest = max(len(ids) for ids in label_ids)
         self._check_lengths(input_ids, prompt, longest, fix="use shorter labels", empty_text=not request.input)
         self._check_fits_pool(virtual_tokens(prompt), len(input_ids), longest, fix="use shorter labels")
+        omp.release_pool()
         return AdmittedScoring(request, prompt, input_ids, label_ids, version, key)
 
     def label_end(self, *, chat: bool) -> int:

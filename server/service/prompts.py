@@ -17,6 +17,7 @@ from softprompt.prompts.format.tensor import check_base_model
 from softprompt.prompts.format.uploads import parse_peft_adapter, parse_raw_tensor
 from softprompt.prompts.refs import PromptRef
 from softprompt.prompts.registry import PromptVersion, Registry
+from softprompt.server.core import omp
 from softprompt.server.core.admission import Admission
 from softprompt.server.core.engine import Engine
 from softprompt.server.core.prompt_cache import PromptCache
@@ -68,6 +69,7 @@ class PromptService:
         # The matrix just stored is in hand: the host tier keeps it without reading the store again.
         self.prompts.keep((version.name, version.version, version.sha256), prompt.embeddings)
         self.warm(version)
+        omp.release_pool()  # a transport's thread: its tensor checks must not slow the worker (core/omp.py)
         return version
 
     def warm(self, version: PromptVersion) -> None:

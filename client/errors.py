@@ -137,30 +137,26 @@ def from_rpc_error(e: grpc.RpcError, rpc: str = "") -> SoftpromptError:
     return error
 
 
-def _retry_after(e: grpc.RpcError) -> float | None:
-    """The `retry-after` trailing metadata (seconds) of a refused call, if the server sent one."""
-    metadata_fn = getattr(e, "trailing_metadata", None)
+def _metadata_value(e: grpc.RpcError, which: str, key: str) -> str | bytes | None:
+    """The value of `key` in a failed call's `which` metadata ("initial_metadata" or "trailing_metadata"), if sent."""
+    metadata_fn = getattr(e, which, None)
     try:
         metadata = metadata_fn() if callable(metadata_fn) else None
     except Exception:  # noqa: BLE001 - a call that never started may refuse to say
         return None
-    for key, value in metadata or ():
-        if key == "retry-after":
-            try:
-                return float(value)
-            except (TypeError, ValueError):
-                return None
-    return None
+    return next((value for k, value in metadata or () if k == key), None)
+
+
+def _retry_after(e: grpc.RpcError) -> float | None:
+    """The `retry-after` trailing metadata (seconds) of a refused call, if the server sent one."""
+    value = _metadata_value(e, "trailing_metadata", "retry-after")
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _request_id(e: grpc.RpcError) -> str | None:
     """The request id the server sent in the failed call's initial metadata; None if it sent none."""
-    metadata_fn = getattr(e, "initial_metadata", None)
-    try:
-        metadata = metadata_fn() if callable(metadata_fn) else None
-    except Exception:  # noqa: BLE001 - a call that never started may refuse to say
-        return None
-    for key, value in metadata or ():
-        if key == REQUEST_ID_KEY and isinstance(value, str):
-            return value
-    return None
+    value = _metadata_value(e, "initial_metadata", REQUEST_ID_KEY)
+    return value if isinstance(value, str) else None

@@ -43,7 +43,7 @@ from softprompt.server.core.masks import MaskLayout
 from softprompt.server.core.model import BaseModel
 from softprompt.server.core.kv_manager import KvManager, RowBlocks
 from softprompt.server.core.packed_linear import pack_linears, packing_available
-from softprompt.server.core.pool import SCRATCH, KvPool, KvPoolFullError, LayerShape
+from softprompt.server.core.pool import KvPool, KvPoolFullError, LayerShape
 from softprompt.server.core.prompt_cache import DeviceLru, Key, PrefixKV, prefix_bytes
 from softprompt.prompts.options import DecodingOptions
 from softprompt.server.core.sampling import RowSampler, seeded_generator, unseeded_generator

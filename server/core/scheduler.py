@@ -43,70 +43,25 @@ import logging
 import threading
 import itertools
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from operator import attrgetter
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from softprompt.server.core.admission import Admitted, AdmittedScoring
 from softprompt.server.core.engine import Batch, Engine, PartialPrefill, Sequence, TokenEvent
-from softprompt.server.core.fairness import FairQueue, FairShare, Ticket, task_of
+from softprompt.server.core.fairness import FairShare, Ticket, task_of
 from softprompt.server.core.handle import Failed, Handle
 from softprompt.server.core.errors import CancelledError, DeadlineError, OverloadedError, ShuttingDownError
 from softprompt.server.core.planning import plan_prefill
 from softprompt.server.core.pool import KvPoolFullError
-from softprompt.server.core.scoring import ScoringGroup, ScoringJob
+from softprompt.server.core.scoring import ScoringJob
 from softprompt.server.core.snapshot import RowSnapshot, SchedulerSnapshot, SchedulerStats
+from softprompt.server.core.worker_state import Request, SideJob, Work, WorkerState
 from softprompt.server.core.types import StreamChunk, TaskLoad, Usage
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-@dataclass(eq=False)
-class _Request:
-    """A queued or running generation: the engine's row and the caller's handle."""
-
-    admitted: Admitted
-    handle: Handle
-    ticket: Ticket  # fair share's view: task, key, priority, and what its limits counted
-
-    @property
-    def sequence(self) -> Sequence:
-        """The request's engine row."""
-        return self.admitted.sequence
-
-
-@dataclass
-class _SideJob:
-    fn: Callable[[], Any]
-    future: Future[Any]
-
-
-@dataclass
-class _Work:
-    new: list[_Request]  # arrivals holding the blocks of their prefill and first step
-    side: _SideJob | None
-    batch: Batch | None  # the running batch, less any row that gave way to the arrivals
-
-
-@dataclass
-class _State:
-    waiting: FairQueue[_Request] = field(default_factory=lambda: FairQueue(attrgetter("ticket")))
-    running: dict[int, _Request] = field(default_factory=dict)
-    scoring: deque[ScoringJob] = field(default_factory=deque)
-    scored: ScoringGroup = field(default_factory=ScoringGroup)  # the Classify rows being scored
-    partial: tuple[_Request, PartialPrefill] | None = None  # a row being prefilled in chunks
-    side: deque[_SideJob] = field(default_factory=deque)
-    # Worker seconds spent serving and on side jobs since the worker was last idle.
-    serve_s: float = 0.0
-    side_s: float = 0.0
-    last_side_s: float = 0.0  # the latest side job's duration
-    # Rows the batch held when a step last had to preempt: admission stops there until the batch empties.
-    row_cap: int | None = None
 
 
 class Scheduler:
@@ -122,7 +77,7 @@ class Scheduler:
         self.max_prefill_tokens = max_prefill_tokens
         self.batch_wait_s = batch_wait_s
         self.stats = SchedulerStats()
-        self._state = _State()
+        self._state = WorkerState()
         self._cond = threading.Condition()
         self._closed = False
         self._stop = False
@@ -141,7 +96,7 @@ class Scheduler:
             self._check_room()
             ticket = self.fair.enter(task_of(admitted.prompt_version), admitted.principal, priority=admitted.priority,
                                      input_tokens=len(seq.input_ids), max_new=seq.params.max_new_tokens)
-            self._state.waiting.push(_Request(admitted, handle, ticket))
+            self._state.waiting.push(Request(admitted, handle, ticket))
             self._cond.notify()
         return handle
 
@@ -162,7 +117,7 @@ class Scheduler:
 
         Past `timeout` seconds raises TimeoutError; `fn` still runs when the worker gets to it.
         """
-        job = _SideJob(fn, Future())
+        job = SideJob(fn, Future())
         with self._cond:
             if self._closed:
                 raise ShuttingDownError("the server is shutting down: training stopped")
@@ -269,7 +224,7 @@ class Scheduler:
                 self._run_side(work.side)
         self._fail_remaining()
 
-    def _run_side(self, job: _SideJob) -> None:
+    def _run_side(self, job: SideJob) -> None:
         started = time.monotonic()
         try:
             job.future.set_result(job.fn())
@@ -297,7 +252,7 @@ class Scheduler:
             if job.ticket is not None:
                 self.fair.settle(job.ticket)
 
-    def _take_work(self, batch: Batch | None) -> _Work | None:
+    def _take_work(self, batch: Batch | None) -> Work | None:
         """Waits for work, then takes the arrivals that fit, waiting Classify requests and maybe a side job."""
         state = self._state
         with self._cond:
@@ -323,7 +278,7 @@ class Scheduler:
                                                        max_positions=self.max_prefill_tokens):
                 self.stats.kv_waits += 1
             rows = self.max_batch_size if state.row_cap is None else min(state.row_cap, self.max_batch_size)
-            taken: list[_Request] = []
+            taken: list[Request] = []
             if state.partial is None and state.waiting:
                 taken, batch = self._take_prefill(batch, rows)
             idle = batch is None and not taken and not state.scored and state.partial is None
@@ -334,9 +289,9 @@ class Scheduler:
             side = None
             if state.side and (idle or state.side_s <= self.side_share * (state.serve_s + state.side_s)):
                 side = state.side.popleft()
-            return _Work(taken, side, batch)
+            return Work(taken, side, batch)
 
-    def _take_prefill(self, batch: Batch | None, rows: int) -> tuple[list[_Request], Batch | None]:
+    def _take_prefill(self, batch: Batch | None, rows: int) -> tuple[list[Request], Batch | None]:
         """The waiting rows the next prefill takes, each holding its KV blocks (a row over the budget instead
         starts its chunked prefill), and the batch, less any row that gave way to the first of them.
 
@@ -375,7 +330,7 @@ class Scheduler:
         state.partial = request, PartialPrefill(request.sequence)
         return [], batch
 
-    def _make_way(self, batch: Batch | None, rows: int, head: _Request) -> tuple[Batch | None, bool]:
+    def _make_way(self, batch: Batch | None, rows: int, head: Request) -> tuple[Batch | None, bool]:
         """Gets `head`, the first waiting row in fair order, a free row and its KV blocks; while it has not,
         the running row that fair share says should give way to it (`FairShare.victim`) is preempted, newest
         rows first. Returns the batch left and whether `head` holds its blocks."""
@@ -406,7 +361,7 @@ class Scheduler:
             self.fair.charge((job.ticket, self.engine.fresh_positions(row.prompt, row.key, len(row.tokens)), 0)
                              for job, row in claimed if job.ticket is not None)
 
-    def _step(self, batch: Batch | None, new: list[_Request]) -> Batch | None:
+    def _step(self, batch: Batch | None, new: list[Request]) -> Batch | None:
         now = time.monotonic()
         new = [h for h in new if self._still_wanted(h, now)]
         if batch is not None:
@@ -425,7 +380,7 @@ class Scheduler:
             batch = self._decode(batch)
         return batch
 
-    def _mixed_step(self, batch: Batch | None, new: list[_Request], now: float) -> tuple[bool, Batch | None]:
+    def _mixed_step(self, batch: Batch | None, new: list[Request], now: float) -> tuple[bool, Batch | None]:
         """Decodes the batch and prefills the arrivals and the next chunk in one forward (`Engine.step`).
 
         Returns (True, the batch after it), or (False, the batch) when that forward raised: every row is then as
@@ -465,7 +420,7 @@ class Scheduler:
         self._dispatch(events)
         return True, self._keep_unfinished(merged)
 
-    def _prefill(self, new: list[_Request], together: bool = True) -> list[Batch]:
+    def _prefill(self, new: list[Request], together: bool = True) -> list[Batch]:
         """Prefills arriving (or resumed) rows together; if that raises (or, not `together`, from the start),
         each row alone, failing only the rows that fail alone. Returns the batches of the rows that did not
         finish at their first token."""
@@ -600,12 +555,12 @@ class Scheduler:
         log.warning("preempted %d requests (%r): they resume by recompute; request ids %s",
                     len(handles), cause, [s.request_id for s in rows])
 
-    def _fail_alone(self, handle: _Request, error: BaseException, step: str) -> None:
+    def _fail_alone(self, handle: Request, error: BaseException, step: str) -> None:
         log.error("%s failed for request %d alone: failing it", step, handle.sequence.request_id,
                   exc_info=error)
         self._fail(handle, error)
 
-    def _still_wanted(self, handle: _Request, now: float) -> bool:
+    def _still_wanted(self, handle: Request, now: float) -> bool:
         if handle.handle.cancelled.is_set():
             self._fail(handle, CancelledError("the client cancelled the request"))
             return False
@@ -639,7 +594,7 @@ class Scheduler:
             handle.handle.put(StreamChunk(event.text, (event.token_id,), handle.admitted.prompt_version,
                                     event.finish_reason, usage))
 
-    def _fail(self, handle: _Request, error: BaseException) -> None:
+    def _fail(self, handle: Request, error: BaseException) -> None:
         self._state.running.pop(handle.sequence.request_id, None)
         self.fair.settle(handle.ticket, len(handle.sequence.generated))
         handle.handle.put(Failed(error))

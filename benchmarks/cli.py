@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--clients", type=_positive,
                    help="concurrent streaming clients for (e), (f) and (i) (default: --requests)")
     w.add_argument("--batch-size", type=_positive, default=64, help="our engine's max batch (default: 64)")
+    w.add_argument("--fair-share", choices=("task", "token", "off"), default="task",
+                   help="what the servers of (e), (f) and (i) share the batch between, as `softprompt serve "
+                        "--fair-share` (default: task; off: arrival order, to measure what fair share costs)")
     m = parser.add_argument_group("model")
     m.add_argument("--model", help="Hugging Face id or local folder (default: the embedded SmolLM2-135M-Instruct)")
     m.add_argument("--device", help="torch device, e.g. cpu, cuda (default: cuda if available)")
@@ -98,6 +101,7 @@ def parse_settings(argv: Sequence[str] | None) -> Settings:
         model=a.model, device=a.device, dtype=a.dtype, random_weights=a.random_weights, skip=a.skip,
         json_out=a.json_out, warmup=max(0, a.warmup), cuda_graphs=a.cuda_graphs,
         packed_linears=a.packed_linears, paged_kernel=a.paged_kernel, mixed_steps=a.mixed_steps,
+        fair_share=a.fair_share,
     )
 
 

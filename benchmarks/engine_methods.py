@@ -41,6 +41,7 @@ def engine_config(s: Settings, base: BaseModel, work: Workload, store: Path, *, 
         max_input_tokens=max(2048, longest), max_virtual_tokens=max(256, s.virtual_tokens),
         kv_cache_memory=str(kv_cache_bytes(s, base, longest)), cuda_graphs=s.cuda_graphs,
         packed_linears=s.packed_linears, paged_kernel=s.paged_kernel, mixed_steps=s.mixed_steps,
+        fair_share=s.fair_share,
         http_port=0 if serve_http else None,
     )
 

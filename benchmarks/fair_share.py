@@ -17,7 +17,7 @@ with `ignore_eos`, so every request makes exactly the tokens it asks for. Scenar
            (input x1, output x2) over that time, from the server's per-task counters. Target: within 10 %
            of 1:3.
   many     `--tasks` tasks each sending at its fair rate (Poisson arrivals, seeded, together `--load` of the
-           server's measured capacity) for `--seconds`, first alone, then while one more task floods (keeps
+           server's measured capacity, or of `--capacity`) for `--seconds`, first alone, then while one more task floods (keeps
            4 x batch requests outstanding). Per task: p99 latency with the flood over without. Target: none
            above 2x.
   rate     A task limited to `--rate` tokens/s (burst one second's worth): requests sent within the rate all
@@ -79,6 +79,7 @@ class Plan:
     load: float = 0.5
     rate: float = 200.0
     wait: float = 0.0  # --fair-preemption-wait of the fair modes
+    capacity: float = 0.0  # requests/s the many scenario's load is a fraction of (0: measured first)
 
 
 @dataclass
@@ -321,7 +322,7 @@ async def _many_run(server: Server, texts: list[str], names: list[str], plan: Pl
 
 def many(base: BaseModel, texts: list[str], prompts: list[torch.Tensor], plan: Plan, store: Path) -> dict[str, Any]:
     """`--tasks` tasks at their fair rate, alone and beside a flooding task: each one's p99 latency."""
-    capacity = _capacity(base, texts, prompts, plan, store)
+    capacity = plan.capacity or _capacity(base, texts, prompts, plan, store)
     per_task_rate = plan.load * capacity / plan.tasks
     print(f"  capacity {capacity:.1f} requests/s of {plan.b_new} tokens; {plan.tasks} tasks at "
           f"{per_task_rate:.3f} requests/s each ({plan.load:.0%} together)", flush=True)
@@ -348,7 +349,8 @@ def many(base: BaseModel, texts: list[str], prompts: list[torch.Tensor], plan: P
         every = [t.latency for ts in timings.values() for t in ts if t.error is None]
         print(f"  {'with' if flooding else 'without'} the flood: {len(every)} requests, p50 "
               f"{_p(every, 0.5):.2f} s, p99 {_p(every, 0.99):.2f} s; {stats.steps} decode steps, {stats.prefills} "
-              f"prefills, {stats.max_batch} rows at most, {stats.share_preemptions} share preemptions", flush=True)
+              f"prefills, {stats.max_batch} rows at most, {stats.share_preemptions} share preemptions "
+              f"({getattr(stats, 'resumed_parked', 0)} rejoined with their KV)", flush=True)
     ratios = sorted(p99[True][n] / p99[False][n] for n in p99[True] if n in p99[False])
     out = {"capacity_rps": capacity, "per_task_rate": per_task_rate,
            "p99_ratio_max": ratios[-1] if ratios else math.nan,  # no task got a request through in both runs
@@ -458,6 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--wait", type=float, default=d.wait,
                         help=f"the server's --fair-preemption-wait in the fair modes (default {d.wait:g}: always "
                              "preempt)")
+    parser.add_argument("--capacity", type=float, default=0.0,
+                        help="requests/s of --b-new tokens that --load is a fraction of in the many scenario "
+                             "(default: measured first; give one to compare builds at the same arrival rate)")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--json-out", type=Path, help="also write the figures here")
     return parser
@@ -473,10 +478,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("batch", "flood", "flood_new", "b_new", "b_requests", "tasks"):
         if getattr(a, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
-    if not 0 < a.load <= 1 or a.seconds <= 0 or a.rate <= 0 or a.gap < 0 or not 0 <= a.wait <= 1:
-        parser.error("--load must be in (0, 1], --seconds and --rate > 0, --gap >= 0, --wait in [0, 1]")
+    if (not 0 < a.load <= 1 or a.seconds <= 0 or a.rate <= 0 or a.gap < 0 or not 0 <= a.wait <= 1
+            or a.capacity < 0):
+        parser.error("--load must be in (0, 1], --seconds and --rate > 0, --gap and --capacity >= 0, --wait in "
+                     "[0, 1]")
     plan = Plan(batch=a.batch, flood=a.flood, flood_new=a.flood_new, b_new=a.b_new, b_requests=a.b_requests,
-                gap=a.gap, modes=modes, seconds=a.seconds, tasks=a.tasks, load=a.load, rate=a.rate, wait=a.wait)
+                gap=a.gap, modes=modes, seconds=a.seconds, tasks=a.tasks, load=a.load, rate=a.rate, wait=a.wait,
+                capacity=a.capacity)
     if a.threads:
         torch.set_num_threads(a.threads)
     logging.getLogger("softprompt").setLevel(logging.ERROR)  # refusals and preemptions are counted here

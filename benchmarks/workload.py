@@ -50,6 +50,7 @@ class Settings:
     packed_linears: bool = True  # CPU float32: linear layers on oneDNN-packed weights
     paged_kernel: bool = True  # CPU float32: decode attention over the KV blocks in place
     mixed_steps: bool = True  # with the kernel: arrivals prefilled in the decode step's forward
+    fair_share: str = "task"  # the servers' --fair-share: task, token or off
 
 
 @dataclass(frozen=True)

@@ -181,6 +181,13 @@ class ServerConfig:
         "device memory for the cached keys/values of prompts' virtual tokens (LRU); a cached prompt's virtual"
         ' tokens are not recomputed at prefill',
     )
+    warm_prefixes: bool = setting(
+        True,
+        "compute the prefix keys/values of each task's served version (and alias targets) while the worker is "
+        'idle: after start, and for registrations that arrived faster than the worker warmed them, until '
+        '--prefix-cache-mb is full, so a task never served yet starts as fast as a served one (--no-warm-prefixes:'
+        ' each first request computes its own)',
+    )
     max_upload_mb: float = setting(64.0, 'largest RegisterPrompt upload')
     max_stop_sequences: int = setting(16, 'most stop sequences per request')
     max_labels: int = setting(64, 'most candidate labels per Classify request')

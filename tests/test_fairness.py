@@ -27,9 +27,10 @@ from softprompt.server.access.tokens import Role, TokenEntry, format_entry, hash
 from softprompt.server.app.server import build_app
 from softprompt.server.config import ServerConfig
 from softprompt.server.core.admission import Admitted
-from softprompt.server.core.engine import Sequence
+from softprompt.server.core.engine import Engine, Sequence
 from softprompt.server.core.errors import OverloadedError, PriorityNotAllowedError, TaskLimitError
 from softprompt.server.core.fairness import FairQueue, FairShare, FairShareKey, Ticket
+from softprompt.server.core.pool import BLOCK_SIZE, KvPool, blocks_for
 from softprompt.server.core.policy import PolicyError, PolicyFile, TaskPolicy, load_policy, parse_policy
 from softprompt.server.service import statuses
 
@@ -436,6 +437,33 @@ def test_a_task_over_its_share_gives_its_newest_row_to_a_waiting_task_and_it_res
     assert newest in {h.request_id for h in flood}
     submit.check_outputs()  # the preempted row resumed with the same tokens
     assert app.scheduler.stats.preemptions == 0  # the KV pool never ran short
+    assert app.scheduler.stats.resumed_parked == 1  # so the row kept its KV and rejoined without recomputing
+    app.scheduler.close()
+
+
+def test_a_parked_row_whose_blocks_the_pool_needs_resumes_by_recompute_with_the_same_tokens(tiny_base, tmp_path):
+    """The pool is sized so that b joins only with the blocks a's newest row kept when it gave way."""
+    tokens = [len(tiny_base.tokenizer(TEXTS[i]).input_ids) + 3 + 1 for i in (0, 2)]  # prefill + first step
+    older, b_needs = blocks_for(tokens[0]), blocks_for(tokens[1])
+    blocks = older + b_needs + 1  # + the block b leaves in reserve for a's older row; the newest's are short
+    per_block = KvPool.bytes_per_token(Engine(tiny_base).pool.layers, tiny_base.dtype) * BLOCK_SIZE
+    app = _app(tiny_base, tmp_path, kv_cache_memory=str(per_block * (blocks + 1)))
+    assert app.scheduler.engine.kv_usage().total_blocks == blocks
+    submit = _Submitter(app, _prompts(tiny_base))
+    for i in range(2):
+        submit("a", n=24, text=i)
+    release = threading.Event()
+    threading.Thread(target=app.scheduler.call, args=(release.wait,), daemon=True).start()
+    wait_until(lambda: app.scheduler.snapshot().side_jobs == 1, "the side job to be queued")
+    app.scheduler.start()  # the side job runs after the first step (a's rows made a token each) and holds the worker
+    wait_until(lambda: not app.scheduler.snapshot().side_jobs, "the worker to be held")
+    late = submit("b", n=4, text=2)
+    release.set()
+    submit.result(late)
+    submit.check_outputs()
+    stats = app.scheduler.stats
+    assert stats.share_preemptions >= 1 and stats.resumed_parked == 0  # gave way parked, then recomputed
+    assert app.scheduler.engine.kv_usage().used_blocks == 0
     app.scheduler.close()
 
 

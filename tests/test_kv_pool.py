@@ -17,6 +17,7 @@ from softprompt.server.app.server import build_app
 from softprompt.server.config import ServerConfig
 from softprompt.server.core.engine import Engine, ScoreRow, Sequence
 from softprompt.server.core.errors import InvalidRequestError
+from softprompt.server.core.kv_manager import KvManager, RowBlocks
 from softprompt.server.core.pool import BLOCK_SIZE, SCRATCH, TRASH, KvPool, KvPoolFullError, blocks_for
 from softprompt.prompts.options import DecodingOptions
 from softprompt.server.core.types import ClassifyRequest, GenerationRequest
@@ -107,6 +108,31 @@ def test_the_pool_hands_out_and_takes_back_blocks():
     pool.release(a)
     b = pool.allocate(3)
     assert sorted(b) == [1, 2, 3] and 0 not in b  # block 0 is reserved (TRASH, SCRATCH)
+
+
+def test_parked_rows_give_their_blocks_back_first_and_only_when_that_makes_room():
+    kv = KvManager(KvPool([], 8, dtype=torch.float32, device=torch.device("cpu")))
+    old, new, running = RowBlocks(), RowBlocks(), RowBlocks()
+    for row, tokens in ((old, 2 * BLOCK_SIZE), (new, 2 * BLOCK_SIZE), (running, BLOCK_SIZE)):
+        assert kv.allocate_slots(row, tokens)
+        row.length = tokens
+    kv.park(old)
+    kv.park(new)
+    assert kv.parked_rows == 2 and kv.usage().free_blocks == 3
+    # A joiner needing more than the free blocks, the parked ones' and the reserve allow: nothing changes.
+    joiner = RowBlocks()
+    assert kv.allocate_slots(joiner, 9 * BLOCK_SIZE) is None
+    assert len(old.blocks) == len(new.blocks) == 2 and old.length and kv.parked_rows == 2
+    # The running row grows past the free blocks: the longest parked row gives its blocks back, and only it.
+    assert len(kv.allocate_slots(running, 5 * BLOCK_SIZE)) == 4
+    assert old.blocks == [] and old.length == 0 and len(new.blocks) == 2 and kv.parked_rows == 1
+    # A parked row asking again rejoins: no longer the pool's to take back.
+    assert kv.allocate_slots(new, 2 * BLOCK_SIZE) == [] and kv.parked_rows == 0
+    assert kv.allocate_slots(joiner, BLOCK_SIZE) is None  # one block free, one in reserve for each of 2 rows
+    assert len(new.blocks) == 2
+    kv.park(new)
+    kv.free(new)  # given back while parked (its request failed): forgotten
+    assert kv.parked_rows == 0 and kv.usage().rows == 1
 
 
 def test_padding_rows_and_queries_never_write_the_slot_padding_columns_read(tiny_base):

@@ -316,8 +316,10 @@ def served(tiny_base, tmp_path_factory):
     writer.register("s05", PromptTensor(torch.randn(4, hidden, generator=torch.Generator().manual_seed(99)) * scale,
                                         "RAW"), tiny_base.spec)
     writer.set_alias("s05", "prod", 1)
+    # No prefix warming: these tests follow a never-served task through the tiers (tests/test_prefix_warming.py
+    # covers warming).
     with running_server(tiny_base, root, http_port=0, metrics_port=0, max_new_tokens=8, default_max_new_tokens=4,
-                        max_virtual_tokens=32, batch_wait_ms=1) as (app, address):
+                        max_virtual_tokens=32, batch_wait_ms=1, warm_prefixes=False) as (app, address):
         assert app.host_loader.wait(60)
         yield app, address
 

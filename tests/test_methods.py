@@ -206,7 +206,7 @@ def test_a_prefix_row_holds_its_prefix_positions_and_runs_only_its_tokens(store,
     assert seq.kv.length == 7 + len(seq.input_ids)
     engine.decode(batch)
     assert seq.kv.length == 7 + len(seq.input_ids) + 1
-    assert engine.warm(seq.prompt, seq.prompt_key) is True  # nothing to compute for keys and values
+    assert engine.warm([(seq.prompt, seq.prompt_key)]) == 1  # nothing to compute for keys and values
     engine.release([seq])
 
 

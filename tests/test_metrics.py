@@ -119,7 +119,8 @@ def test_prompt_and_prefix_caches_count_misses_loads_then_hits(server, client, t
     client.generate("cached", "hello", max_new_tokens=1)
     served = scrape(server)
     for cache in ("prompt", "prefix"):
-        assert delta(before, registered, "softprompt_cache_misses_total", cache=cache) == 1
+        # Resolving the new version misses the device cache; computing its prefix ahead is no lookup.
+        assert delta(before, registered, "softprompt_cache_misses_total", cache=cache) == (cache == "prompt")
         assert delta(before, registered, "softprompt_cache_loads_total", cache=cache) == 1
         assert delta(before, registered, "softprompt_cache_hits_total", cache=cache) == 0
         assert delta(registered, served, "softprompt_cache_hits_total", cache=cache) == 1

@@ -71,9 +71,11 @@ def _submit(app, text: str, options: DecodingOptions):
 # ---------------------------------------------------------------- engine: preemption by recompute
 
 
-def _run_interrupted(engine: Engine, rows: list[Sequence], steps_before: int) -> dict[int, list[str]]:
-    """Decodes `rows` together, drops the middle row after `steps_before` steps, finishes the others a while,
-    then resumes it by prefill and finishes all; returns each row's streamed texts."""
+def _run_interrupted(engine: Engine, rows: list[Sequence], steps_before: int, *, park: bool = False,
+                     embedded: list[int] | None = None) -> dict[int, list[str]]:
+    """Decodes `rows` together, drops the middle row after `steps_before` steps (or with `park`, sets it aside
+    keeping its KV), finishes the others a while, then resumes it by prefill and finishes all; returns each
+    row's streamed texts. `embedded` gets the number of tokens the resuming prefill embedded."""
     texts: dict[int, list[str]] = {s.request_id: [] for s in rows}
 
     def record(events):
@@ -85,10 +87,25 @@ def _run_interrupted(engine: Engine, rows: list[Sequence], steps_before: int) ->
     for _ in range(steps_before):
         record(engine.decode(batch))
     dropped = rows[1]
-    batch = engine.filter(batch, [i for i, s in enumerate(batch.sequences) if s is not dropped])
+    index = batch.sequences.index(dropped)
+    if park:
+        batch = engine.set_aside(batch, index)
+    else:
+        batch = engine.filter(batch, [i for i in range(len(batch)) if i != index])
     for _ in range(2):
         record(engine.decode(batch))
-    resumed, events = engine.prefill([dropped])
+    assert dropped.resumes_in_place == park
+    if park:
+        assert engine.joining_positions(dropped) == 1
+    seen: list[int] = []
+    hook = engine.base.model.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: seen.append(int(args[0].numel())))
+    try:
+        resumed, events = engine.prefill([dropped])
+    finally:
+        hook.remove()
+    if embedded is not None:
+        embedded.extend(seen)
     record(events)
     batch = engine.concatenate([batch, resumed])
     while batch is not None:
@@ -97,10 +114,14 @@ def _run_interrupted(engine: Engine, rows: list[Sequence], steps_before: int) ->
     return texts
 
 
-def test_a_preempted_greedy_row_resumes_with_the_reference_tokens_and_text(tiny_base):
+@pytest.mark.parametrize("park", [False, True], ids=["dropped", "parked"])
+def test_a_preempted_greedy_row_resumes_with_the_reference_tokens_and_text(tiny_base, park):
     engine = Engine(tiny_base)
     rows = engine_rows(engine, tiny_base, 3, max_new=10)
-    texts = _run_interrupted(engine, rows, steps_before=3)
+    embedded: list[int] = []
+    texts = _run_interrupted(engine, rows, steps_before=3, park=park, embedded=embedded)
+    # Dropped, it recomputes its prompt's tokens and the 4 it had generated; parked, only its last token runs.
+    assert sum(embedded) == (1 if park else len(rows[1].input_ids) + 4)
     for seq in rows:
         expected = reference_greedy(tiny_base.model, seq.prompt, seq.input_ids, seq.params.max_new_tokens,
                                     engine.eos_ids)
@@ -108,7 +129,8 @@ def test_a_preempted_greedy_row_resumes_with_the_reference_tokens_and_text(tiny_
         assert "".join(texts[seq.request_id]) == tiny_base.tokenizer.decode(seq.generated)
 
 
-def test_a_preempted_seeded_sampled_row_continues_its_own_stream(tiny_base):
+@pytest.mark.parametrize("park", [False, True], ids=["dropped", "parked"])
+def test_a_preempted_seeded_sampled_row_continues_its_own_stream(tiny_base, park):
     def rows(engine: Engine) -> list[Sequence]:
         out = engine_rows(engine, tiny_base, 3, max_new=10)
         for seq in out:
@@ -121,7 +143,7 @@ def test_a_preempted_seeded_sampled_row_continues_its_own_stream(tiny_base):
     undisturbed = rows(engine)
     run_to_end(engine, engine.prefill(undisturbed)[0])
     interrupted = rows(engine)
-    _run_interrupted(engine, interrupted, steps_before=4)
+    _run_interrupted(engine, interrupted, steps_before=4, park=park)
     assert [s.generated for s in interrupted] == [s.generated for s in undisturbed]
     greedy = [reference_greedy(tiny_base.model, s.prompt, s.input_ids, s.params.max_new_tokens, engine.eos_ids)
               for s in undisturbed]

@@ -226,6 +226,9 @@ class SoftpromptDeployment:
         self._threads = ThreadPoolExecutor(max_workers=config.rpc_workers, thread_name_prefix="softprompt-ray")
         self.served.scheduler.start()
         self.served.jobs.start()
+        for helper in (self.served.host_loader, self.served.prefix_warmer):  # as `softprompt serve` starts them
+            if helper is not None:
+                helper.start()
         spec = self.served.base.spec
         log.info("Ray Serve replica serving %s on %s; prompt store %s", spec.model_id, self.served.base.device,
                  config.store_url)
@@ -293,6 +296,9 @@ class SoftpromptDeployment:
             return
         app.scheduler.stop_admitting()
         app.jobs.close()
+        for helper in (app.host_loader, app.prefix_warmer):
+            if helper is not None:
+                helper.stop()
         app.scheduler.close(5.0)
         self._threads.shutdown(wait=False)
 

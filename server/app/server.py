@@ -38,6 +38,7 @@ from softprompt.server.core.packed_linear import packing_available
 from softprompt.server.core.fairness import FairShare
 from softprompt.server.core.policy import PolicyFile
 from softprompt.server.core.host_tier import HostTierLoader
+from softprompt.server.core.prefix_warmer import PrefixWarmer
 from softprompt.server.core.prompt_cache import HostTier, PromptCache, prompt_tiers
 from softprompt.server.core.scheduler import Scheduler
 from softprompt.server.core.support import check_servable
@@ -77,6 +78,7 @@ class App:
     exposure: security.Exposure | None = None  # tokens and TLS, checked when the gRPC server is created
     http: HttpServer | None = None  # the OpenAI-compatible API, once `start` serves it
     host_loader: HostTierLoader | None = None  # fills the host tier in the background from `start` (--host-cache-mb)
+    prefix_warmer: PrefixWarmer | None = None  # computes prefixes while the worker is idle, from `start` (--warm-prefixes)
 
     @property
     def http_port(self) -> int | None:
@@ -124,8 +126,11 @@ def build_app(config: ServerConfig, base: BaseModel | None = None) -> App:
                        wait=config.fair_preemption_wait),
     )
     admission = Admission(engine, registry, prompts, config)
+    host_loader = None if host is None else HostTierLoader(registry, host)
+    warmer = (PrefixWarmer(registry, admission, engine, scheduler, loader=host_loader) if config.warm_prefixes
+              else None)
     prompt_service = PromptService(registry, admission, engine, prompts, scheduler,
-                                   max_virtual_tokens=config.max_virtual_tokens)
+                                   max_virtual_tokens=config.max_virtual_tokens, warmer=warmer)
     # Versions that training jobs register are warmed like uploads.
     jobs = TrainingJobs(base, registry, scheduler, max_jobs=config.max_training_jobs,
                         max_virtual_tokens=config.max_virtual_tokens, unit_rows=config.train_unit_rows,
@@ -138,7 +143,7 @@ def build_app(config: ServerConfig, base: BaseModel | None = None) -> App:
     # The model is served from the scheduler's worker thread: this one hands its OpenMP threads back (core/omp.py).
     omp.release_pool()
     return App(config, base, registry, prompts, admission, scheduler, jobs, services, metrics,
-               host_loader=None if host is None else HostTierLoader(registry, host))
+               host_loader=host_loader, prefix_warmer=warmer)
 
 
 def create_server(app: App) -> tuple[grpc.Server, int, health.HealthServicer]:
@@ -234,6 +239,8 @@ def start(app: App) -> tuple[grpc.Server, int, health.HealthServicer]:
     app.jobs.start()
     if app.host_loader is not None:
         app.host_loader.start()
+    if app.prefix_warmer is not None:
+        app.prefix_warmer.start()
     server.start()
     return server, port, health_servicer
 
@@ -248,6 +255,8 @@ def shutdown(app: App, server: grpc.Server, health_servicer: health.HealthServic
     app.jobs.close()
     if app.host_loader is not None:
         app.host_loader.stop()
+    if app.prefix_warmer is not None:
+        app.prefix_warmer.stop()
     app.scheduler.close(grace_s)
     if app.http is not None:
         app.http.stop()

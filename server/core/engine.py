@@ -90,6 +90,12 @@ class Sequence:
         """What the row's prefill runs after its prompt (a resumed row recomputes what it generated)."""
         return self.input_ids + self.generated
 
+    @property
+    def resumes_in_place(self) -> bool:
+        """Whether its blocks hold every position but its last token's: true of a waiting row that gave way with
+        its KV parked (`Engine.set_aside`) and kept it, which rejoins with that one query instead of a prefill."""
+        return bool(self.generated) and self.kv.length == self.length + len(self.generated) - 1
+
 
 @dataclass
 class ScoreRow:
@@ -304,6 +310,10 @@ class Engine:
         seq.text = TextTracker(self.tokenizer, seq.params.stop)
         seq.generator = seeded_generator(seq.params, self.device)
 
+    def joining_positions(self, seq: Sequence) -> int:
+        """Positions a waiting row computes to join the batch: one if it is parked, else its first forward's."""
+        return 1 if seq.resumes_in_place else self.fresh_positions(seq.prompt, seq.prompt_key, len(seq.tokens))
+
     def fresh_positions(self, prompt: Prompt | None, key: Key | None, tokens: int) -> int:
         """Positions a row's first forward computes for `tokens` tokens after `prompt`: the tokens, after the
         prompt's last virtual token if its prefix is cached, the whole prompt if not, and nothing of a
@@ -318,12 +328,12 @@ class Engine:
         """Runs `[prompt ; input]` for new rows and produces each row's first token.
 
         Each row holds (or gets) blocks for its prefill and first decode step. A row that already
-        generated tokens (preempted, its KV dropped) resumes here: it runs `[prompt ; input ; generated]`
-        and produces its next token, with its text, stop and sampling state (a seeded row's own
-        generator) carried on, so it makes the tokens it would have made.
+        generated tokens resumes here: preempted with its KV dropped, it runs `[prompt ; input ; generated]`;
+        parked with its KV kept, its last token; either way it produces its next token with its text, stop
+        and sampling state (a seeded row's own generator) carried on, so it makes the tokens it would have made.
         """
         self._hold([(s.kv, s.kv_tokens) for s in sequences])
-        logits = self.forwards.run([self._first(s.kv, s.prompt, s.prompt_key, s.tokens) for s in sequences])
+        logits = self.forwards.run([self._join(s) for s in sequences])
         batch = Batch(list(sequences))
         return batch, self._emit(batch, logits)
 
@@ -402,7 +412,7 @@ class Engine:
         running = [] if batch is None else list(batch.sequences)
         self._hold([(s.kv, s.kv.length + 1) for s in running] + [(s.kv, s.kv_tokens) for s in new])
         rows = [Fresh(s.kv, None, [s.generated[-1]]) for s in running]
-        rows += [self._first(s.kv, s.prompt, s.prompt_key, s.tokens) for s in new]
+        rows += [self._join(s) for s in new]
         wanted = [True] * len(rows)
         planned, stop, last = chunk is not None and chunk.plan is not None, 0, False
         if chunk is not None:
@@ -459,21 +469,33 @@ class Engine:
         return inject.gather_continuations(logits, firsts, [r.continuation for r in rows]).totals().tolist()
 
     @torch.inference_mode()
-    def warm(self, prompt: Prompt, key: Key) -> bool:
-        """Computes and caches a prompt's prefix keys and values ahead of its first request, in blocks
-        borrowed from the pool; False (nothing done) when the pool has no room now: the prompt's first
-        request then computes it in its own forward. A prefix of keys and values needs nothing computed."""
-        plan = virtual.first_forward(prompt, key, self.prefixes)
-        if not plan.keep_tokens or plan.head is None:
-            return True
-        row = RowBlocks(transient=True)
-        if self.kv.allocate_slots(row, plan.keep_tokens) is None:
-            return False
+    def warm(self, prompts: list[tuple[Prompt, Key]], *, spare_only: bool = False) -> int:
+        """Computes and caches prompts' prefix keys and values ahead of their first requests, in one forward
+        over blocks borrowed from the pool; returns how many prompts now have theirs cached (a prefix of keys
+        and values, or a one-token prompt, needs nothing computed). A prompt the pool has no room for now, or
+        with `spare_only` one whose prefix the cache could keep only by evicting another, is left to its first
+        request, which computes it in its own forward."""
+        rows, done, planned = [], 0, 0
+        per_token = KvPool.bytes_per_token(self.pool.layers, self.pool.dtype)
         try:
-            self.forwards.run([Fresh(row, plan.head[:plan.keep_tokens], [], keep=key, keep_tokens=plan.keep_tokens)])
+            for prompt, key in prompts:
+                n = 0 if isinstance(prompt, virtual.KvPrefix) else int(prompt.shape[0])
+                if n < 2 or self.prefixes.contains(key):
+                    done += 1
+                    continue
+                if spare_only and not self.prefixes.has_room(planned + (n - 1) * per_token):
+                    continue
+                planned += (n - 1) * per_token
+                row = RowBlocks(transient=True)
+                if self.kv.allocate_slots(row, n - 1) is None:
+                    continue
+                rows.append(Fresh(row, prompt[:n - 1], [], keep=key, keep_tokens=n - 1))
+            if rows:
+                self.forwards.run(rows)
         finally:
-            self.kv.free(row)
-        return True
+            for row in rows:
+                self.kv.free(row.kv)
+        return done + len(rows)
 
     # ------------------------------------------------------------------ one forward over the pool
 
@@ -491,6 +513,13 @@ class Engine:
                                       f"({self.kv.usage().free_tokens} token slots free)")
             if taken and not had:
                 grown.append(row)
+
+    def _join(self, seq: Sequence) -> Fresh:
+        """What a joining row computes: a parked row its last token over the KV it kept, any other its first
+        forward (a resumed one's generated tokens included)."""
+        if seq.resumes_in_place:
+            return Fresh(seq.kv, None, [seq.generated[-1]])
+        return self._first(seq.kv, seq.prompt, seq.prompt_key, seq.tokens)
 
     def _first(self, row: RowBlocks, prompt: Prompt | None, key: Key | None, tokens: list[int]) -> Fresh:
         """A row's first forward, as its prompt says (`virtual.first_forward`): keys and values copied into its
@@ -513,6 +542,16 @@ class Engine:
         for i, seq in enumerate(batch.sequences):
             if i not in kept:
                 self.kv.free(seq.kv)
+        return self._select(batch, keep)
+
+    @torch.inference_mode()
+    def set_aside(self, batch: Batch, index: int) -> Batch | None:
+        """Takes one unfinished row out of the batch, its blocks parked with the KV manager: it rejoins
+        (`prefill`, `step`) with one query while it keeps them, by recompute if the pool took them back."""
+        self.kv.park(batch.sequences[index].kv)
+        return self._select(batch, [i for i in range(len(batch)) if i != index])
+
+    def _select(self, batch: Batch, keep: list[int]) -> Batch | None:
         if not keep:
             return None
         if len(keep) < len(batch):

@@ -14,10 +14,11 @@ while away, and two busy keys' counters stay within a bounded distance of each o
 
 Admission alone cannot help a waiting request when every row is taken by rows that run for a long
 time (a flood of long requests admitted together finishes together). So `victim` names a running row
-to preempt (its KV is dropped and it resumes later with the same tokens, as on a full KV pool): the
+to preempt (parked: it keeps its KV while the pool can spare it and rejoins with one query, else resumes
+by recompute with the same tokens, as on a full KV pool): the
 newest row of a less urgent priority, or else, when the waiting request's key holds fewer rows than its
 weighted share of the batch (and, with `wait` > 0, no row ends within that fraction of its own
-max_new_tokens: waiting saves a recompute but delays its first token), the newest row
+max_new_tokens: waiting may save a recompute but delays its first token), the newest row
 of the most served key holding more than its own share even after giving one up. Neither rule can undo
 the other's choice, so rows never swap back and forth.
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 
 from softprompt.prompts.registry import MAX_PAGE_SIZE, PromptVersion, Registry
 from softprompt.server.core.prompt_cache import HostTier
@@ -39,6 +39,8 @@ class HostTierLoader:
         self.duty = duty
         self.loaded = 0
         self.seconds = 0.0  # from start to done
+        self.serving: list[PromptVersion] = []  # each task's served version and alias targets, once listed
+        self.listed = threading.Event()  # set once `serving` is (or loading stopped before it was)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="softprompt-host-tier", daemon=True)
 
@@ -65,13 +67,17 @@ class HostTierLoader:
     def _run(self) -> None:
         started = time.monotonic()
         try:
-            order = self._order()
+            first, rest = serving_order(self.registry, self._stop, self._listing)
+            self.serving = first
+            self.listed.set()
+            order = first + rest
             self.tier.pending = len(order)
             self._load(order)
         except Exception:  # noqa: BLE001 - a background helper: serving goes on, reading from the store
             log.warning("the host tier's background load stopped; versions not held are read from the store "
                         "at their first request", exc_info=True)
         finally:
+            self.listed.set()
             self.tier.pending = 0
             self.seconds = time.monotonic() - started
         log.info("host tier: %d versions loaded in %.1f s (%d held, %.1f MiB)", self.loaded, self.seconds,
@@ -81,30 +87,8 @@ class HostTierLoader:
         entries, size = self.tier.lru.size()
         return entries, size / (1 << 20)
 
-    def _order(self) -> list[PromptVersion]:
-        """Every version, those requests resolve to (each task's served version, alias targets) first."""
-        first: list[PromptVersion] = []
-        rest: list[PromptVersion] = []
-        served: set[str] = set()
-        for version in self._versions():
-            # A task's versions come newest first: its first that is no candidate is what its name means.
-            serves = version.name not in served and not version.candidate
-            if serves:
-                served.add(version.name)
-            if serves or version.aliases:
-                first.append(version)
-            else:
-                rest.append(version)
-            self.tier.pending = len(first) + len(rest) + 1  # + 1: still listing
-        return first + rest
-
-    def _versions(self) -> Iterator[PromptVersion]:
-        token = ""
-        while not self._stop.is_set():
-            page, token = self.registry.list_page(None, MAX_PAGE_SIZE, token)
-            yield from page
-            if not token:
-                return
+    def _listing(self, count: int) -> None:
+        self.tier.pending = count + 1  # + 1: still listing
 
     def _load(self, order: list[PromptVersion]) -> None:
         for start in range(0, len(order), CHUNK):
@@ -130,3 +114,25 @@ class HostTierLoader:
                 self.loaded += 1
             # At most `duty` of one core: sleep as long again as the chunk took, scaled.
             self._stop.wait((time.monotonic() - began) * (1 - self.duty) / self.duty)
+
+
+def serving_order(registry: Registry, stop: threading.Event,
+                  progress: Callable[[int], None] = lambda count: None) -> tuple[list[PromptVersion], list[PromptVersion]]:
+    """Every stored version, listed page by page until `stop` is set: those requests resolve to (each task's
+    served version, alias targets) and the rest. `progress` hears the count listed so far."""
+    first: list[PromptVersion] = []
+    rest: list[PromptVersion] = []
+    served: set[str] = set()
+    token = ""
+    while not stop.is_set():
+        page, token = registry.list_page(None, MAX_PAGE_SIZE, token)
+        for version in page:
+            # A task's versions come newest first: its first that is no candidate is what its name means.
+            serves = version.name not in served and not version.candidate
+            if serves:
+                served.add(version.name)
+            (first if serves or version.aliases else rest).append(version)
+        progress(len(first) + len(rest))
+        if not token:
+            break
+    return first, rest

@@ -11,6 +11,12 @@ row already holding blocks stays free: each running row grows by at most one blo
 so admitting new rows never forces the next step to preempt one. A transient row (a Classify label
 being scored, a prompt prefix being computed) gives its blocks back before the next decode step, so
 it neither needs the reserve kept for it nor keeps one for others.
+
+A row that steps out of the batch while the pool has room (it gave way to a task under its fair share)
+is parked (`park`): it keeps its blocks, so it rejoins with one query instead of recomputing what it
+generated, but they are the pool's to take back. When someone asks for blocks the free ones cannot
+give, parked rows give theirs back first, the longest parked first (their owners then resume by
+recompute, as if preempted for memory); only if that cannot make room is the answer None.
 """
 
 from __future__ import annotations
@@ -51,17 +57,23 @@ class KvManager:
         self.pool = pool
         self._rows = 0  # rows holding blocks
         self._growing = 0  # of those, the ones that are not transient: one block each is kept in reserve
+        self._parked: dict[int, RowBlocks] = {}  # by id(row), longest parked first: blocks to take back first
 
     def allocate_slots(self, row: RowBlocks, tokens: int) -> list[int] | None:
         """Grows `row` to hold `tokens` tokens: the blocks it took (empty if it had room), or None if the
         pool cannot give them now (nothing changes). A growing row holding no blocks is joining: it must
-        also leave one block free per growing row already holding blocks."""
+        also leave one block free per growing row already holding blocks. A parked row asking rejoins
+        (unparked, unless the answer is None); parked rows give their blocks back first if the free ones
+        are short."""
+        parked = self._parked.pop(id(row), None)
         need = blocks_for(tokens) - len(row.blocks)
         if need <= 0:
             return []
         joining = not row.blocks
         reserve = self._growing if joining and not row.transient else 0
-        if need + reserve > self.pool.free_blocks:
+        if need + reserve > self.pool.free_blocks and not self._evict(need, reserve):
+            if parked is not None:
+                self._parked[id(row)] = parked
             return None
         taken = self.pool.allocate(need)
         row.blocks += taken
@@ -70,8 +82,37 @@ class KvManager:
             self._growing += not row.transient
         return taken
 
+    def park(self, row: RowBlocks) -> None:
+        """Lets `row`, out of the batch, keep its blocks until it asks again or someone needs them (then
+        `free`d: its `length` reads 0)."""
+        if row.blocks:
+            self._parked[id(row)] = row
+
+    def _evict(self, need: int, reserve: int) -> bool:
+        """Frees parked rows, longest parked first, until `need` blocks and the `reserve` a joining row leaves
+        (one block less per parked row freed: each was a growing row) are free; frees nothing and says False
+        if even all of them would not do."""
+        free, chosen = self.pool.free_blocks, []
+        for parked in self._parked.values():
+            if need + reserve <= free:
+                break
+            chosen.append(parked)
+            free += len(parked.blocks)
+            reserve = max(0, reserve - 1)
+        if need + reserve > free:
+            return False
+        for parked in chosen:
+            self.free(parked)
+        return True
+
+    @property
+    def parked_rows(self) -> int:
+        """Rows out of the batch still holding their blocks."""
+        return len(self._parked)
+
     def free(self, row: RowBlocks) -> None:
         """Takes back all of a row's blocks (a row finished, preempted, scored or abandoned; idempotent)."""
+        self._parked.pop(id(row), None)
         if row.blocks:
             self.pool.release(row.blocks)
             row.blocks = []

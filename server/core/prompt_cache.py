@@ -46,6 +46,7 @@ class DeviceLru(Generic[V]):
         self.misses = 0
         self.loads = 0  # values made after a miss (or put ahead of one) and kept; a racing duplicate is not
         self.evictions = 0  # values dropped to stay within max_bytes
+        self.pending = 0  # values a background helper has still to put (the prefix warmer's queue)
 
     def get(self, key: Key, make: Callable[[], V]) -> V:
         """Returns the cached value for `key`, making and inserting it on a miss."""
@@ -94,8 +95,9 @@ class DeviceLru(Generic[V]):
         with self._lock:
             return len(self._items), self._bytes
 
-    def stats(self, pending: int = 0) -> CacheStats:
-        """Size, budget and counters now."""
+    def stats(self, pending: int | None = None) -> CacheStats:
+        """Size, budget and counters now (`pending` by default what a background helper said it has left)."""
+        pending = self.pending if pending is None else pending
         with self._lock:
             return CacheStats(entries=len(self._items), bytes=self._bytes, capacity_bytes=self.max_bytes,
                               hits=self.hits, misses=self.misses, loads=self.loads, evictions=self.evictions,

@@ -18,7 +18,9 @@ priority, then the least served task, then arrival), for the blocks of their pre
 manager keeps one block per running row in reserve, so the running rows can grow a while without
 preemption); a row told no waits, and holds back those behind it. When the first waiting row finds no
 free row or no blocks, fair share may name a running row that gives way to it (a less urgent one, or
-the newest of a task over its share while the waiting one's task is under): it is preempted as below. Before
+the newest of a task over its share while the waiting one's task is under): it steps out of the batch
+parked, keeping its blocks while the pool can spare them (`Engine.set_aside`), and rejoins with one query
+when its turn comes; if the pool needed them meanwhile, it resumes by recompute as below. Before
 each decode step every running row asks for room for its next token, oldest first; when the answer
 is no, the newest row gives its blocks back (preemption: it goes back to the front of the queue and
 resumes later by recompute, with the same tokens) -- a row half way through a chunked prefill is the
@@ -129,8 +131,8 @@ class Scheduler:
         """Takes a cancelled request out of the queue, so it stops holding a queue slot while the batch is full."""
         with self._cond:
             request = next((r for r in self._state.waiting if r.handle is handle), None)
-            if request is None:
-                return  # already taken by the worker, which drops it at its next step
+            if request is None or request.sequence.kv.blocks:
+                return  # taken by the worker, or parked (blocks only the worker gives back): dropped when taken
             self._state.waiting.remove(request)
         self._fail(request, CancelledError("the client cancelled the request"))
 
@@ -162,6 +164,13 @@ class Scheduler:
     def queue_depth(self) -> int:
         """Requests waiting to join the batch or to be scored."""
         return len(self._state.waiting) + len(self._state.scoring)
+
+    def idle(self) -> bool:
+        """Whether no request is waiting, running or being scored and no side job is queued (a lock-free read:
+        background helpers look before they hand the worker work that may wait)."""
+        state = self._state
+        return not (state.waiting or state.running or state.scoring or state.scored or state.partial
+                    or state.side)
 
     def batch_size(self) -> int:
         """Requests in the running batch (a lock-free read, for metrics)."""
@@ -307,8 +316,7 @@ class Scheduler:
         batch, joined = self._make_way(batch, rows, candidates[0])
         if not joined:
             return [], batch
-        fresh = [engine.fresh_positions(r.sequence.prompt, r.sequence.prompt_key, len(r.sequence.tokens))
-                 for r in candidates]
+        fresh = [engine.joining_positions(r.sequence) for r in candidates]
         plan = plan_prefill(fresh, room=rows - (0 if batch is None else len(batch)),
                             max_positions=self.max_prefill_tokens)
         taken = candidates[:1]
@@ -322,6 +330,9 @@ class Scheduler:
             state.waiting.remove(request)
             self.fair.start(request.ticket)
             request.handle.mark_started(now)
+        # Counted again: a parked row further back may have given its blocks to one in front of it.
+        fresh = [engine.joining_positions(r.sequence) for r in taken]
+        self.stats.resumed_parked += sum(r.sequence.resumes_in_place for r in taken)
         self.fair.charge((r.ticket, positions, 0) for r, positions in zip(taken, fresh))
         if not plan.chunked:
             return taken, batch
@@ -348,7 +359,7 @@ class Scheduler:
                     self.stats.kv_waits += 1  # a free row, but no blocks
                 return batch, False
             victim = batch.sequences[index]
-            batch = self.engine.filter(batch, [i for i in range(len(batch)) if i != index])
+            batch = self.engine.set_aside(batch, index)  # parked: it rejoins with one query while the pool has room
             self._preempt([victim], None)
 
     def _running_tickets(self) -> list[Ticket]:
@@ -536,10 +547,12 @@ class Scheduler:
         return self._keep_unfinished(batch)
 
     def _preempt(self, rows: list[Sequence], cause: BaseException | None) -> None:
-        """Puts rows whose KV is dropped back at the front of their queue, in order, to resume by recompute.
+        """Puts rows out of the batch back at the front of their queue, in order.
 
         `cause` None: they gave way to a more urgent request or a task under its share (logged at DEBUG:
-        routine under contention), else the pool or the device ran out of memory.
+        routine under contention), parked: they rejoin with one query, or by recompute if the pool needed their
+        blocks meanwhile. Else the pool or the device ran out of memory: their KV was dropped, they resume by
+        recompute.
         """
         handles = [self._state.running.pop(s.request_id) for s in rows]
         with self._cond:
@@ -548,7 +561,7 @@ class Scheduler:
             self.fair.requeue(handle.ticket)
         if cause is None:
             self.stats.share_preemptions += len(handles)
-            log.debug("preempted requests %s (tasks %s) for fair share or priority: they resume by recompute",
+            log.debug("preempted requests %s (tasks %s) for fair share or priority: parked with their KV",
                       [s.request_id for s in rows], [h.ticket.task for h in handles])
             return
         self.stats.preemptions += len(handles)
@@ -596,5 +609,7 @@ class Scheduler:
 
     def _fail(self, handle: Request, error: BaseException) -> None:
         self._state.running.pop(handle.sequence.request_id, None)
+        if handle.sequence.kv.blocks:  # a parked row's kept blocks, or a failed prefill's (on the worker only)
+            self.engine.release([handle.sequence])
         self.fair.settle(handle.ticket, len(handle.sequence.generated))
         handle.handle.put(Failed(error))

@@ -22,6 +22,7 @@ class SchedulerStats:
     prefill_chunks: int = 0  # forwards of rows prefilled in parts, being longer than the budget
     kv_waits: int = 0  # steps in which the next waiting row (generation or Classify) found no KV blocks
     share_preemptions: int = 0  # rows preempted for a more urgent request, or for a task under its fair share
+    resumed_parked: int = 0  # of those, rows that rejoined with their KV kept (one query, no recompute)
 
 
 @dataclass(frozen=True)

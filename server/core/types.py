@@ -114,7 +114,7 @@ class KvUsage:
     block_size: int  # token slots per block
     total_blocks: int  # blocks rows may hold (the reserved block 0 excluded)
     used_blocks: int
-    rows: int  # rows holding blocks now (decoding, or part way through a chunked prefill)
+    rows: int  # rows holding blocks now (decoding, part way through a chunked prefill, or parked: gave way keeping them)
     bytes_per_token: int  # keys and values of one token over all layers
 
     @property

@@ -44,6 +44,7 @@ class Snapshot:
     kv_cache: KvUsage  # the KV pool's size and occupancy
     preemptions: int = 0  # running requests whose KV was dropped to be recomputed (out of memory)
     share_preemptions: int = 0  # running requests that gave way to a more urgent one or a task under its share
+    resumed_parked: int = 0  # of those, requests that rejoined with their KV kept instead of recomputing it
     tasks: tuple[TaskLoad, ...] = ()  # every task served since start: rows, queue, share, tokens (fair share)
     caches: dict[str, CacheStats] = field(default_factory=dict)  # tiers of prompt memory: host, prompt, prefix
     training_jobs: dict[TrainingState, int] = field(default_factory=dict)
@@ -128,6 +129,7 @@ def snapshot_reader(scheduler: Scheduler, caches: dict[str, DeviceLru | HostTier
             kv_cache=scheduler.engine.kv_usage(),
             preemptions=stats.preemptions,
             share_preemptions=stats.share_preemptions,
+            resumed_parked=stats.resumed_parked,
             tasks=scheduler.task_loads(everything=True),
             caches={name: tier.stats() for name, tier in caches.items()},
             training_jobs=states,

@@ -58,8 +58,11 @@ class _StateCollector:
                                   "Running requests preempted (KV dropped, recomputed when they resume)",
                                   value=s.preemptions)
         yield CounterMetricFamily("softprompt_share_preemptions",
-                                  "Running requests preempted for a more urgent request or a task under its fair "
-                                  "share (recomputed when they resume)", value=s.share_preemptions)
+                                  "Running requests that gave way to a more urgent request or a task under its "
+                                  "fair share (their KV kept while the pool can spare it)", value=s.share_preemptions)
+        yield CounterMetricFamily("softprompt_resumed_parked",
+                                  "Requests that rejoined the batch with the KV they kept when they gave way "
+                                  "(one query instead of recomputing)", value=s.resumed_parked)
         yield from _task_loads(s, self._tasks)
         yield from _kv_cache(s)
         yield CounterMetricFamily("softprompt_training_units", "Units of training work run on the worker",

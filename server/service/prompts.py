@@ -20,6 +20,7 @@ from softprompt.prompts.registry import PromptVersion, Registry
 from softprompt.server.core import omp
 from softprompt.server.core.admission import Admission
 from softprompt.server.core.engine import Engine
+from softprompt.server.core.prefix_warmer import PrefixWarmer
 from softprompt.server.core.prompt_cache import PromptCache
 from softprompt.server.core.scheduler import Scheduler
 from softprompt.server.observability.logs import RequestIdFilter
@@ -37,7 +38,7 @@ class PromptService:
     """Registers, warms, inspects, lists, aliases and deletes prompt versions."""
 
     def __init__(self, registry: Registry, admission: Admission, engine: Engine, prompts: PromptCache,
-                 scheduler: Scheduler, *, max_virtual_tokens: int) -> None:
+                 scheduler: Scheduler, *, max_virtual_tokens: int, warmer: PrefixWarmer | None = None) -> None:
         self.registry = registry
         self.admission = admission
         self.engine = engine
@@ -46,6 +47,7 @@ class PromptService:
         self.base = engine.base.spec
         self.max_virtual_tokens = max_virtual_tokens
         self._warming = threading.Lock()  # held while one registration's prefix is computed on the worker
+        self.warmer = warmer  # warms, when the worker is next idle, the versions registered while it was busy
 
     def register(self, upload: PromptUpload) -> PromptVersion:
         """Checks an upload, stores it as the task's next version and warms it; raises what the caller must fix."""
@@ -85,9 +87,11 @@ class PromptService:
             prompt, _, key = self.admission.resolve(version.ref)
             assert prompt is not None and key is not None
             if not self._warming.acquire(blocking=False):
+                if self.warmer is not None:
+                    self.warmer.add(version)
                 return
             try:
-                self.scheduler.call(lambda: self.engine.warm(prompt, key), timeout=_WARM_TIMEOUT_S)
+                self.scheduler.call(lambda: self.engine.warm([(prompt, key)]), timeout=_WARM_TIMEOUT_S)
             finally:
                 self._warming.release()
         except Exception:  # noqa: BLE001 - see above

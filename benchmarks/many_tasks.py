@@ -91,6 +91,8 @@ class Figures:
     start_empty_s: float = 0.0
     start_full_s: float = 0.0
     host_tier_load_s: float | None = None
+    prefix_warm_s: float | None = None  # until the prefix tier reported nothing pending (idle-time warming)
+    prefix_warmed: int = 0  # prefixes it then held
     list_default_s: float = 0.0
     list_1000_s: float = 0.0
     list_page_s: float = 0.0
@@ -343,20 +345,21 @@ def check_outputs(server: Server, base: Any, prompts: Prompts, tasks: list[int],
 # ---------------------------------------------------------------- the run
 
 
-def host_tier_loaded(server: Server, timeout_s: float = 3600.0) -> float | None:
-    """Seconds until the server reports its host tier loaded (None: it reports no host tier)."""
+def tier_ready(server: Server, name: str, timeout_s: float = 3600.0) -> float | None:
+    """Seconds until the server reports nothing pending in a tier of prompt memory ("host": its background load;
+    "prefix": its idle-time warming), None if it reports no such tier."""
     started = time.perf_counter()
     with Client(server.address, timeout=30) as client:
         while True:
             info = client.model_info()
             tiers = {t.name: t for t in getattr(info, "caches", ()) or ()}
-            host = tiers.get("host")
-            if host is None:
+            tier = tiers.get(name)
+            if tier is None:
                 return None
-            if host.pending == 0:
+            if tier.pending == 0:
                 return time.perf_counter() - started
             if time.perf_counter() - started > timeout_s:
-                raise RuntimeError(f"the host tier still had {host.pending} versions to load after {timeout_s:.0f} s")
+                raise RuntimeError(f"the {name} tier still had {tier.pending} versions pending after {timeout_s:.0f} s")
             time.sleep(0.5)
 
 
@@ -404,9 +407,17 @@ def run(plan: Plan, base: Any) -> Figures:
     # Restart on the full store, then first tokens, memory and outputs.
     with serving(plan, store, log) as (server, figures.start_full_s):
         print(f"restarted on {plan.tasks:,} tasks in {figures.start_full_s:.1f} s", flush=True)
-        figures.host_tier_load_s = host_tier_loaded(server)
+        figures.host_tier_load_s = tier_ready(server, "host")
         if figures.host_tier_load_s is not None:
             print(f"host tier loaded in {figures.host_tier_load_s:.1f} s", flush=True)
+        warmed = tier_ready(server, "prefix")  # builds without warming report none pending at once
+        if warmed is not None:
+            figures.prefix_warm_s = (figures.host_tier_load_s or 0.0) + warmed
+            prefix = model_info_dict(server).get("prefix", {})
+            figures.prefix_warmed = int(prefix.get("entries", 0))
+            print(f"prefix KV of {figures.prefix_warmed:,} versions warmed {figures.prefix_warm_s:.1f} s after the "
+                  f"start ({prefix.get('bytes', 0) / (1 << 20):.0f} of {prefix.get('capacity_bytes', 0) / (1 << 20):.0f}"
+                  " MiB)", flush=True)
         figures.rss_ready_mib = server.rss_mib()
         rng = random.Random(SEED)
         order = rng.sample(range(plan.tasks), min(plan.tasks, plan.warm + plan.check
@@ -455,6 +466,8 @@ def table(f: Figures) -> dict[str, str]:
     rows.update({
         f"restart on {f.tasks:,} tasks vs an empty store": f"{f.start_full_s:.1f} s vs {f.start_empty_s:.1f} s",
         "host tier loaded after the restart": "-" if f.host_tier_load_s is None else f"{f.host_tier_load_s:.1f} s",
+        "prefix KV warmed after the restart":
+            "-" if not f.prefix_warmed else f"{f.prefix_warmed:,} versions in {f.prefix_warm_s or 0.0:.1f} s",
         f"ListPrompts, all {f.listed:,} (default pages / pages of 1,000 / one page)":
             f"{f.list_default_s:.2f} s / {f.list_1000_s:.2f} s / {f.list_page_s * 1000:.0f} ms",
         f"GET /v1/models ({f.models:,} ids) / one page of 100":

@@ -223,9 +223,10 @@ class CacheTier:
             least recently used are evicted.
         hits: lookups that found their entry since the server started.
         misses: lookups that did not (the next tier, or the store, filled it).
-        loads: entries put in (after a miss, at registration, or by the host tier's background load).
+        loads: entries put in (after a miss, at registration, by the host tier's background load or by prefix warming).
         evictions: entries dropped to stay within the budget.
-        pending: "host": versions its background load has still to read (0 once done).
+        pending: "host": versions its background load has still to read; "prefix": versions idle-time warming
+            has still to look at (0 once done).
     """
 
     name: str

@@ -441,6 +441,27 @@ def test_a_task_over_its_share_gives_its_newest_row_to_a_waiting_task_and_it_res
     app.scheduler.close()
 
 
+def test_a_burst_under_its_share_joins_a_full_batch_in_one_step(tiny_base, tmp_path):
+    app = _app(tiny_base, tmp_path, batch=4)
+    submit = _Submitter(app, _prompts(tiny_base))
+    for i in range(6):
+        submit("a", n=24, text=i)
+    app.scheduler.start()
+    wait_until(lambda: len(app.scheduler.snapshot().running) == 4, "a's rows to fill the batch")
+    release = threading.Event()
+    threading.Thread(target=app.scheduler.call, args=(release.wait,), daemon=True).start()
+    wait_until(lambda: not app.scheduler.snapshot().side_jobs, "the worker to be held")
+    late = [submit("b", n=4, text=0), submit("c", n=4, text=1)]
+    release.set()
+    for handle in late:
+        submit.result(handle)
+    # Each made a row of a's give way, in the same step: they joined together, not one a step.
+    assert late[0].started_at == late[1].started_at is not None
+    submit.check_outputs()  # (every request finished, a's two parked rows too)
+    assert app.scheduler.stats.share_preemptions == 2 == app.scheduler.stats.resumed_parked
+    app.scheduler.close()
+
+
 def test_a_parked_row_whose_blocks_the_pool_needs_resumes_by_recompute_with_the_same_tokens(tiny_base, tmp_path):
     """The pool is sized so that b joins only with the blocks a's newest row kept when it gave way."""
     tokens = [len(tiny_base.tokenizer(TEXTS[i]).input_ids) + 3 + 1 for i in (0, 2)]  # prefill + first step

@@ -78,8 +78,11 @@ class Monitor(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set():
-            self.max_queue = max(self.max_queue, self.scheduler.queue_depth())
-            self.max_running = max(self.max_running, len(self.scheduler.snapshot().running))
+            # A consistent view (taken under the scheduler's lock): within one step a row that gives way is queued
+            # again before the rows that made it give way leave the queue.
+            snapshot = self.scheduler.snapshot()
+            self.max_queue = max(self.max_queue, len(snapshot.waiting) + snapshot.scoring_queued)
+            self.max_running = max(self.max_running, len(snapshot.running))
             self.samples += 1
             time.sleep(0.001)
 

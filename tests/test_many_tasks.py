@@ -507,9 +507,10 @@ def test_the_benchmark_prints_the_issues_rows_before_and_after(capsys, tmp_path)
     host = {"entries": 1000, "bytes": 1000 * 32768, "capacity_bytes": 64 << 20, "evictions": 0}
     after = many_tasks.Figures(tasks=1000, windows=[(500, 100.0), (1000, 90.0)], register_s=10.5, listed=1000,
                                models=2001, models_page_s=0.004, ttft_warm=[0.1, 0.2], ttft_cold=[0.1, 0.3],
-                               outputs_exact=12, outputs_checked=12, model_info={"host": host})
+                               outputs_exact=12, outputs_checked=12, model_info={"host": host}, prefix_warmed=900,
+                               prefix_warm_s=12.5)
     before = dataclasses.replace(after, windows=[(500, 10.0), (1000, 5.0)], listed=999, models_page_s=None,
-                                 model_info={})
+                                 model_info={}, prefix_warmed=0, prefix_warm_s=None)
     for name, figures in (("after", after), ("before", before)):
         (tmp_path / f"{name}.json").write_text(json.dumps(dataclasses.asdict(figures)))
     # Two saved runs printed side by side, without running anything.
@@ -521,5 +522,6 @@ def test_the_benchmark_prints_the_issues_rows_before_and_after(capsys, tmp_path)
     assert rows["ListPrompts, all 1,000 (default pages / pages of 1,000 / one page)"][0].startswith("0.00 s")
     assert rows["GET /v1/models (2,001 ids) / one page of 100"][0].endswith("/ -")
     assert rows["TTFT task never served p50 / p99"][1] == "200 / 298 ms (1.33x / 1.50x warm) |"
+    assert rows["prefix KV warmed after the restart"] == ["-", "900 versions in 12.5 s |"]
     host_row = rows["host tier: versions held, memory per version, budget"]
     assert host_row == ["-", "1,000 versions, 31 MiB (32.0 KiB each) of 64 MiB: holds ~2,048 versions; all held |"]

@@ -116,8 +116,8 @@ class HostTierLoader:
             self._stop.wait((time.monotonic() - began) * (1 - self.duty) / self.duty)
 
 
-def serving_order(registry: Registry, stop: threading.Event,
-                  progress: Callable[[int], None] = lambda count: None) -> tuple[list[PromptVersion], list[PromptVersion]]:
+def serving_order(registry: Registry, stop: threading.Event, progress: Callable[[int], None] = lambda count: None
+                  ) -> tuple[list[PromptVersion], list[PromptVersion]]:
     """Every stored version, listed page by page until `stop` is set: those requests resolve to (each task's
     served version, alias targets) and the rest. `progress` hears the count listed so far."""
     first: list[PromptVersion] = []

@@ -57,7 +57,9 @@ class KvManager:
         self.pool = pool
         self._rows = 0  # rows holding blocks
         self._growing = 0  # of those, the ones that are not transient: one block each is kept in reserve
-        self._parked: dict[int, RowBlocks] = {}  # by id(row), longest parked first: blocks to take back first
+        # By id(row), longest parked first: the blocks taken back first. A row that gives way goes to the front of
+        # its task's queue, so within a task the longest parked is the last to rejoin.
+        self._parked: dict[int, RowBlocks] = {}
 
     def allocate_slots(self, row: RowBlocks, tokens: int) -> list[int] | None:
         """Grows `row` to hold `tokens` tokens: the blocks it took (empty if it had room), or None if the

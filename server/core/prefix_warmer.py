@@ -57,7 +57,8 @@ class PrefixWarmer:
         self._thread = threading.Thread(target=self._run, name="softprompt-prefix-warmer", daemon=True)
 
     def start(self) -> None:
-        """Starts warming in the background."""
+        """Starts warming in the background; the prefix tier's `pending` is at least 1 until the versions are listed."""
+        self.engine.prefixes.pending = 1
         self._thread.start()
 
     def stop(self, timeout: float | None = 5.0) -> None:
@@ -95,6 +96,7 @@ class PrefixWarmer:
             log.warning("prefix warming stopped; prompts not warmed compute their prefixes at their first request",
                         exc_info=True)
         finally:
+            self._counted()
             self.ready.set()
 
     def _listed(self) -> None:

@@ -18,14 +18,13 @@ priority, then the least served task, then arrival), for the blocks of their pre
 manager keeps one block per running row in reserve, so the running rows can grow a while without
 preemption); a row told no waits, and holds back those behind it. When the first waiting row finds no
 free row or no blocks, fair share may name a running row that gives way to it (a less urgent one, or
-the newest of a task over its share while the waiting one's task is under): it steps out of the batch
-parked, keeping its blocks while the pool can spare them (`Engine.set_aside`), and rejoins with one query
-when its turn comes; if the pool needed them meanwhile, it resumes by recompute as below. Before
-each decode step every running row asks for room for its next token, oldest first; when the answer
-is no, the newest row gives its blocks back (preemption: it goes back to the front of the queue and
-resumes later by recompute, with the same tokens) -- a row half way through a chunked prefill is the
-newest of all and goes first -- and the question is asked again. A request that could never fit the
-pool alone is refused at admission.
+the newest of a task over its share while the waiting one's task is under): it steps out parked, keeping
+its blocks while the pool can spare them (`Engine.set_aside`), and rejoins with one query (by recompute if
+the pool took them). Before each decode step every running row asks for room for its next token, oldest
+first; when the answer is no, the newest row gives its blocks back (preemption: it goes back to the front
+of the queue and resumes later by recompute, with the same tokens; a row half way through a chunked
+prefill goes first) and the question is asked again. A request that could never fit the pool alone is
+refused at admission.
 
 One request's failure never fails the others. A prefill that raises is retried one row at a time,
 and only a row that fails alone gets the error. A decode step that raises (the device out of
@@ -142,9 +141,7 @@ class Scheduler:
             state = self._state
             rows = list(state.running.values())
             tickets = [r.ticket for r in rows]
-            order = list(state.waiting.ordered(self.fair, tickets))
-            capped = set(order).symmetric_difference(state.waiting)  # tasks at their max_running: after the rest
-            waiting = tuple(r.sequence.request_id for r in [*order, *(r for r in state.waiting if r in capped)])
+            waiting = state.waiting_in_order(self.fair, tickets)
             scoring_queued, side = len(state.scoring), len(state.side)
         running = tuple(RowSnapshot(r.sequence.request_id, len(r.sequence.generated), len(r.sequence.kv.blocks))
                         for r in rows)
@@ -168,9 +165,7 @@ class Scheduler:
     def idle(self) -> bool:
         """Whether no request is waiting, running or being scored and no side job is queued (a lock-free read:
         background helpers look before they hand the worker work that may wait)."""
-        state = self._state
-        return not (state.waiting or state.running or state.scoring or state.scored or state.partial
-                    or state.side)
+        return not self._state.busy()
 
     def batch_size(self) -> int:
         """Requests in the running batch (a lock-free read, for metrics)."""
@@ -302,7 +297,8 @@ class Scheduler:
 
     def _take_prefill(self, batch: Batch | None, rows: int) -> tuple[list[Request], Batch | None]:
         """The waiting rows the next prefill takes, each holding its KV blocks (a row over the budget instead
-        starts its chunked prefill), and the batch, less any row that gave way to the first of them.
+        starts its chunked prefill), and the batch, less any rows that gave way to them (into a full batch, each
+        of the first rows in turn may make one give way).
 
         Rows go in fair-share order: the first that the KV manager has no blocks for holds back those
         behind it, so a long request is not starved by short ones.
@@ -310,15 +306,25 @@ class Scheduler:
         state, engine = self._state, self.engine
         room = rows - (0 if batch is None else len(batch))
         order = state.waiting.ordered(self.fair, self._running_tickets())
-        candidates = list(itertools.islice(order, max(room, 0) + 1))  # a plan looks one row past the room
+        # A plan looks one row past the room; a full batch, at as many as may each make way.
+        candidates = list(itertools.islice(order, room + 1 if room > 0 else rows))
         if not candidates:  # every waiting task is at its max_running cap
             return [], batch
         batch, joined = self._make_way(batch, rows, candidates[0])
         if not joined:
             return [], batch
+        made = 1
+        if room <= 0:  # the next ones may make way too, so a burst under its share joins in one step, not one a step
+            while made < len(candidates):
+                batch, joined = self._make_way(batch, rows - made, candidates[made])
+                if not joined:
+                    break
+                made += 1
         fresh = [engine.joining_positions(r.sequence) for r in candidates]
         plan = plan_prefill(fresh, room=rows - (0 if batch is None else len(batch)),
                             max_positions=self.max_prefill_tokens)
+        for request in candidates[plan.rows:made]:  # made way, but past the prefill's budget: a later step's
+            engine.kv.park(request.sequence.kv)
         taken = candidates[:1]
         for request in candidates[1:plan.rows]:
             if engine.kv.allocate_slots(request.sequence.kv, request.sequence.kv_tokens) is None:
@@ -398,11 +404,7 @@ class Scheduler:
         it was, and the caller runs the same work apart (`_prefill`, `_prefill_chunk`, `_decode`), which finds
         the row at fault and fails it alone.
         """
-        partial = self._state.partial
-        if partial is not None and not self._still_wanted(partial[0], now):
-            self._state.partial = None
-            self.engine.release([partial[1].sequence])  # its partial KV goes with it
-            partial = None
+        partial = self._wanted_partial(now)
         if batch is not None:
             batch = self._make_room(batch)
             partial = self._state.partial  # making room may have preempted it
@@ -462,13 +464,9 @@ class Scheduler:
 
     def _prefill_chunk(self, now: float) -> list[Batch]:
         """Runs the next chunk of the row being prefilled in parts; its batch once the last chunk is in."""
-        if self._state.partial is None:
+        if (wanted := self._wanted_partial(now)) is None:
             return []
-        handle, partial = self._state.partial
-        if not self._still_wanted(handle, now):
-            self._state.partial = None
-            self.engine.release([partial.sequence])  # its partial KV goes with it
-            return []
+        handle, partial = wanted
         try:
             done = self.engine.prefill_chunk(partial, self.max_prefill_tokens)
         except Exception as exc:  # noqa: BLE001 - the row is alone in its forward
@@ -485,6 +483,15 @@ class Scheduler:
         self._dispatch(events)
         kept = self._keep_unfinished(fresh)
         return [] if kept is None else [kept]
+
+    def _wanted_partial(self, now: float) -> tuple[Request, PartialPrefill] | None:
+        """The row being prefilled in chunks, unless its client left or its deadline passed: then dropped."""
+        partial = self._state.partial
+        if partial is not None and not self._still_wanted(partial[0], now):
+            self._state.partial = None
+            self.engine.release([partial[1].sequence])  # its partial KV goes with it
+            return None
+        return partial
 
     def _make_room(self, batch: Batch) -> Batch | None:
         """Gets every row room for its next token from the KV manager, oldest first; while it says no, the
@@ -547,13 +554,9 @@ class Scheduler:
         return self._keep_unfinished(batch)
 
     def _preempt(self, rows: list[Sequence], cause: BaseException | None) -> None:
-        """Puts rows out of the batch back at the front of their queue, in order.
-
-        `cause` None: they gave way to a more urgent request or a task under its share (logged at DEBUG:
-        routine under contention), parked: they rejoin with one query, or by recompute if the pool needed their
-        blocks meanwhile. Else the pool or the device ran out of memory: their KV was dropped, they resume by
-        recompute.
-        """
+        """Puts rows out of the batch back at the front of their queue, in order. `cause` None: they gave way to
+        a more urgent request or a task under its share (routine: logged at DEBUG), parked; else the pool or the
+        device ran out of memory and their KV was dropped: they resume by recompute."""
         handles = [self._state.running.pop(s.request_id) for s in rows]
         with self._cond:
             self._state.waiting.push_front(handles)

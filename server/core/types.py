@@ -114,7 +114,7 @@ class KvUsage:
     block_size: int  # token slots per block
     total_blocks: int  # blocks rows may hold (the reserved block 0 excluded)
     used_blocks: int
-    rows: int  # rows holding blocks now (decoding, part way through a chunked prefill, or parked: gave way keeping them)
+    rows: int  # rows holding blocks now (decoding, part way through a chunked prefill, or parked having given way)
     bytes_per_token: int  # keys and values of one token over all layers
 
     @property
@@ -152,7 +152,8 @@ class CacheStats:
     misses: int  # lookups that did not (the next tier, or the store, then filled it)
     loads: int  # entries put in (after a miss, at registration, or by the background load)
     evictions: int  # entries dropped to stay within the budget (deleted versions are not counted)
-    pending: int = 0  # "host": versions its background load has still to read
+    # "host": versions its background load has still to read; "prefix": versions warming has still to look at
+    pending: int = 0
 
     @property
     def hit_rate(self) -> float:

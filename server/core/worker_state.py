@@ -11,7 +11,7 @@ from typing import Any
 
 from softprompt.server.core.admission import Admitted
 from softprompt.server.core.engine import Batch, PartialPrefill, Sequence
-from softprompt.server.core.fairness import FairQueue, Ticket
+from softprompt.server.core.fairness import FairQueue, FairShare, Ticket
 from softprompt.server.core.handle import Handle
 from softprompt.server.core.scoring import ScoringGroup, ScoringJob
 
@@ -63,3 +63,13 @@ class WorkerState:
     last_side_s: float = 0.0  # the latest side job's duration
     # Rows the batch held when a step last had to preempt: admission stops there until the batch empties.
     row_cap: int | None = None
+
+    def busy(self) -> bool:
+        """Whether a request is waiting, running or being scored, or a side job is queued."""
+        return bool(self.waiting or self.running or self.scoring or self.scored or self.partial or self.side)
+
+    def waiting_in_order(self, fair: FairShare, running: list[Ticket]) -> tuple[int, ...]:
+        """The waiting requests' ids in the order they would join: fair order, then the tasks at their running cap."""
+        order = list(self.waiting.ordered(fair, running))
+        capped = set(order).symmetric_difference(self.waiting)
+        return tuple(r.sequence.request_id for r in [*order, *(r for r in self.waiting if r in capped)])

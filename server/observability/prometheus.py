@@ -87,7 +87,8 @@ class _StateCollector:
                                              "Entries dropped to stay within the budget (least recently used)",
                                              labels=["cache"]),
             "pending": GaugeMetricFamily("softprompt_cache_pending",
-                                         "Versions the host tier's background load has still to read",
+                                         "Versions the host tier's background load has still to read, or "
+                                         "whose prefixes idle-time warming has still to look at",
                                          labels=["cache"]),
             # Since start, as ModelInfo gives it; a recent window's is rate(hits) / (rate(hits) + rate(misses)).
             "hit_rate": GaugeMetricFamily("softprompt_cache_hit_ratio",

@@ -365,17 +365,18 @@ class Engine:
         per_token = KvPool.bytes_per_token(self.pool.layers, self.pool.dtype)
         try:
             for prompt, key in prompts:
-                n = 0 if isinstance(prompt, virtual.KvPrefix) else int(prompt.shape[0])
-                if n < 2 or self.prefixes.contains(key):
+                keep = virtual.prefix_to_compute(prompt, key, self.prefixes)
+                if not keep:
                     done += 1
                     continue
-                if spare_only and not self.prefixes.has_room(planned + (n - 1) * per_token):
+                if spare_only and not self.prefixes.has_room(planned + keep * per_token):
                     continue
-                planned += (n - 1) * per_token
+                planned += keep * per_token
                 row = RowBlocks(transient=True)
-                if self.kv.allocate_slots(row, n - 1) is None:
+                if self.kv.allocate_slots(row, keep) is None:
                     continue
-                rows.append(Fresh(row, prompt[:n - 1], [], keep=key, keep_tokens=n - 1))
+                assert isinstance(prompt, torch.Tensor)  # keys and values (a KvPrefix) have nothing to compute
+                rows.append(Fresh(row, prompt[:keep], [], keep=key, keep_tokens=keep))
             if rows:
                 self.forwards.run(rows)
         finally:

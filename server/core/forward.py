@@ -50,6 +50,11 @@ class Fresh:
     keep: Key | None = None
     keep_tokens: int = 0
 
+    @property
+    def positions(self) -> int:
+        """Positions the row computes now: its head's virtual tokens, then its tokens."""
+        return (0 if self.head is None else int(self.head.shape[0])) + len(self.tokens)
+
 
 class PoolForward:
     """Runs rows' forwards over the pool for the engine: `run` (padded or ragged, as set up), and the prefix copies."""
@@ -113,16 +118,15 @@ class PoolForward:
             logits = self.padded(rows)
             return logits[torch.tensor([i for i, w in enumerate(wanted) if w], device=device)]
         for row in rows:
-            row.kv.length += (0 if row.head is None else int(row.head.shape[0])) + len(row.tokens)
-            if row.keep is not None:
-                self.prefixes.put(row.keep, self.read_prefix(row.kv, row.keep_tokens))
+            row.kv.length += row.positions
+        self._keep_prefixes(rows)
         return out.logits[:len(last)]
 
     def _segments(self, rows: list[Fresh], positions: torch.Tensor) -> tuple[Segment, ...]:
         """The rows of a ragged forward whose queries x attended positions exceed SEGMENT_WORK: attended by SDPA."""
         segments, at = [], 0
         for row in rows:
-            fresh = (0 if row.head is None else int(row.head.shape[0])) + len(row.tokens)
+            fresh = row.positions
             width = row.kv.length + fresh
             if fresh > 1 and fresh * width > SEGMENT_WORK:
                 slots = torch.tensor(row.kv.slots(0, width), device=self.device)
@@ -191,10 +195,14 @@ class PoolForward:
         out = kv.forward(self.model, cache, inputs_embeds=x.embeds, position_ids=positions,
                          attention_mask=self.masks.over_positions(positions, width), score_last=score_last,
                          packed=self.packed)
+        self._keep_prefixes(rows)
+        return out.logits
+
+    def _keep_prefixes(self, rows: list[Fresh]) -> None:
+        """Caches the prefix KV the rows that keep one (`Fresh.keep`) just wrote."""
         for row in rows:
             if row.keep is not None:
                 self.prefixes.put(row.keep, self.read_prefix(row.kv, row.keep_tokens))
-        return out.logits
 
     def write_prefixes(self, rows: list[tuple[RowBlocks, PrefixKV]]) -> None:
         """Copies cached prompt prefixes into the first slots of their rows' blocks (one copy per layer)."""

@@ -102,7 +102,7 @@ class PartialPrefill:
         """The fresh positions of the whole prefill, once planned."""
         if self.plan is None:
             return None
-        return (0 if self.plan.head is None else int(self.plan.head.shape[0])) + len(self.plan.tokens)
+        return self.plan.positions
 
 
 @dataclass(frozen=True)

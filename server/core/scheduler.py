@@ -17,7 +17,7 @@ their blocks back within the step), then waiting rows, in fair-share order (`fai
 priority, then the least served task, then arrival), for the blocks of their prefill and first step (the
 manager keeps one block per running row in reserve, so the running rows can grow a while without
 preemption); a row told no waits, and holds back those behind it. When the first waiting row finds no
-free row or no blocks, fair share may name a running row that gives way to it (a less urgent one, or
+free row or no blocks (`joining`), fair share may name a running row that gives way to it (a less urgent one, or
 the newest of a task over its share while the waiting one's task is under): it steps out parked, keeping
 its blocks while the pool can spare them (`Engine.set_aside`), and rejoins with one query (by recompute if
 the pool took them). Before each decode step every running row asks for room for its next token, oldest
@@ -42,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-import itertools
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -50,10 +49,10 @@ from typing import TypeVar
 
 from softprompt.server.core.admission import Admitted, AdmittedScoring
 from softprompt.server.core.engine import Batch, Engine, PartialPrefill, Sequence, TokenEvent
-from softprompt.server.core.fairness import FairShare, Ticket, task_of
+from softprompt.server.core.fairness import FairShare, task_of
 from softprompt.server.core.handle import Failed, Handle
+from softprompt.server.core.joining import Joining
 from softprompt.server.core.errors import CancelledError, DeadlineError, OverloadedError, ShuttingDownError
-from softprompt.server.core.planning import plan_prefill
 from softprompt.server.core.pool import KvPoolFullError
 from softprompt.server.core.scoring import ScoringJob
 from softprompt.server.core.snapshot import RowSnapshot, SchedulerSnapshot, SchedulerStats
@@ -79,6 +78,7 @@ class Scheduler:
         self.batch_wait_s = batch_wait_s
         self.stats = SchedulerStats()
         self._state = WorkerState()
+        self._joining = Joining(engine, self.fair, self._state, self.stats, lambda rows: self._preempt(rows, None))
         self._cond = threading.Condition()
         self._closed = False
         self._stop = False
@@ -284,7 +284,7 @@ class Scheduler:
             rows = self.max_batch_size if state.row_cap is None else min(state.row_cap, self.max_batch_size)
             taken: list[Request] = []
             if state.partial is None and state.waiting:
-                taken, batch = self._take_prefill(batch, rows)
+                taken, batch = self._joining.take(batch, rows, self.max_prefill_tokens)
             idle = batch is None and not taken and not state.scored and state.partial is None
             if idle:
                 # The side job that ran last may have delayed the requests about to arrive: count it
@@ -294,82 +294,6 @@ class Scheduler:
             if state.side and (idle or state.side_s <= self.side_share * (state.serve_s + state.side_s)):
                 side = state.side.popleft()
             return Work(taken, side, batch)
-
-    def _take_prefill(self, batch: Batch | None, rows: int) -> tuple[list[Request], Batch | None]:
-        """The waiting rows the next prefill takes, each holding its KV blocks (a row over the budget instead
-        starts its chunked prefill), and the batch, less any rows that gave way to them (into a full batch, each
-        of the first rows in turn may make one give way).
-
-        Rows go in fair-share order: the first that the KV manager has no blocks for holds back those
-        behind it, so a long request is not starved by short ones.
-        """
-        state, engine = self._state, self.engine
-        room = rows - (0 if batch is None else len(batch))
-        order = state.waiting.ordered(self.fair, self._running_tickets())
-        # A plan looks one row past the room; a full batch, at as many as may each make way.
-        candidates = list(itertools.islice(order, room + 1 if room > 0 else rows))
-        if not candidates:  # every waiting task is at its max_running cap
-            return [], batch
-        batch, joined = self._make_way(batch, rows, candidates[0])
-        if not joined:
-            return [], batch
-        made = 1
-        if room <= 0:  # the next ones may make way too, so a burst under its share joins in one step, not one a step
-            while made < len(candidates):
-                batch, joined = self._make_way(batch, rows - made, candidates[made])
-                if not joined:
-                    break
-                made += 1
-        fresh = [engine.joining_positions(r.sequence) for r in candidates]
-        plan = plan_prefill(fresh, room=rows - (0 if batch is None else len(batch)),
-                            max_positions=self.max_prefill_tokens)
-        for request in candidates[plan.rows:made]:  # made way, but past the prefill's budget: a later step's
-            engine.kv.park(request.sequence.kv)
-        taken = candidates[:1]
-        for request in candidates[1:plan.rows]:
-            if engine.kv.allocate_slots(request.sequence.kv, request.sequence.kv_tokens) is None:
-                self.stats.kv_waits += 1
-                break
-            taken.append(request)
-        now = time.monotonic()
-        for request in taken:
-            state.waiting.remove(request)
-            self.fair.start(request.ticket)
-            request.handle.mark_started(now)
-        # Counted again: a parked row further back may have given its blocks to one in front of it.
-        fresh = [engine.joining_positions(r.sequence) for r in taken]
-        self.stats.resumed_parked += sum(r.sequence.resumes_in_place for r in taken)
-        self.fair.charge((r.ticket, positions, 0) for r, positions in zip(taken, fresh))
-        if not plan.chunked:
-            return taken, batch
-        request = taken[0]
-        state.running[request.sequence.request_id] = request
-        state.partial = request, PartialPrefill(request.sequence)
-        return [], batch
-
-    def _make_way(self, batch: Batch | None, rows: int, head: Request) -> tuple[Batch | None, bool]:
-        """Gets `head`, the first waiting row in fair order, a free row and its KV blocks; while it has not,
-        the running row that fair share says should give way to it (`FairShare.victim`) is preempted, newest
-        rows first. Returns the batch left and whether `head` holds its blocks."""
-        kv = self.engine.kv
-        while True:
-            room = rows - (0 if batch is None else len(batch))
-            if room >= 1 and kv.allocate_slots(head.sequence.kv, head.sequence.kv_tokens) is not None:
-                return batch, True
-            index = None if batch is None else self.fair.victim(
-                head.ticket, [self._state.running[s.request_id].ticket for s in batch.sequences], rows,
-                self._state.waiting.keys(head.ticket.priority),
-                frees_in=min(s.params.max_new_tokens - len(s.generated) for s in batch.sequences))
-            if batch is None or index is None:
-                if room >= 1:
-                    self.stats.kv_waits += 1  # a free row, but no blocks
-                return batch, False
-            victim = batch.sequences[index]
-            batch = self.engine.set_aside(batch, index)  # parked: it rejoins with one query while the pool has room
-            self._preempt([victim], None)
-
-    def _running_tickets(self) -> list[Ticket]:
-        return [r.ticket for r in list(self._state.running.values())]
 
     def _charge_scoring(self) -> None:
         """Charges the Classify rows about to be scored to their tasks, at the positions they compute."""

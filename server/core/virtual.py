@@ -114,3 +114,12 @@ def first_forward(prompt: Prompt | None, key: Key | None, prefixes: DeviceLru[Pr
     if cached is None:
         return FirstForward(head=prompt, keep_tokens=n - 1 if key is not None else 0)
     return FirstForward(prefix=cached, head=prompt[-1:])
+
+
+def prefix_to_compute(prompt: Prompt | None, key: Key | None, prefixes: DeviceLru[PrefixKV]) -> int:
+    """How many of `prompt`'s positions a first forward would keep as its cached prefix and are not cached yet
+    (0: nothing to compute ahead: no prompt, keys and values already, one virtual token, no key, or cached). Asks
+    the cache without counting a lookup, for work done ahead of requests (`Engine.warm`)."""
+    if prompt is None or isinstance(prompt, KvPrefix) or key is None or int(prompt.shape[0]) < 2:
+        return 0
+    return 0 if prefixes.contains(key) else int(prompt.shape[0]) - 1

@@ -28,7 +28,7 @@ from softprompt.server.app.server import build_app
 from softprompt.server.config import ServerConfig
 from softprompt.server.core.admission import Admitted
 from softprompt.server.core.engine import Engine, Sequence
-from softprompt.server.core.errors import OverloadedError, PriorityNotAllowedError, TaskLimitError
+from softprompt.server.core.errors import CancelledError, OverloadedError, PriorityNotAllowedError, TaskLimitError
 from softprompt.server.core.fairness import FairQueue, FairShare, FairShareKey, Ticket
 from softprompt.server.core.pool import BLOCK_SIZE, KvPool, blocks_for
 from softprompt.server.core.policy import PolicyError, PolicyFile, TaskPolicy, load_policy, parse_policy
@@ -459,6 +459,28 @@ def test_a_burst_under_its_share_joins_a_full_batch_in_one_step(tiny_base, tmp_p
     assert late[0].started_at == late[1].started_at is not None
     submit.check_outputs()  # (every request finished, a's two parked rows too)
     assert app.scheduler.stats.share_preemptions == 2 == app.scheduler.stats.resumed_parked
+    app.scheduler.close()
+
+
+def test_a_parked_row_cancelled_while_it_waits_frees_its_queue_slot_at_once_and_its_blocks_next_step(tiny_base,
+                                                                                                      tmp_path):
+    app = _app(tiny_base, tmp_path, batch=2)
+    submit = _Submitter(app, _prompts(tiny_base))
+    flood = [submit("a", n=24, text=i) for i in range(2)]
+    app.scheduler.start()
+    wait_until(lambda: any(r.generated >= 2 for r in app.scheduler.snapshot().running), "a's rows to decode")
+    newest = next(h for h in flood if h.request_id == max(r.request_id for r in app.scheduler.snapshot().running))
+    late = submit("b", n=24, text=2)
+    wait_until(lambda: app.scheduler.snapshot().waiting == (newest.request_id,), "a's newest row to give way")
+    assert app.scheduler.engine.kv.parked_rows == 1
+    newest.cancel()
+    assert app.scheduler.queue_depth() == 0  # its queue slot is free at once, although its blocks are parked
+    with pytest.raises(CancelledError):
+        newest.result()
+    wait_until(lambda: app.scheduler.engine.kv.parked_rows == 0, "the worker to take its blocks back")
+    for handle in (flood[0], late):
+        submit.result(handle)
+    assert app.scheduler.engine.kv_usage().used_blocks == 0  # nothing leaked
     app.scheduler.close()
 
 

@@ -70,6 +70,22 @@ def test_warming_stops_at_the_prefix_budget_and_evicts_nothing(tiny_base, tmp_pa
     assert prefix.entries == app.prefix_warmer.warmed < TASKS + 1 and prefix.pending == 0
 
 
+def test_after_the_budget_filled_a_later_registration_is_warmed_once_deletes_made_room(tiny_base, tmp_path):
+    _store(tiny_base, tmp_path)
+    per_token = KvPool.bytes_per_token(Engine(tiny_base).pool.layers, tiny_base.dtype)
+    hidden = tiny_base.spec.hidden_size
+    scale = float(tiny_base.model.get_input_embeddings().weight.std()) * 4
+    with running_server(tiny_base, tmp_path, prefix_cache_mb=7 * per_token / (1024 * 1024)) as (app, address):
+        assert app.prefix_warmer.ready.wait(120) and app.prefix_warmer.filled
+        with Client(address, timeout=60) as client:
+            for i in range(TASKS):
+                client.delete_prompt(f"t{i}", all_versions=True, force=True)
+            assert _tiers(client)["prefix"].entries == 0
+            with app.services.prompts._warming:  # queued to the warmer, as a registration in a burst is
+                client.register("late", torch.randn(5, hidden, generator=torch.Generator().manual_seed(7)) * scale)
+            wait_until(lambda: _tiers(client)["prefix"].entries == 1, "the late registration to be warmed")
+
+
 def test_a_registration_the_worker_could_not_warm_at_once_is_warmed_when_it_is_idle(tiny_base, tmp_path):
     hidden = tiny_base.spec.hidden_size
     scale = float(tiny_base.model.get_input_embeddings().weight.std()) * 4

@@ -8,7 +8,8 @@ the worker warms them one by one, `PromptService.warm`), this thread does that w
 requests: each task's served version and alias targets (`host_tier.serving_order`, the order the host
 tier loads them in), a few prompts per forward, only while the worker has no request waiting, running or
 being scored, and only while the prefix cache has room without evicting a prefix that is in use. Past
-that budget the rest stay cold, and a request for one computes its prefix as before.
+that budget the rest stay cold, and a request for one computes its prefix as before; registrations that come
+later are still tried one by one (deleting versions frees their room).
 
 Each group runs on the worker as a side job (`Scheduler.call`), so a request that arrives meanwhile
 waits for at most one group's forward (a few tens of positions).
@@ -51,7 +52,8 @@ class PrefixWarmer:
         self._queue: deque[PromptVersion] = deque()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._full = False  # the prefix cache had no spare room: nothing more is warmed ahead
+        self._full = False  # the prefix cache had no spare room: what is queued then stays cold
+        self.filled = False  # warming found the prefix cache full (at least once)
         self.ready = threading.Event()  # set when the start-up pass is over (done, full, or stopped)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="softprompt-prefix-warmer", daemon=True)
@@ -86,7 +88,7 @@ class PrefixWarmer:
             held, size = self.engine.prefixes.size()
             log.info("prefix warming: %d computed in %.1f s; the prefix cache holds %d (%.1f MiB)%s", self.warmed,
                      self.seconds, held, size / (1 << 20),
-                     ": full, the rest compute theirs at their first request" if self._full else "")
+                     ": full, the rest compute theirs at their first request" if self.filled else "")
             while not self._stop.is_set():  # then what registrations queue
                 with self._wake:
                     while not self._queue and not self._stop.is_set():
@@ -117,8 +119,9 @@ class PrefixWarmer:
         or the prefix cache is full."""
         while not self._stop.is_set():
             with self._lock:
-                if self._full:
+                if self._full:  # what is queued now stays cold; what is added later is tried again
                     self._queue.clear()
+                    self._full, self.filled = False, True
                 group = [self._queue.popleft() for _ in range(min(GROUP, len(self._queue)))]
                 self._counted()
             if not group:

@@ -130,10 +130,14 @@ class Scheduler:
         """Takes a cancelled request out of the queue, so it stops holding a queue slot while the batch is full."""
         with self._cond:
             request = next((r for r in self._state.waiting if r.handle is handle), None)
-            if request is None or request.sequence.kv.blocks:
-                return  # taken by the worker, or parked (blocks only the worker gives back): dropped when taken
+            if request is None:
+                return  # taken by the worker: dropped at its next step
             self._state.waiting.remove(request)
-        self._fail(request, CancelledError("the client cancelled the request"))
+            # A row that gave way may still hold parked blocks, which only the worker gives back (it may be taking
+            # them back for another row right now): it frees them at its next step.
+            self._state.abandoned.append(request.sequence)
+            self._cond.notify()
+        self._fail(request, CancelledError("the client cancelled the request"), release=False)
 
     def snapshot(self) -> SchedulerSnapshot:
         """What is queued, running and held now (a consistent view of the queues; rows as last stepped)."""
@@ -261,10 +265,13 @@ class Scheduler:
         state = self._state
         with self._cond:
             while not self._stop and batch is None and not (state.waiting or state.scoring or state.side
-                                                            or state.scored or state.partial):
+                                                            or state.scored or state.partial or state.abandoned):
                 self._cond.wait()
             if self._stop:
                 return None
+            if state.abandoned:  # cancelled while waiting: their parked blocks, if still theirs
+                self.engine.release(state.abandoned)
+                state.abandoned.clear()
             if batch is None and state.waiting and self.batch_wait_s > 0:
                 # Idle server: gather a burst of arrivals into one prefill.
                 until = time.monotonic() + self.batch_wait_s
@@ -534,9 +541,10 @@ class Scheduler:
             handle.handle.put(StreamChunk(event.text, (event.token_id,), handle.admitted.prompt_version,
                                     event.finish_reason, usage))
 
-    def _fail(self, handle: Request, error: BaseException) -> None:
+    def _fail(self, handle: Request, error: BaseException, *, release: bool = True) -> None:
+        """Ends the request with `error`; `release`: gives back any blocks it holds (on the worker only)."""
         self._state.running.pop(handle.sequence.request_id, None)
-        if handle.sequence.kv.blocks:  # a parked row's kept blocks, or a failed prefill's (on the worker only)
+        if release and handle.sequence.kv.blocks:  # a parked row's kept blocks, or a failed prefill's
             self.engine.release([handle.sequence])
         self.fair.settle(handle.ticket, len(handle.sequence.generated))
         handle.handle.put(Failed(error))

@@ -57,6 +57,7 @@ class WorkerState:
     scored: ScoringGroup = field(default_factory=ScoringGroup)  # the Classify rows being scored
     partial: tuple[Request, PartialPrefill] | None = None  # a row being prefilled in chunks
     side: deque[SideJob] = field(default_factory=deque)
+    abandoned: list[Sequence] = field(default_factory=list)  # withdrawn from the queue: blocks the worker frees
     # Worker seconds spent serving and on side jobs since the worker was last idle.
     serve_s: float = 0.0
     side_s: float = 0.0

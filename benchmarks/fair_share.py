@@ -17,9 +17,11 @@ with `ignore_eos`, so every request makes exactly the tokens it asks for. Scenar
            (input x1, output x2) over that time, from the server's per-task counters. Target: within 10 %
            of 1:3.
   many     `--tasks` tasks each sending at its fair rate (Poisson arrivals, seeded, together `--load` of the
-           server's measured capacity, or of `--capacity`) for `--seconds`, first alone, then while one more task
-           floods (keeps 4 x batch requests outstanding), the clients in a process of their own. Per task: p99
-           latency with the flood over without. Target: none above 2x.
+           server's measured capacity, or of `--capacity`) for `--many-seconds`, first alone, then while one more
+           task floods (keeps 4 x batch requests outstanding), the clients in a process of their own. Per task: p99
+           latency with the flood over without (the same seeded arrivals in both; at the default length each
+           task's p99 is over ~10 requests, at 60 s over ~3). Also each phase's mean forward: its wall time, the
+           rows it decodes and the prefill positions it computes. Target: none above 2x.
   rate     A task limited to `--rate` tokens/s (burst one second's worth): requests sent within the rate all
            succeed; then twice the bucket's worth sent at once: those beyond the bucket are refused with
            RESOURCE_EXHAUSTED and a retry delay, the rest succeed.
@@ -51,6 +53,7 @@ from softprompt.benchmarks.workload import build_texts, make_prompts
 from softprompt.client import AsyncClient, ResourceExhaustedError
 from softprompt.server.app.server import build_app, shutdown, start
 from softprompt.server.config import ServerConfig
+from softprompt.server.core.engine import StepTimings
 from softprompt.server.core.fairness import INPUT_COST, OUTPUT_COST
 from softprompt.server.core.model import BaseModel
 
@@ -77,6 +80,7 @@ class Plan:
     gap: float = 1.0
     modes: tuple[str, ...] = ("off", "fair", "fair-nopreempt")
     seconds: float = 60.0
+    many_seconds: float = 180.0
     tasks: int = 100
     load: float = 0.5
     rate: float = 200.0
@@ -314,7 +318,7 @@ async def _many_run(target: str, texts: list[str], names: list[str], plan: Plan,
 
         async def arrivals(task: str, seed: int) -> None:
             rng, at, jobs, start_s = random.Random(seed), 0.0, [], time.perf_counter()
-            while (at := at + rng.expovariate(per_task_rate)) < plan.seconds:
+            while (at := at + rng.expovariate(per_task_rate)) < plan.many_seconds:
                 await asyncio.sleep(max(0.0, start_s + at - time.perf_counter()))
                 jobs.append(asyncio.create_task(_one(client, task, texts[seed % len(texts)], plan.b_new,
                                                      timings[task])))
@@ -337,6 +341,7 @@ def many(base: BaseModel, texts: list[str], prompts: list[torch.Tensor], plan: P
           f"{per_task_rate:.3f} requests/s each ({plan.load:.0%} together)", flush=True)
     names = [f"many-{i}" for i in range(plan.tasks)]
     p99: dict[bool, dict[str, float]] = {}
+    forwards: dict[bool, dict[str, float]] = {}
     failed = 0
     for flooding in (False, True):
         server = Server(base, store / f"many-{flooding}", max_batch_size=plan.batch,
@@ -345,10 +350,12 @@ def many(base: BaseModel, texts: list[str], prompts: list[torch.Tensor], plan: P
             asyncio.run(_with_client(server, lambda c: _register(c, [*names, "flooder"],
                                                                  [prompts[i % len(prompts)] for i in
                                                                   range(plan.tasks + 1)])))
+            server.app.scheduler.engine.timings = StepTimings()
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as clients:
                 timings = clients.submit(_many_clients, server.target, texts, names, plan, per_task_rate,
                                          flooding).result()
             stats = server.app.scheduler.stats
+            forwards[flooding] = _forwards(server)
         finally:
             server.close()
         errors = [t.error for ts in timings.values() for t in ts if t.error is not None]
@@ -364,8 +371,13 @@ def many(base: BaseModel, texts: list[str], prompts: list[torch.Tensor], plan: P
               f"{_p(firsts, 0.99):.2f} s); {stats.steps} decode steps, {stats.prefills} "
               f"prefills, {stats.max_batch} rows at most, {stats.share_preemptions} share preemptions "
               f"({getattr(stats, 'resumed_parked', 0)} rejoined with their KV)", flush=True)
+        f = forwards[flooding]
+        print(f"    each forward: {f['ms']:.1f} ms for {f['rows']:.1f} rows' next tokens and {f['prefill']:.1f} "
+              f"prefill positions", flush=True)
     ratios = sorted(p99[True][n] / p99[False][n] for n in p99[True] if n in p99[False])
-    out = {"capacity_rps": capacity, "per_task_rate": per_task_rate,
+    cost = forwards[True]["ms"] / forwards[False]["ms"]
+    print(f"  the flood makes each forward {cost:.2f}x as long: every light request's tokens wait on it")
+    out = {"capacity_rps": capacity, "per_task_rate": per_task_rate, "forwards": forwards, "forward_cost": cost,
            "p99_ratio_max": ratios[-1] if ratios else math.nan,  # no task got a request through in both runs
            "p99_ratio_median": statistics.median(ratios) if ratios else math.nan,
            "over_2x": sum(r > 2 for r in ratios), "failed": failed}
@@ -373,6 +385,18 @@ def many(base: BaseModel, texts: list[str], prompts: list[torch.Tensor], plan: P
           f"{out['p99_ratio_max']:.2f}x, {out['over_2x']} of {len(ratios)} over 2x (target none: "
           f"{_mark(not out['over_2x'])}); {failed} failed")
     return out
+
+
+def _forwards(server: Server) -> dict[str, float]:
+    """The engine's forwards so far: mean wall ms, tokens made (rows decoding, or finishing their prefill) and
+    prefill positions computed (every task's input tokens as fair share counts them) per forward."""
+    timings = server.app.scheduler.engine.timings.snapshot()
+    calls = sum(timings[part][0] for part in ("prefill", "decode", "mixed"))
+    seconds = sum(timings[part][1] for part in ("prefill", "decode", "mixed"))
+    served = server.served().values()
+    calls = max(1, calls)
+    return {"ms": 1000 * seconds / calls, "rows": sum(o for _, o in served) / calls,
+            "prefill": sum(i for i, _ in served) / calls}
 
 
 # ---------------------------------------------------------------- rate
@@ -464,7 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--modes", default=",".join(d.modes),
                         help=f"flood modes, comma-separated, of {', '.join(MODES)} (default: all)")
     parser.add_argument("--seconds", type=float, default=d.seconds,
-                        help=f"length of the weights and many scenarios (default {d.seconds:g})")
+                        help=f"length of the weights scenario (a sixth of it sizes the capacity measurement and "
+                             f"the rate scenario's paced requests) (default {d.seconds:g})")
+    parser.add_argument("--many-seconds", type=float, default=d.many_seconds,
+                        help=f"length of each of the many scenario's two phases (default {d.many_seconds:g}: each "
+                             "task's p99 over ~10 requests)")
     parser.add_argument("--tasks", type=int, default=d.tasks, help=f"tasks in the many scenario (default {d.tasks})")
     parser.add_argument("--load", type=float, default=d.load,
                         help=f"their rate together, a fraction of capacity (default {d.load})")
@@ -491,13 +519,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("batch", "flood", "flood_new", "b_new", "b_requests", "tasks"):
         if getattr(a, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
-    if (not 0 < a.load <= 1 or a.seconds <= 0 or a.rate <= 0 or a.gap < 0 or not 0 <= a.wait <= 1
+    if (not 0 < a.load <= 1 or min(a.seconds, a.many_seconds, a.rate) <= 0 or a.gap < 0 or not 0 <= a.wait <= 1
             or a.capacity < 0):
-        parser.error("--load must be in (0, 1], --seconds and --rate > 0, --gap and --capacity >= 0, --wait in "
-                     "[0, 1]")
+        parser.error("--load must be in (0, 1], --seconds, --many-seconds and --rate > 0, --gap and --capacity >= 0, "
+                     "--wait in [0, 1]")
     plan = Plan(batch=a.batch, flood=a.flood, flood_new=a.flood_new, b_new=a.b_new, b_requests=a.b_requests,
-                gap=a.gap, modes=modes, seconds=a.seconds, tasks=a.tasks, load=a.load, rate=a.rate, wait=a.wait,
-                capacity=a.capacity)
+                gap=a.gap, modes=modes, seconds=a.seconds, many_seconds=a.many_seconds, tasks=a.tasks, load=a.load,
+                rate=a.rate, wait=a.wait, capacity=a.capacity)
     if a.threads:
         torch.set_num_threads(a.threads)
     logging.getLogger("softprompt").setLevel(logging.ERROR)  # refusals and preemptions are counted here

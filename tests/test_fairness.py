@@ -648,14 +648,16 @@ def test_the_fair_share_benchmark_runs_every_scenario(tiny_model_dir, tmp_path, 
 
     out = tmp_path / "fair.json"
     argv = ["--model", str(tiny_model_dir), "--batch", "2", "--flood", "6", "--flood-new", "4", "--b-new", "2",
-            "--b-requests", "2", "--gap", "0.2", "--seconds", "2", "--tasks", "3", "--rate", "40", "--threads", "1",
-            "--json-out", str(out)]
+            "--b-requests", "2", "--gap", "0.2", "--seconds", "2", "--many-seconds", "2", "--tasks", "3", "--rate", "40",
+            "--threads", "1", "--json-out", str(out)]
     code = fair_main(argv)
     figures = json.loads(out.read_text())
     assert code == 0, figures
     assert set(figures["flood"]) == {"reference", "off", "fair", "fair-nopreempt"}
     assert all(figures["flood"][m]["b_latency_x"] > 0 for m in ("off", "fair", "fair-nopreempt")), figures["flood"]
     assert figures["weights"]["service_ratio"] > 0 and figures["many"]["p99_ratio_max"] > 0, figures
+    forwards = figures["many"]["forwards"]  # (JSON keys: without, with the flood)
+    assert all(f["ms"] > 0 and f["rows"] > 0 and f["prefill"] > 0 for f in forwards.values()), forwards
     rate = figures["rate"]
     assert rate["within_failed"] == 0 and rate["over_refused"] >= 1 and rate["retry_after_given"], rate
     assert rate["over_refused"] < rate["over_sent"]  # the bucket's worth went through

@@ -1,18 +1,13 @@
-"""`--kv-cache-memory`: the KV pool's budget as written (a size, a fraction, "auto") and in bytes.
+"""`--kv-cache-memory`: the KV pool's budget as written (a size, a fraction of free device memory, "auto").
 
-Parsing is torch-free, since `ServerConfig` validates the flag with it; resolving reads the device's
-free memory, so it runs once the weights are loaded, just before the engine sizes its pool.
+Torch-free, since `ServerConfig` validates the flag with it; resolving it to bytes reads the device's free
+memory once the weights are loaded (`server/app/kv_budget.py`), just before the engine sizes its pool.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import torch
 
 AUTO = "auto"
 
@@ -67,25 +62,3 @@ def parse_kv_cache_memory(text: str) -> KvCacheMemory:
     if size < 1:
         raise ValueError(f"kv_cache_memory must be more than 0 bytes, got {text!r}")
     return KvCacheMemory(bytes=size)
-
-
-def resolve_kv_cache_bytes(spec: KvCacheMemory, device: torch.device) -> int:
-    """The budget in bytes on `device`: a size as is, a fraction of the memory free now.
-
-    "auto" is AUTO_CUDA on CUDA and AUTO_CPU elsewhere. Free memory is the GPU's
-    (`torch.cuda.mem_get_info`) on CUDA and the host's available physical memory otherwise.
-    """
-    if spec.bytes is not None:
-        return spec.bytes
-    if spec.fraction is not None:
-        return int(_free_bytes(device) * spec.fraction)
-    return resolve_kv_cache_bytes(AUTO_CUDA if device.type == "cuda" else AUTO_CPU, device)
-
-
-def _free_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        import torch  # here, not at the top: ServerConfig imports this module and stays torch-free
-
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -1,8 +1,10 @@
 """ARCHITECTURE.md's dependency rules hold: `lint-imports` checks the contracts in pyproject.toml's
-[tool.importlinter], and importing each transport really leaves torch out of the process."""
+[tool.importlinter], importing each transport really leaves torch out of the process, and only the KV manager
+takes blocks from the pool or gives them back."""
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -33,3 +35,27 @@ def test_a_transport_imports_no_tensor_library(module):
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]", f"importing {module} imports {result.stdout.strip()}"
+
+
+def _pool_block_calls(source: str) -> list[int]:
+    """Lines of `source` that take or give back pool blocks: `<...>.pool.allocate(...)` or `<...>.pool.release(...)`
+    (or a bare `pool.` receiver)."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("allocate", "release")):
+            continue
+        receiver = node.func.value
+        name = receiver.attr if isinstance(receiver, ast.Attribute) else getattr(receiver, "id", None)
+        if name == "pool":
+            lines.append(node.lineno)
+    return lines
+
+
+def test_block_decisions_are_the_kv_managers_alone():
+    """ARCHITECTURE.md: inside the core, only `kv_manager` takes blocks from the pool or gives them back; the
+    scheduler and the engine ask it (`allocate_slots`, `park`, `free`)."""
+    assert _pool_block_calls("x = self.pool.allocate(3)\nengine.pool.release(b)\npool.allocate(1)\n") == [1, 2, 3]
+    elsewhere = {str(path.relative_to(ROOT)): lines for path in sorted((ROOT / "server").rglob("*.py"))
+                 if path.name != "kv_manager.py" and (lines := _pool_block_calls(path.read_text()))}
+    assert elsewhere == {}, f"pool blocks taken or given back outside core/kv_manager.py: {elsewhere}"

@@ -7,12 +7,8 @@ import os
 import pytest
 import torch
 
-from softprompt.server.kv_memory import (
-    AUTO_CPU,
-    KvCacheMemory,
-    parse_kv_cache_memory,
-    resolve_kv_cache_bytes,
-)
+from softprompt.server.app.kv_budget import resolve_kv_cache_bytes
+from softprompt.server.kv_memory import AUTO_CPU, KvCacheMemory, parse_kv_cache_memory
 from softprompt.server.config import ServerConfig
 
 CPU = torch.device("cpu")

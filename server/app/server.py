@@ -30,7 +30,7 @@ from softprompt.server.core.errors import TrainingJobNotFoundError
 from softprompt.server.grpc_api.interceptors.observing import ObservingInterceptor
 from softprompt.server.observability.factory import create_metrics
 from softprompt.server.observability.metrics import Metrics, NoMetrics, snapshot_reader
-from softprompt.server.kv_memory import resolve_kv_cache_bytes
+from softprompt.server.app.kv_budget import resolve_kv_cache_bytes
 from softprompt.server.app.loading import load_base_model
 from softprompt.server.app.ports import PortInUseError, check_free, in_use_message
 from softprompt.server.core.model import BaseModel

@@ -224,11 +224,7 @@ class SoftpromptDeployment:
                      "unknown listeners" if listeners is None else f"this machine only: {listeners.http_host}")
         # One thread per RPC in flight, as the gRPC server holds them; Ray's max_ongoing_requests bounds it.
         self._threads = ThreadPoolExecutor(max_workers=config.rpc_workers, thread_name_prefix="softprompt-ray")
-        self.served.scheduler.start()
-        self.served.jobs.start()
-        for helper in (self.served.host_loader, self.served.prefix_warmer):  # as `softprompt serve` starts them
-            if helper is not None:
-                helper.start()
+        self.served.start_work()  # as `softprompt serve` starts it
         spec = self.served.base.spec
         log.info("Ray Serve replica serving %s on %s; prompt store %s", spec.model_id, self.served.base.device,
                  config.store_url)
@@ -295,11 +291,7 @@ class SoftpromptDeployment:
         if app is None:  # the constructor failed
             return
         app.scheduler.stop_admitting()
-        app.jobs.close()
-        for helper in (app.host_loader, app.prefix_warmer):
-            if helper is not None:
-                helper.stop()
-        app.scheduler.close(5.0)
+        app.stop_work(5.0)
         self._threads.shutdown(wait=False)
 
 

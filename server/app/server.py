@@ -80,6 +80,23 @@ class App:
     host_loader: HostTierLoader | None = None  # fills the host tier in the background from `start` (--host-cache-mb)
     prefix_warmer: PrefixWarmer | None = None  # computes prefixes while the worker is idle, from `start` (--warm-prefixes)
 
+    def start_work(self) -> None:
+        """Starts the worker, training jobs and the background helpers (`start`, and each Ray Serve replica)."""
+        self.scheduler.start()
+        self.jobs.start()
+        for helper in (self.host_loader, self.prefix_warmer):
+            if helper is not None:
+                helper.start()
+
+    def stop_work(self, grace_s: float) -> None:
+        """Once admission is closed: stops training jobs and the helpers, and gives in-flight requests up to
+        `grace_s` to finish before failing them."""
+        self.jobs.close()
+        for helper in (self.host_loader, self.prefix_warmer):
+            if helper is not None:
+                helper.stop()
+        self.scheduler.close(grace_s)
+
     @property
     def http_port(self) -> int | None:
         """The bound HTTP API port, once `start` serves it."""
@@ -235,12 +252,7 @@ def start(app: App) -> tuple[grpc.Server, int, health.HealthServicer]:
             raise PortInUseError(in_use_message(app.config.host, app.config.metrics_port, "--metrics-port",
                                                 "the metrics endpoint", off=True)) from None
         log.info("metrics on http://%s:%d/metrics", app.config.host, app.metrics_port)
-    app.scheduler.start()
-    app.jobs.start()
-    if app.host_loader is not None:
-        app.host_loader.start()
-    if app.prefix_warmer is not None:
-        app.prefix_warmer.start()
+    app.start_work()
     server.start()
     return server, port, health_servicer
 
@@ -252,12 +264,7 @@ def shutdown(app: App, server: grpc.Server, health_servicer: health.HealthServic
     # stops a training job at its next unit of work rather than letting it queue more behind the drain.
     app.scheduler.stop_admitting()
     health_servicer.enter_graceful_shutdown()
-    app.jobs.close()
-    if app.host_loader is not None:
-        app.host_loader.stop()
-    if app.prefix_warmer is not None:
-        app.prefix_warmer.stop()
-    app.scheduler.close(grace_s)
+    app.stop_work(grace_s)
     if app.http is not None:
         app.http.stop()
     server.stop(grace=1.0).wait()
